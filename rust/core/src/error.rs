@@ -1,0 +1,46 @@
+//! Typed errors of the core. The Python bindings map each variant onto one exception class,
+//! so a variant is added only together with its mapping.
+
+use crate::header::Position;
+
+/// Why the receiver refused a message because of its place in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderViolation {
+    /// The message comes after the one the receiver expects: messages were lost, withheld or
+    /// reordered.
+    Gap,
+    /// The message was already accepted (or comes before the expected one): a replay.
+    Replay,
+    /// The message opens a new epoch but says the previous epoch held `sent` messages, while
+    /// the receiver accepted `received`: the tail of the previous epoch was withheld.
+    EpochTruncated { sent: u64, received: u64 },
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The message is not the next one of the stream. The receiver's state is unchanged.
+    #[error("IV order violated ({violation:?}): receiver expects epoch {expected_epoch} counter {expected_counter}, message carries epoch {got_epoch} counter {got_counter}", expected_epoch = expected.epoch, expected_counter = expected.counter, got_epoch = got.epoch, got_counter = got.counter)]
+    IvOrder {
+        violation: OrderViolation,
+        expected: Position,
+        got: Position,
+    },
+    /// Tag, AAD or ciphertext do not verify. The receiver's state is unchanged and no plaintext
+    /// was exposed.
+    #[error("authentication failed: {0}")]
+    Authentication(&'static str),
+    /// The key's usage limit is reached and rotation is disabled (or all epochs are used).
+    #[error("IV space exhausted: {0}")]
+    IvExhausted(&'static str),
+    /// A length that does not fit (destination size, message size, wire format).
+    #[error("{0}")]
+    InvalidLength(String),
+    /// Any other argument that is out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The cryptographic library reported a failure it should never report (out of memory).
+    #[error("crypto backend failure: {0}")]
+    Backend(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

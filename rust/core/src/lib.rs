@@ -1,0 +1,29 @@
+//! pipellm core: the secure transfer channel of confidential LLM serving.
+//!
+//! - [`header`]: what a message binds (channel, direction, epoch, counter, length, charge),
+//!   the IV derived from it and the wire encoding.
+//! - [`crypto`]: AES-256-GCM, SHA-256, HKDF and randomness through AWS-LC; all the crypto FFI.
+//! - [`key`]: session key, per-channel keys and epoch keys (rotation); zeroized on drop.
+//! - [`schedule`]: the placement rule both ends apply (counter, usage limit, rotation).
+//! - [`sequencer`]: in-order IV reservation for any number of threads.
+//! - [`sender`], [`receiver`]: the two ends; the receiver mirrors the device's checks.
+//! - [`message`]: a sealed message and its wire form.
+
+pub mod crypto;
+pub mod error;
+pub mod header;
+pub mod key;
+pub mod message;
+pub mod receiver;
+pub mod schedule;
+pub mod sender;
+pub mod sequencer;
+
+pub use error::{Error, OrderViolation, Result};
+pub use header::{Direction, Header, Kind, Position};
+pub use key::SessionKey;
+pub use message::Message;
+pub use receiver::Receiver;
+pub use schedule::{Cursor, KeyPolicy};
+pub use sender::Sender;
+pub use sequencer::{Reservation, Sealed, Sequencer, Unsealed};
