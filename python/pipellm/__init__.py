@@ -1,0 +1,36 @@
+"""pipellm: confidential LLM serving without the confidential-computing tax.
+
+The secure transfer channel (AES-256-GCM, one IV counter per direction, receiver that
+accepts only the next message) is implemented in Rust (`pipellm._core`); this package is
+its Python face.
+"""
+
+from ._core import (
+    DEFAULT_USAGE_LIMIT,
+    HEADER_LEN,
+    MAX_CHANNEL,
+    AuthenticationError,
+    IvExhaustedError,
+    IvOrderError,
+    Message,
+    PipeLLMError,
+    Receiver,
+    Sender,
+    SessionKey,
+    __version__,
+)
+
+__all__ = [
+    "DEFAULT_USAGE_LIMIT",
+    "HEADER_LEN",
+    "MAX_CHANNEL",
+    "AuthenticationError",
+    "IvExhaustedError",
+    "IvOrderError",
+    "Message",
+    "PipeLLMError",
+    "Receiver",
+    "Sender",
+    "SessionKey",
+    "__version__",
+]

@@ -1,0 +1,87 @@
+//! Python exception classes and the one place core errors become them.
+
+use pipellm_core::{Error, OrderViolation};
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+
+pyo3::create_exception!(
+    pipellm,
+    PipeLLMError,
+    PyException,
+    "Base class of every error pipellm raises on its own behalf."
+);
+pyo3::create_exception!(
+    pipellm,
+    IvOrderError,
+    PipeLLMError,
+    "A message is not the next one of its stream (gap, reorder, replay or truncated epoch). \
+     Attributes: kind ('gap', 'replay' or 'epoch_truncated'), expected and got as \
+     (epoch, counter) tuples. The receiver is unchanged."
+);
+pyo3::create_exception!(
+    pipellm,
+    AuthenticationError,
+    PipeLLMError,
+    "Tag, AAD or ciphertext do not verify. The receiver is unchanged; no plaintext was exposed."
+);
+pyo3::create_exception!(
+    pipellm,
+    IvExhaustedError,
+    PipeLLMError,
+    "The key's usage limit is reached and rotation is disabled, or every epoch is used."
+);
+
+/// Maps a core error onto its Python exception.
+pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::IvOrder {
+            violation,
+            expected,
+            got,
+        } => {
+            let err = IvOrderError::new_err(msg);
+            let kind = match violation {
+                OrderViolation::Gap => "gap",
+                OrderViolation::Replay => "replay",
+                OrderViolation::EpochTruncated { .. } => "epoch_truncated",
+            };
+            let v = err.value(py);
+            // Attribute assignment on a fresh exception instance cannot fail in practice; if it
+            // did, the exception still carries the full message.
+            let _ = v.setattr("kind", kind);
+            let _ = v.setattr("expected", (expected.epoch, expected.counter));
+            let _ = v.setattr("got", (got.epoch, got.counter));
+            err
+        }
+        Error::Authentication(_) => AuthenticationError::new_err(msg),
+        Error::IvExhausted(_) => IvExhaustedError::new_err(msg),
+        Error::InvalidLength(_) | Error::InvalidArgument(_) => PyValueError::new_err(msg),
+        Error::Backend(_) => PipeLLMError::new_err(msg),
+    }
+}
+
+/// Runs `f` with the GIL released, turning a panic (a bug) into `PipeLLMError` rather than
+/// letting it cross into Python.
+pub fn detached<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    F: FnOnce() -> Result<T, Error> + Send,
+    T: Send,
+{
+    match py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(to_py(py, e)),
+        Err(_) => Err(PipeLLMError::new_err(
+            "internal error in pipellm (a bug: please report it); the operation did not complete",
+        )),
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("PipeLLMError", py.get_type::<PipeLLMError>())?;
+    m.add("IvOrderError", py.get_type::<IvOrderError>())?;
+    m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
+    m.add("IvExhaustedError", py.get_type::<IvExhaustedError>())?;
+    Ok(())
+}

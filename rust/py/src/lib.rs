@@ -1,0 +1,25 @@
+//! `pipellm._core`: thin PyO3 bindings over `pipellm-core`. No logic lives here beyond
+//! argument conversion, error mapping and releasing the GIL around heavy work.
+
+mod buffers;
+mod channel;
+mod errors;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    m.add_class::<channel::PySessionKey>()?;
+    m.add_class::<channel::PySender>()?;
+    m.add_class::<channel::PyReceiver>()?;
+    m.add_class::<channel::PyMessage>()?;
+    m.add(
+        "DEFAULT_USAGE_LIMIT",
+        pipellm_core::schedule::DEFAULT_USAGE_LIMIT,
+    )?;
+    m.add("MAX_CHANNEL", pipellm_core::header::MAX_CHANNEL)?;
+    m.add("HEADER_LEN", pipellm_core::header::HEADER_LEN)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
