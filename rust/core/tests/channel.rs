@@ -231,3 +231,25 @@ fn open_into_rejects_wrong_destination_length() {
         .unwrap();
     assert_eq!(ok, vec![7u8; 100]);
 }
+
+#[test]
+fn withheld_epoch_tail_is_detected() {
+    let (tx, mut rx) = ends(100);
+    let m0 = tx.seal(&[0u8; 16 * 49]).unwrap(); // 50 units
+    let m1 = tx.seal(&[0u8; 16 * 19]).unwrap(); // 20 units
+    let m2 = tx.seal(&[0u8; 16 * 59]).unwrap(); // 60 units: opens epoch 1
+    rx.open(&m0).unwrap();
+    match rx.open(&m2) {
+        Err(Error::IvOrder {
+            violation:
+                OrderViolation::EpochTruncated {
+                    sent: 2,
+                    received: 1,
+                },
+            ..
+        }) => {}
+        other => panic!("expected EpochTruncated, got {other:?}"),
+    }
+    rx.open(&m1).unwrap();
+    rx.open(&m2).unwrap();
+}

@@ -43,13 +43,17 @@ impl Buffer {
         // SAFETY: `obj` is a live object (we hold a reference and the GIL); `view` is writable
         // memory of Py_buffer's size. PyBUF_STRIDES asks for shape and strides so that
         // non-contiguous exporters succeed and we can give a precise error below.
-        let rc = unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_STRIDES) };
+        let rc =
+            unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_STRIDES) };
         if rc != 0 {
             let cause = PyErr::take(obj.py());
             let err = PyTypeError::new_err(format!(
                 "{what}: expected a buffer (bytes, bytearray, memoryview, numpy array or CPU \
                  torch tensor), got {}",
-                obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+                obj.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|_| "?".into())
             ));
             if let Some(c) = cause {
                 err.set_cause(obj.py(), Some(c));

@@ -4,7 +4,7 @@ use crate::buffers::Buffer;
 use crate::errors::{detached, to_py};
 use pipellm_core::header::{IV_LEN, MAX_CHANNEL};
 use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
-use pipellm_core::{Direction, KeyPolicy, Message, Receiver, SessionKey, Sender};
+use pipellm_core::{Direction, KeyPolicy, Message, Receiver, Sender, SessionKey};
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -173,7 +173,11 @@ impl PyMessage {
         )
     }
 
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let ct = slf.get().inner.ciphertext();
         // SAFETY: `view` is the caller's Py_buffer to fill. The ciphertext lives in a Vec
         // owned by this frozen (immutable) object, which PyBuffer_FillInfo keeps alive through
@@ -209,7 +213,14 @@ pub struct PySender {
 impl PySender {
     #[new]
     #[pyo3(signature = (key, channel = 0, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true))]
-    fn new(py: Python<'_>, key: &PySessionKey, channel: i64, direction: &str, usage_limit: i64, rotate: bool) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        key: &PySessionKey,
+        channel: i64,
+        direction: &str,
+        usage_limit: i64,
+        rotate: bool,
+    ) -> PyResult<Self> {
         let inner = Sender::new(
             &key.inner,
             parse_channel(channel)?,
@@ -285,7 +296,14 @@ impl PyReceiver {
 impl PyReceiver {
     #[new]
     #[pyo3(signature = (key, channel = 0, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true))]
-    fn new(py: Python<'_>, key: &PySessionKey, channel: i64, direction: &str, usage_limit: i64, rotate: bool) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        key: &PySessionKey,
+        channel: i64,
+        direction: &str,
+        usage_limit: i64,
+        rotate: bool,
+    ) -> PyResult<Self> {
         let inner = Receiver::new(
             &key.inner,
             parse_channel(channel)?,
@@ -300,19 +318,32 @@ impl PyReceiver {
 
     /// Verifies `m`, then decrypts it into `dst` (a writable buffer of the same length).
     /// `dst` is written only after the tag verified. GIL released while decrypting.
-    fn open_into(&self, py: Python<'_>, m: &Bound<'_, PyMessage>, dst: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn open_into(
+        &self,
+        py: Python<'_>,
+        m: &Bound<'_, PyMessage>,
+        dst: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let mut out = Buffer::get(dst, true, "dst")?;
         let msg = &m.get().inner;
         // The lock is taken with the GIL released, so a thread waiting for it never holds
         // the GIL that the thread inside needs to return.
         detached(py, || {
-            self.lock()
-                .open_into(msg.header(), msg.tag(), msg.ciphertext(), out.as_mut_slice())
+            self.lock().open_into(
+                msg.header(),
+                msg.tag(),
+                msg.ciphertext(),
+                out.as_mut_slice(),
+            )
         })
     }
 
     /// Verifies and decrypts `m`, returning the plaintext as bytes.
-    fn open<'py>(&self, py: Python<'py>, m: &Bound<'py, PyMessage>) -> PyResult<Bound<'py, PyBytes>> {
+    fn open<'py>(
+        &self,
+        py: Python<'py>,
+        m: &Bound<'py, PyMessage>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let msg = &m.get().inner;
         // The bytes object is private until returned: one pass, and on failure it is freed
         // unseen.
