@@ -110,6 +110,7 @@ def test_wire_roundtrip(key: SessionKey) -> None:
 
 # ---------------------------------------------------------------- NOPs
 
+
 def test_nop_consumes_one_iv(key: SessionKey) -> None:
     tx, rx = pair(key)
     a, n, b = tx.seal(b"a"), tx.seal_nop(), tx.seal(b"b")
@@ -124,6 +125,7 @@ def test_nop_consumes_one_iv(key: SessionKey) -> None:
 
 
 # ---------------------------------------------------------------- rejections
+
 
 def test_replay_is_rejected_and_state_unchanged(key: SessionKey) -> None:
     tx, rx = pair(key)
@@ -184,6 +186,7 @@ def test_message_for_other_channel_is_rejected(key: SessionKey) -> None:
 
 # ---------------------------------------------------------------- rotation and exhaustion
 
+
 def test_key_rotation_with_small_limit(key: SessionKey) -> None:
     tx, rx = pair(key, usage_limit=100)
     epochs = []
@@ -223,6 +226,7 @@ def test_message_larger_than_the_usage_limit_is_a_value_error(key: SessionKey) -
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_bad_arguments_raise_typed_errors(key: SessionKey) -> None:
     with pytest.raises(ValueError, match="32 bytes"):
@@ -269,6 +273,7 @@ def test_reprs_never_show_key_material() -> None:
 
 
 # ---------------------------------------------------------------- threads and the GIL
+
 
 def test_concurrent_seal_from_8_threads_is_distinct_and_gap_free(key: SessionKey) -> None:
     tx, rx = pair(key)

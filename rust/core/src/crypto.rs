@@ -78,6 +78,27 @@ impl AeadKey {
         unsafe { self.seal_raw(iv, aad, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
     }
 
+    /// Encrypts `src` into uninitialised memory `dst` (same length): for fresh output buffers,
+    /// which then need no zeroing first.
+    pub fn seal_uninit(
+        &self,
+        iv: &[u8; IV_LEN],
+        aad: &[u8],
+        src: &[u8],
+        dst: &mut [MaybeUninit<u8>],
+    ) -> Result<[u8; TAG_LEN]> {
+        if src.len() != dst.len() {
+            return Err(Error::InvalidLength(format!(
+                "destination holds {} bytes, plaintext has {}",
+                dst.len(),
+                src.len()
+            )));
+        }
+        // SAFETY: as in `seal`; AWS-LC only writes the output (never reads it), so it may be
+        // uninitialised, and on success it has written all `len` bytes.
+        unsafe { self.seal_raw(iv, aad, src.as_ptr(), dst.as_mut_ptr().cast(), src.len()) }
+    }
+
     /// Encrypts `buf` in place and returns the tag.
     pub fn seal_in_place(
         &self,

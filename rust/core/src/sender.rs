@@ -52,10 +52,9 @@ impl Sender {
 
     /// Seals `src` as the next message, into a new buffer.
     pub fn seal(&self, src: &[u8]) -> Result<Message> {
-        let r = self.reserve_for(src.len())?;
-        let mut ct = vec![0u8; src.len()];
-        let sealed = r.seal_into(src, &mut ct).map_err(|u| u.error)?;
-        Message::new(sealed.header, sealed.tag, ct)
+        self.reserve_for(src.len())?
+            .seal_to_vec(src)
+            .map_err(|u| u.error)
     }
 
     /// Burns the next position with a NOP.

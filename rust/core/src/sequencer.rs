@@ -220,6 +220,29 @@ impl Reservation {
         }
     }
 
+    /// Seals `src` into a new buffer at this position (no zero-fill of the output first).
+    pub fn seal_to_vec(self, src: &[u8]) -> std::result::Result<Message, Unsealed> {
+        let (header, me) = self.data_header(src.len())?;
+        let mut ct: Vec<u8> = Vec::with_capacity(src.len());
+        match me.key.aead().seal_uninit(
+            &header.iv(),
+            &header.encode(),
+            src,
+            ct.spare_capacity_mut(),
+        ) {
+            Ok(tag) => {
+                // SAFETY: seal_uninit succeeded, so it wrote all `src.len()` bytes of the
+                // spare capacity, which is at least that long.
+                unsafe { ct.set_len(src.len()) };
+                Ok(Message::new(header, tag, ct).expect("payload length equals header length"))
+            }
+            Err(error) => Err(Unsealed {
+                error,
+                reservation: me,
+            }),
+        }
+    }
+
     /// Seals `buf` in place at this position.
     pub fn seal_in_place(self, buf: &mut [u8]) -> std::result::Result<Sealed, Unsealed> {
         let (header, me) = self.data_header(buf.len())?;
