@@ -115,6 +115,8 @@ impl AeadKey {
     /// # Safety
     /// `src` must be readable and `dst` writable for `len` bytes, and they must either be the
     /// same pointer or not overlap.
+    // SAFETY: an `unsafe fn` because of the pointer contract above; every caller states why
+    // it holds at its call site.
     unsafe fn seal_raw(
         &self,
         iv: &[u8; IV_LEN],
@@ -263,7 +265,7 @@ impl StreamingVerifier {
     fn verify(self, aad: &[u8], ct: &[u8], tag: &[u8; TAG_LEN]) -> Result<()> {
         let mut scratch = Zeroizing::new([0u8; VERIFY_STEP]);
         let mut out_len: std::os::raw::c_int = 0;
-        // SAFETY (all calls below): `self.ctx` is an initialised decryption context; every
+        // SAFETY: (every call in this block) `self.ctx` is an initialised decryption context; every
         // pointer is a live buffer of the length passed; with a null output pointer
         // EVP_DecryptUpdate consumes AAD; GCM writes exactly as many bytes as it reads, so
         // `scratch` (VERIFY_STEP bytes) is large enough for each step.

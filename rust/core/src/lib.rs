@@ -9,6 +9,8 @@
 //! - [`sender`], [`receiver`]: the two ends; the receiver mirrors the device's checks.
 //! - [`message`]: a sealed message and its wire form.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod crypto;
 pub mod error;
 pub mod header;

@@ -173,6 +173,8 @@ impl PyMessage {
         )
     }
 
+    // SAFETY: PyO3 calls this with the `view` and `flags` of a buffer request on `slf`; the
+    // body fills the view only through PyBuffer_FillInfo (argued below).
     unsafe fn __getbuffer__(
         slf: Bound<'_, Self>,
         view: *mut ffi::Py_buffer,
@@ -199,6 +201,8 @@ impl PyMessage {
         Ok(())
     }
 
+    // SAFETY: nothing to free: the view borrows the ciphertext and FillInfo's reference to
+    // the owner is dropped by Python itself when the view is released.
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 

@@ -1,6 +1,8 @@
 //! `pipellm._core`: thin PyO3 bindings over `pipellm-core`. No logic lives here beyond
 //! argument conversion, error mapping and releasing the GIL around heavy work.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod buffers;
 mod channel;
 mod errors;
