@@ -6,51 +6,36 @@ use std::hint::black_box;
 
 const SIZES: [usize; 3] = [64 << 10, 1 << 20, 16 << 20];
 
-fn aws_lc_rs(c: &mut Criterion) {
-    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).unwrap());
-    let mut g = c.benchmark_group("seal/aws-lc-rs");
-    for &n in &SIZES {
-        let mut buf = vec![1u8; n];
-        g.throughput(Throughput::Bytes(n as u64));
-        g.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter(|| {
-                let tag = key
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key([0u8; 12]),
-                        Aad::from([0u8; 8]),
-                        &mut buf,
-                    )
-                    .unwrap();
-                let _ = black_box(tag);
-            })
-        });
-    }
-    g.finish();
+/// aws-lc-rs and ring share one API (ring's), so one body serves both.
+macro_rules! ring_api_bench {
+    ($fn_name:ident, $krate:ident, $label:literal) => {
+        fn $fn_name(c: &mut Criterion) {
+            use $krate::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+            let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).unwrap());
+            let mut g = c.benchmark_group(concat!("seal/", $label));
+            for &n in &SIZES {
+                let mut buf = vec![1u8; n];
+                g.throughput(Throughput::Bytes(n as u64));
+                g.bench_function(BenchmarkId::from_parameter(n), |b| {
+                    b.iter(|| {
+                        let tag = key
+                            .seal_in_place_separate_tag(
+                                Nonce::assume_unique_for_key([0u8; 12]),
+                                Aad::from([0u8; 8]),
+                                &mut buf,
+                            )
+                            .unwrap();
+                        let _ = black_box(tag);
+                    })
+                });
+            }
+            g.finish();
+        }
+    };
 }
 
-fn ring_crate(c: &mut Criterion) {
-    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).unwrap());
-    let mut g = c.benchmark_group("seal/ring");
-    for &n in &SIZES {
-        let mut buf = vec![1u8; n];
-        g.throughput(Throughput::Bytes(n as u64));
-        g.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter(|| {
-                let tag = key
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key([0u8; 12]),
-                        Aad::from([0u8; 8]),
-                        &mut buf,
-                    )
-                    .unwrap();
-                let _ = black_box(tag);
-            })
-        });
-    }
-    g.finish();
-}
+ring_api_bench!(aws_lc_rs, aws_lc_rs, "aws-lc-rs");
+ring_api_bench!(ring_crate, ring, "ring");
 
 fn rustcrypto(c: &mut Criterion) {
     use aes_gcm::aead::{AeadInOut, KeyInit};

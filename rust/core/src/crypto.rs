@@ -5,7 +5,7 @@
 //! sealing out of place (source buffer → staging buffer, no extra copy) and owning the
 //! `EVP_AEAD_CTX` memory, so that the expanded key schedule is zeroized by us on drop.
 
-use crate::error::{Error, Result};
+use crate::error::{check_same_len, Error, Result};
 use crate::header::{IV_LEN, TAG_LEN};
 use aws_lc_sys as ffi;
 use std::mem::MaybeUninit;
@@ -65,13 +65,7 @@ impl AeadKey {
         src: &[u8],
         dst: &mut [u8],
     ) -> Result<[u8; TAG_LEN]> {
-        if src.len() != dst.len() {
-            return Err(Error::InvalidLength(format!(
-                "destination holds {} bytes, plaintext has {}",
-                dst.len(),
-                src.len()
-            )));
-        }
+        check_same_len(dst.len(), src.len())?;
         // SAFETY: `src` and `dst` are distinct borrows (the borrow checker forbids aliasing a
         // `&` and a `&mut`), each valid for `len` bytes; AWS-LC requires in/out to alias
         // exactly or not at all. The tag buffer holds TAG_LEN bytes, the limit we pass.
@@ -87,13 +81,7 @@ impl AeadKey {
         src: &[u8],
         dst: &mut [MaybeUninit<u8>],
     ) -> Result<[u8; TAG_LEN]> {
-        if src.len() != dst.len() {
-            return Err(Error::InvalidLength(format!(
-                "destination holds {} bytes, plaintext has {}",
-                dst.len(),
-                src.len()
-            )));
-        }
+        check_same_len(dst.len(), src.len())?;
         // SAFETY: as in `seal`; AWS-LC only writes the output (never reads it), so it may be
         // uninitialised, and on success it has written all `len` bytes.
         unsafe { self.seal_raw(iv, aad, src.as_ptr(), dst.as_mut_ptr().cast(), src.len()) }
@@ -164,13 +152,7 @@ impl AeadKey {
         tag: &[u8; TAG_LEN],
         dst: &mut [u8],
     ) -> Result<()> {
-        if ct.len() != dst.len() {
-            return Err(Error::InvalidLength(format!(
-                "destination holds {} bytes, message has {}",
-                dst.len(),
-                ct.len()
-            )));
-        }
+        check_same_len(dst.len(), ct.len())?;
         // SAFETY: `ct` and `dst` are distinct borrows valid for their (equal) lengths; iv, tag
         // and aad are live buffers of the lengths passed; the context is initialised.
         let ok = unsafe {

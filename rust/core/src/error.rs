@@ -44,3 +44,13 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// `Ok` when a destination of `dst` bytes can hold a payload of `src` bytes exactly.
+pub(crate) fn check_same_len(dst: usize, src: usize) -> Result<()> {
+    if dst != src {
+        return Err(Error::InvalidLength(format!(
+            "destination holds {dst} bytes, the payload has {src}"
+        )));
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! end of D2H. It derives every IV itself from its own cursor and accepts a message only if it
 //! is the next one and its tag verifies; any rejection leaves its state unchanged.
 
-use crate::error::{Error, OrderViolation, Result};
+use crate::error::{check_same_len, Error, OrderViolation, Result};
 use crate::header::{Direction, Header, Position, TAG_LEN};
 use crate::key::{EpochKey, SessionKey};
 use crate::message::Message;
@@ -135,15 +135,7 @@ impl Receiver {
         ct: &[u8],
         dst: &mut [u8],
     ) -> Result<()> {
-        check_dst(ct, dst)?;
-        let a = self.admit(h, ct.len())?;
-        let exp = self.expected_header(h, &a);
-        let key = a.rotated_key.as_ref().unwrap_or(&self.key);
-        key.aead().verify(&exp.iv(), &exp.encode(), ct, tag)?;
-        key.aead()
-            .open_private(&exp.iv(), &exp.encode(), ct, tag, dst)?;
-        self.commit(a);
-        Ok(())
+        self.open_checked(h, tag, ct, dst, true)
     }
 
     /// Verifies and decrypts the next message into `dst` in one pass. For memory nobody else
@@ -156,12 +148,26 @@ impl Receiver {
         ct: &[u8],
         dst: &mut [u8],
     ) -> Result<()> {
-        check_dst(ct, dst)?;
+        self.open_checked(h, tag, ct, dst, false)
+    }
+
+    fn open_checked(
+        &mut self,
+        h: &Header,
+        tag: &[u8; TAG_LEN],
+        ct: &[u8],
+        dst: &mut [u8],
+        verify_first: bool,
+    ) -> Result<()> {
+        check_same_len(dst.len(), ct.len())?;
         let a = self.admit(h, ct.len())?;
         let exp = self.expected_header(h, &a);
-        let key = a.rotated_key.as_ref().unwrap_or(&self.key);
-        key.aead()
-            .open_private(&exp.iv(), &exp.encode(), ct, tag, dst)?;
+        let (iv, aad) = (exp.iv(), exp.encode());
+        let aead = a.rotated_key.as_ref().unwrap_or(&self.key).aead();
+        if verify_first {
+            aead.verify(&iv, &aad, ct, tag)?;
+        }
+        aead.open_private(&iv, &aad, ct, tag, dst)?;
         self.commit(a);
         Ok(())
     }
@@ -172,15 +178,4 @@ impl Receiver {
         self.open_into_private(m.header(), m.tag(), m.ciphertext(), &mut out)?;
         Ok(out)
     }
-}
-
-fn check_dst(ct: &[u8], dst: &[u8]) -> Result<()> {
-    if ct.len() != dst.len() {
-        return Err(Error::InvalidLength(format!(
-            "destination holds {} bytes, message has {}",
-            dst.len(),
-            ct.len()
-        )));
-    }
-    Ok(())
 }

@@ -40,6 +40,20 @@ pub fn parse_channel(channel: i64) -> PyResult<u32> {
         })
 }
 
+/// The arguments Sender and Receiver share, checked: (channel, direction, policy).
+pub fn parse_end(
+    channel: i64,
+    direction: &str,
+    usage_limit: i64,
+    rotate: bool,
+) -> PyResult<(u32, Direction, KeyPolicy)> {
+    Ok((
+        parse_channel(channel)?,
+        parse_direction(direction)?,
+        parse_policy(usage_limit, rotate)?,
+    ))
+}
+
 pub fn parse_policy(usage_limit: i64, rotate: bool) -> PyResult<KeyPolicy> {
     if usage_limit < 2 {
         return Err(PyValueError::new_err(format!(
@@ -225,13 +239,9 @@ impl PySender {
         usage_limit: i64,
         rotate: bool,
     ) -> PyResult<Self> {
-        let inner = Sender::new(
-            &key.inner,
-            parse_channel(channel)?,
-            parse_direction(direction)?,
-            parse_policy(usage_limit, rotate)?,
-        )
-        .map_err(|e| to_py(py, e))?;
+        let (channel, direction, policy) = parse_end(channel, direction, usage_limit, rotate)?;
+        let inner =
+            Sender::new(&key.inner, channel, direction, policy).map_err(|e| to_py(py, e))?;
         Ok(Self { inner })
     }
 
@@ -308,13 +318,9 @@ impl PyReceiver {
         usage_limit: i64,
         rotate: bool,
     ) -> PyResult<Self> {
-        let inner = Receiver::new(
-            &key.inner,
-            parse_channel(channel)?,
-            parse_direction(direction)?,
-            parse_policy(usage_limit, rotate)?,
-        )
-        .map_err(|e| to_py(py, e))?;
+        let (channel, direction, policy) = parse_end(channel, direction, usage_limit, rotate)?;
+        let inner =
+            Receiver::new(&key.inner, channel, direction, policy).map_err(|e| to_py(py, e))?;
         Ok(Self {
             inner: Mutex::new(inner),
         })
