@@ -343,3 +343,42 @@ def test_withheld_epoch_tail_is_detected(key: SessionKey) -> None:
     rx.open(m1)
     rx.open(m2)
     assert (rx.epoch, rx.expected_counter) == (1, 1)
+
+
+def test_d2h_direction_is_a_separate_stream(key: SessionKey) -> None:
+    """The device's sender (modelled) and the CPU's receiver of D2H use their own key and
+    counter: H2D traffic does not move them, and messages cannot cross directions."""
+    h2d_tx, h2d_rx = pair(key, channel=0)
+    d2h_tx, d2h_rx = pair(key, channel=0, direction="d2h")
+    up, down = h2d_tx.seal(b"weights"), d2h_tx.seal(b"logits")
+    assert (up.counter, down.counter) == (0, 0) and up.iv != down.iv
+    assert down.direction == "d2h" and d2h_rx.direction == "d2h"
+    with pytest.raises(AuthenticationError):
+        d2h_rx.open(up)
+    assert d2h_rx.open(down) == b"logits" and h2d_rx.open(up) == b"weights"
+
+
+def test_receiver_serialises_concurrent_callers(key: SessionKey) -> None:
+    """Many threads delivering the same in-order stream: each message is accepted exactly
+    once, whichever thread delivers it, and everything else is a replay or a gap."""
+    tx, rx = pair(key)
+    msgs = [tx.seal(i.to_bytes(4, "little") * 1024) for i in range(200)]
+    accepted: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for i, m in enumerate(msgs):
+            try:
+                rx.open(m)
+            except IvOrderError:
+                continue
+            with lock:
+                accepted.append(i)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(accepted) == list(range(200))
+    assert rx.expected_counter == 200
