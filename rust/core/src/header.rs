@@ -23,17 +23,39 @@ impl Direction {
     }
 }
 
-/// What a message carries.
+/// What a message carries. Each kind encrypts under its own IV variant (see [`iv_for`]), so
+/// one position of the stream can be encrypted once per kind without any (key, IV) pair ever
+/// being used twice: a speculatively pre-encrypted chunk that is not delivered can be replaced
+/// by a substitute or a NOP at the same position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Kind {
+    /// Data sealed for this position in the first place (directly or ahead of time).
     Data = 1,
-    /// Empty payload; only consumes its IV (used to skip IVs reserved for chunks never sent).
+    /// Empty payload; only consumes its position (skips positions whose chunk is not sent).
     Nop = 2,
+    /// Data that takes the place of a pre-encrypted chunk that was not delivered (the
+    /// pipeline's on-demand encryption after a misprediction).
+    Substitute = 3,
 }
 
-/// Highest channel id: the IV's 32-bit field is `channel << 1 | direction`.
-pub const MAX_CHANNEL: u32 = (1 << 31) - 1;
+impl Kind {
+    /// The 2-bit IV variant of this kind.
+    pub fn iv_variant(self) -> u32 {
+        match self {
+            Kind::Data => 0,
+            Kind::Substitute => 1,
+            Kind::Nop => 2,
+        }
+    }
+
+    pub fn carries_data(self) -> bool {
+        self != Kind::Nop
+    }
+}
+
+/// Highest channel id: the IV's 32-bit field is `channel << 3 | variant << 1 | direction`.
+pub const MAX_CHANNEL: u32 = (1 << 29) - 1;
 
 /// GCM encrypts at most 2^32 - 2 blocks under one IV (NIST SP 800-38D).
 pub const MAX_MESSAGE_BYTES: u64 = ((1u64 << 32) - 2) * 16;
@@ -77,10 +99,14 @@ pub const TAG_LEN: usize = 16;
 pub const IV_LEN: usize = 12;
 
 impl Header {
-    /// The 96-bit IV: `channel << 1 | direction` (32 bits, big-endian) ‖ counter (64 bits,
-    /// big-endian). The epoch is not in the IV: each epoch has its own key.
+    /// The 96-bit IV of this message (see [`iv_for`]).
     pub fn iv(&self) -> [u8; IV_LEN] {
-        iv_for(self.channel, self.direction, self.position.counter)
+        iv_for(
+            self.channel,
+            self.direction,
+            self.kind,
+            self.position.counter,
+        )
     }
 
     /// The AAD and the first bytes of the wire encoding.
@@ -117,6 +143,7 @@ impl Header {
         let kind = match bytes[5] {
             1 => Kind::Data,
             2 => Kind::Nop,
+            3 => Kind::Substitute,
             k => return Err(Error::InvalidArgument(format!("unknown message kind {k}"))),
         };
         let be64 = |r: std::ops::Range<usize>| u64::from_be_bytes(bytes[r].try_into().unwrap());
@@ -163,7 +190,7 @@ impl Header {
             Kind::Nop if self.charge == 0 => Err(Error::InvalidArgument(
                 "a NOP message must charge at least one unit".into(),
             )),
-            Kind::Data if self.charge < data_charge(self.length) => {
+            Kind::Data | Kind::Substitute if self.charge < data_charge(self.length) => {
                 Err(Error::InvalidArgument(format!(
                     "message charges {} units, its length needs at least {}",
                     self.charge,
@@ -175,9 +202,12 @@ impl Header {
     }
 }
 
-/// The IV of message `counter` on (`channel`, `direction`).
-pub fn iv_for(channel: u32, direction: Direction, counter: u64) -> [u8; IV_LEN] {
-    let field = (channel << 1) | direction as u32;
+/// The IV of a `kind` message at `counter` on (`channel`, `direction`): a 32-bit field
+/// `channel << 3 | variant << 1 | direction` (big-endian) ‖ counter (64 bits, big-endian).
+/// The epoch is not in the IV: each epoch has its own key.
+pub fn iv_for(channel: u32, direction: Direction, kind: Kind, counter: u64) -> [u8; IV_LEN] {
+    debug_assert!(channel <= MAX_CHANNEL);
+    let field = (channel << 3) | (kind.iv_variant() << 1) | direction as u32;
     let mut iv = [0u8; IV_LEN];
     iv[0..4].copy_from_slice(&field.to_be_bytes());
     iv[4..12].copy_from_slice(&counter.to_be_bytes());
@@ -212,12 +242,16 @@ mod tests {
     #[test]
     fn iv_layout_is_field_then_big_endian_counter() {
         let iv = sample().iv();
-        assert_eq!(&iv[0..4], &[0, 0, 0, 15]); // 7 << 1 | 1
+        assert_eq!(&iv[0..4], &[0, 0, 0, 57]); // 7 << 3 | 0 << 1 | 1
         assert_eq!(&iv[4..12], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_ne!(
-            iv_for(7, Direction::HostToDevice, 1),
-            iv_for(7, Direction::DeviceToHost, 1)
-        );
+        let mut all = std::collections::HashSet::new();
+        for ch in [0, 1, MAX_CHANNEL] {
+            for d in [Direction::HostToDevice, Direction::DeviceToHost] {
+                for k in [Kind::Data, Kind::Substitute, Kind::Nop] {
+                    assert!(all.insert(iv_for(ch, d, k, 1)), "IV collision");
+                }
+            }
+        }
     }
 
     #[test]

@@ -101,14 +101,15 @@ impl Sequencer {
             st.key = Arc::new(st.key.next()?);
         }
         st.cursor = placed.after;
-        Ok(Reservation {
+        Ok(Reservation(Token {
             channel: self.channel,
             direction: self.direction,
             position: placed.position,
             handover: placed.handover,
             charge,
+            budget: charge,
             key: st.key.clone(),
-        })
+        }))
     }
 }
 
@@ -121,17 +122,28 @@ pub(crate) fn check_channel(channel: u32) -> Result<()> {
     Ok(())
 }
 
-/// The right to seal exactly one message at one position. Consumed by sealing or by turning it
-/// into a NOP; a method that cannot seal gives it back (`Unsealed`) so the position is never
-/// silently lost. Holds its epoch's key alive, so reservations that straddle a rotation still
-/// seal under the right key.
+/// The right to seal exactly one message at one position. Consumed by sealing, by turning it
+/// into a NOP, or by sealing speculatively (which leaves a [`Fallback`]); a method that cannot
+/// seal gives it back (`Refused`) so the position is never silently lost. Holds its epoch's
+/// key alive, so reservations that straddle a rotation still seal under the right key.
 #[must_use = "a reserved IV must be sealed or turned into a NOP, or the receiver sees a gap"]
-pub struct Reservation {
+pub struct Reservation(Token);
+
+/// The position of a speculatively sealed chunk, kept in case that chunk is not delivered:
+/// it can still be consumed once, by a substitute data message or by a NOP. Each kind has its
+/// own IV variant, so neither reuses the speculative chunk's (key, IV).
+#[must_use = "a position whose speculative chunk is not delivered must get a substitute or a NOP"]
+pub struct Fallback(Token);
+
+struct Token {
     channel: u32,
     direction: Direction,
     position: Position,
     handover: u64,
+    /// Units charged to the key for this position, whatever is finally encrypted at it.
     charge: u64,
+    /// Units this position may still encrypt (the charge minus what was sealed already).
+    budget: u64,
     key: Arc<EpochKey>,
 }
 
@@ -143,34 +155,59 @@ pub struct Sealed {
     pub tag: [u8; TAG_LEN],
 }
 
-/// A reservation handed back unused, with the reason.
-pub struct Unsealed {
+/// A token handed back unused, with the reason.
+pub struct Refused<T> {
     pub error: Error,
-    pub reservation: Reservation,
+    pub token: T,
 }
 
-impl std::fmt::Debug for Unsealed {
+/// A reservation handed back unused.
+pub type Unsealed = Refused<Reservation>;
+
+impl<T> std::fmt::Debug for Refused<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Refused({:?})", self.error)
+    }
+}
+
+impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Unsealed({:?} at {:?})",
-            self.error, self.reservation.position
+            "Reservation({:?}, charge {})",
+            self.0.position, self.0.charge
         )
     }
 }
 
-impl Reservation {
-    pub fn position(&self) -> Position {
-        self.position
+impl std::fmt::Debug for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Fallback({:?}, {} units left)",
+            self.0.position, self.0.budget
+        )
     }
-    pub fn charge(&self) -> u64 {
-        self.charge
-    }
-    /// The longest payload this reservation can carry.
-    pub fn max_len(&self) -> u64 {
-        (self.charge - 1).saturating_mul(16)
-    }
+}
 
+type Outcome<T, Tok> = std::result::Result<T, Refused<Tok>>;
+
+/// How the plaintext reaches the ciphertext buffer.
+enum Io<'a> {
+    Copy(&'a [u8], &'a mut [u8]),
+    InPlace(&'a mut [u8]),
+}
+
+impl Io<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Io::Copy(src, _) => src.len(),
+            Io::InPlace(buf) => buf.len(),
+        }
+    }
+}
+
+impl Token {
     fn header(&self, kind: Kind, length: u64) -> Header {
         Header {
             kind,
@@ -183,97 +220,175 @@ impl Reservation {
         }
     }
 
-    fn data_header(self, len: usize) -> std::result::Result<(Header, Self), Unsealed> {
-        let len = len as u64;
-        if data_charge(len) > self.charge {
-            return Err(Unsealed {
-                error: Error::InvalidLength(format!(
-                    "{len} bytes do not fit a reservation of {} units (at most {} bytes)",
-                    self.charge,
-                    self.max_len()
-                )),
-                reservation: self,
-            });
+    /// Checks that `units` fit the remaining budget, keeping `reserve_after` units spare.
+    fn check_budget(&self, units: u64, reserve_after: u64, len: usize) -> Result<()> {
+        if units.saturating_add(reserve_after) > self.budget {
+            return Err(Error::InvalidLength(format!(
+                "{len} bytes do not fit the {} units left at this position",
+                self.budget.saturating_sub(reserve_after)
+            )));
         }
-        Ok((self.header(Kind::Data, len), self))
+        Ok(())
     }
 
-    /// Seals `src` into `dst` (same length) at this position.
-    pub fn seal_into(self, src: &[u8], dst: &mut [u8]) -> std::result::Result<Sealed, Unsealed> {
-        if src.len() != dst.len() {
-            return Err(Unsealed {
-                error: Error::InvalidLength(format!(
-                    "destination holds {} bytes, source has {}",
-                    dst.len(),
-                    src.len()
-                )),
-                reservation: self,
-            });
+    /// Encrypts one message of `kind` at this position. On error the token comes back
+    /// unchanged (nothing was encrypted: the length checks come first, and AWS-LC does not
+    /// fail once its arguments are valid).
+    fn seal(
+        mut self,
+        kind: Kind,
+        io: Io<'_>,
+        reserve_after: u64,
+    ) -> std::result::Result<(Sealed, Token), Refused<Token>> {
+        let len = io.len();
+        let units = if kind.carries_data() {
+            data_charge(len as u64)
+        } else {
+            1
+        };
+        if let Err(error) = self.check_budget(units, reserve_after, len) {
+            return Err(Refused { error, token: self });
         }
-        let (header, me) = self.data_header(src.len())?;
-        match me.key.aead().seal(&header.iv(), &header.encode(), src, dst) {
-            Ok(tag) => Ok(Sealed { header, tag }),
-            Err(error) => Err(Unsealed {
-                error,
-                reservation: me,
-            }),
-        }
-    }
-
-    /// Seals `src` into a new buffer at this position (no zero-fill of the output first).
-    pub fn seal_to_vec(self, src: &[u8]) -> std::result::Result<Message, Unsealed> {
-        let (header, me) = self.data_header(src.len())?;
-        let mut ct: Vec<u8> = Vec::with_capacity(src.len());
-        match me.key.aead().seal_uninit(
-            &header.iv(),
-            &header.encode(),
-            src,
-            ct.spare_capacity_mut(),
-        ) {
+        let header = self.header(kind, len as u64);
+        let (iv, aad) = (header.iv(), header.encode());
+        let aead = self.key.aead();
+        let sealed = match io {
+            Io::Copy(src, dst) => aead.seal(&iv, &aad, src, dst),
+            Io::InPlace(buf) => aead.seal_in_place(&iv, &aad, buf),
+        };
+        match sealed {
             Ok(tag) => {
-                // SAFETY: seal_uninit succeeded, so it wrote all `src.len()` bytes of the
-                // spare capacity, which is at least that long.
-                unsafe { ct.set_len(src.len()) };
-                Ok(Message::new(header, tag, ct).expect("payload length equals header length"))
+                self.budget -= units;
+                Ok((Sealed { header, tag }, self))
             }
-            Err(error) => Err(Unsealed {
-                error,
-                reservation: me,
-            }),
+            Err(error) => Err(Refused { error, token: self }),
         }
     }
 
-    /// Seals `buf` in place at this position.
-    pub fn seal_in_place(self, buf: &mut [u8]) -> std::result::Result<Sealed, Unsealed> {
-        let (header, me) = self.data_header(buf.len())?;
-        match me
+    fn nop(self) -> std::result::Result<Message, Refused<Token>> {
+        let (sealed, _) = self.seal(Kind::Nop, Io::InPlace(&mut []), 0)?;
+        Ok(Message::new(sealed.header, sealed.tag, Vec::new()).expect("empty payload, length 0"))
+    }
+}
+
+fn map_refused<A, B>(r: Refused<A>, wrap: impl FnOnce(A) -> B) -> Refused<B> {
+    Refused {
+        error: r.error,
+        token: wrap(r.token),
+    }
+}
+
+impl Reservation {
+    pub fn position(&self) -> Position {
+        self.0.position
+    }
+    pub fn charge(&self) -> u64 {
+        self.0.charge
+    }
+    /// The longest payload a plain data message at this reservation can carry.
+    pub fn max_len(&self) -> u64 {
+        (self.0.charge - 1).saturating_mul(16)
+    }
+
+    /// Seals `src` into `dst` (same length) as the data message of this position.
+    pub fn seal_into(self, src: &[u8], dst: &mut [u8]) -> Outcome<Sealed, Reservation> {
+        if let Err(error) = crate::error::check_same_len(dst.len(), src.len()) {
+            return Err(Refused { error, token: self });
+        }
+        self.0
+            .seal(Kind::Data, Io::Copy(src, dst), 0)
+            .map(|(s, _)| s)
+            .map_err(|r| map_refused(r, Reservation))
+    }
+
+    /// Seals `buf` in place as the data message of this position.
+    pub fn seal_in_place(self, buf: &mut [u8]) -> Outcome<Sealed, Reservation> {
+        self.0
+            .seal(Kind::Data, Io::InPlace(buf), 0)
+            .map(|(s, _)| s)
+            .map_err(|r| map_refused(r, Reservation))
+    }
+
+    /// Seals `src` into a new buffer (no zero-fill of the output first).
+    pub fn seal_to_vec(self, src: &[u8]) -> Outcome<Message, Reservation> {
+        let t = self.0;
+        let len = src.len();
+        if let Err(error) = t.check_budget(data_charge(len as u64), 0, len) {
+            return Err(Refused {
+                error,
+                token: Reservation(t),
+            });
+        }
+        let header = t.header(Kind::Data, len as u64);
+        let mut ct: Vec<u8> = Vec::with_capacity(len);
+        match t
             .key
             .aead()
-            .seal_in_place(&header.iv(), &header.encode(), buf)
+            .seal_uninit(&header.iv(), &header.encode(), src, ct.spare_capacity_mut())
         {
-            Ok(tag) => Ok(Sealed { header, tag }),
-            Err(error) => Err(Unsealed {
+            Ok(tag) => {
+                // SAFETY: seal_uninit succeeded, so it wrote all `len` bytes of the spare
+                // capacity, which is at least that long.
+                unsafe { ct.set_len(len) };
+                Ok(Message::new(header, tag, ct).expect("payload length equals header length"))
+            }
+            Err(error) => Err(Refused {
                 error,
-                reservation: me,
+                token: Reservation(t),
             }),
         }
+    }
+
+    /// Seals `buf` in place as this position's data message, ahead of knowing whether it will
+    /// be delivered. Keeps a [`Fallback`] so the position can still be consumed by a
+    /// substitute or a NOP if the chunk is not delivered. Needs the reservation's charge to
+    /// cover this chunk and one more unit at least (a NOP).
+    pub fn speculate_in_place(self, buf: &mut [u8]) -> Outcome<(Sealed, Fallback), Reservation> {
+        self.0
+            .seal(Kind::Data, Io::InPlace(buf), 1)
+            .map(|(s, t)| (s, Fallback(t)))
+            .map_err(|r| map_refused(r, Reservation))
     }
 
     /// Burns this position with an empty, authenticated NOP message. It carries the
     /// reservation's charge, so both ends account the key's usage identically.
-    pub fn into_nop(self) -> std::result::Result<Message, Unsealed> {
-        let header = self.header(Kind::Nop, 0);
-        match self
-            .key
-            .aead()
-            .seal_in_place(&header.iv(), &header.encode(), &mut [])
-        {
-            Ok(tag) => Ok(Message::new(header, tag, Vec::new()).expect("empty payload, length 0")),
-            Err(error) => Err(Unsealed {
-                error,
-                reservation: self,
-            }),
+    pub fn into_nop(self) -> Outcome<Message, Reservation> {
+        self.0.nop().map_err(|r| map_refused(r, Reservation))
+    }
+}
+
+impl Fallback {
+    pub fn position(&self) -> Position {
+        self.0.position
+    }
+
+    /// The longest substitute this position can still carry.
+    pub fn max_substitute_len(&self) -> u64 {
+        self.0.budget.saturating_sub(1).saturating_mul(16)
+    }
+
+    /// Seals `src` into `dst` (same length) as the substitute data of this position.
+    pub fn substitute_into(self, src: &[u8], dst: &mut [u8]) -> Outcome<Sealed, Fallback> {
+        if let Err(error) = crate::error::check_same_len(dst.len(), src.len()) {
+            return Err(Refused { error, token: self });
         }
+        self.0
+            .seal(Kind::Substitute, Io::Copy(src, dst), 0)
+            .map(|(s, _)| s)
+            .map_err(|r| map_refused(r, Fallback))
+    }
+
+    /// Seals `buf` in place as the substitute data of this position.
+    pub fn substitute_in_place(self, buf: &mut [u8]) -> Outcome<Sealed, Fallback> {
+        self.0
+            .seal(Kind::Substitute, Io::InPlace(buf), 0)
+            .map(|(s, _)| s)
+            .map_err(|r| map_refused(r, Fallback))
+    }
+
+    /// Burns this position with a NOP.
+    pub fn into_nop(self) -> Outcome<Message, Fallback> {
+        self.0.nop().map_err(|r| map_refused(r, Fallback))
     }
 }
 
@@ -370,11 +485,8 @@ mod tests {
         let mut dst = [0u8; 17];
         let back = r.seal_into(&src, &mut dst).unwrap_err();
         assert!(matches!(back.error, Error::InvalidLength(_)));
-        let pos = back.reservation.position();
-        let sealed = back
-            .reservation
-            .seal_into(&src[..16], &mut dst[..16])
-            .unwrap();
+        let pos = back.token.position();
+        let sealed = back.token.seal_into(&src[..16], &mut dst[..16]).unwrap();
         assert_eq!(sealed.header.position, pos);
     }
 }

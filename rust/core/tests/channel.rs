@@ -7,14 +7,25 @@ use proptest::prelude::*;
 enum Op {
     Data(Vec<u8>),
     Nop,
+    /// A chunk sealed speculatively, then: delivered (None), replaced by a substitute
+    /// (Some(Some(bytes))) or by a NOP (Some(None)).
+    Speculate(Vec<u8>, Option<Option<Vec<u8>>>),
+}
+
+fn bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..300)
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => proptest::collection::vec(any::<u8>(), 0..300).prop_map(Op::Data),
+        3 => bytes().prop_map(Op::Data),
         1 => Just(Op::Nop),
+        2 => (bytes(), proptest::option::of(proptest::option::of(bytes()))).prop_map(|(a, b)| Op::Speculate(a, b)),
     ]
 }
+
+/// Charge of a speculative position: room for a chunk of up to 300 bytes and its substitute.
+const SPEC_CHARGE: u64 = 2 * (300 / 16 + 2);
 
 fn ends(limit: u64) -> (Sender, Receiver) {
     let key = SessionKey::from_bytes(&[0x5Au8; 32]).unwrap();
@@ -33,14 +44,44 @@ fn seal_all(tx: &Sender, ops: &[Op]) -> Vec<Message> {
         .map(|o| match o {
             Op::Data(d) => tx.seal(d).unwrap(),
             Op::Nop => tx.seal_nop().unwrap(),
+            Op::Speculate(d, outcome) => {
+                let mut buf = d.clone();
+                let (sealed, fallback) = tx
+                    .reserve(SPEC_CHARGE)
+                    .unwrap()
+                    .speculate_in_place(&mut buf)
+                    .unwrap();
+                match outcome {
+                    None => {
+                        let _delivered_so_unused = fallback;
+                        Message::new(sealed.header, sealed.tag, buf).unwrap()
+                    }
+                    Some(Some(sub)) => {
+                        let mut b = sub.clone();
+                        let s = fallback.substitute_in_place(&mut b).unwrap();
+                        assert_ne!(
+                            s.header.iv(),
+                            sealed.header.iv(),
+                            "substitute reused the IV"
+                        );
+                        Message::new(s.header, s.tag, b).unwrap()
+                    }
+                    Some(None) => {
+                        let n = fallback.into_nop().unwrap();
+                        assert_ne!(n.iv(), sealed.header.iv(), "NOP reused the IV");
+                        n
+                    }
+                }
+            }
         })
         .collect()
 }
 
 fn expected_plain(o: &Op) -> Vec<u8> {
     match o {
-        Op::Data(d) => d.clone(),
-        Op::Nop => Vec::new(),
+        Op::Data(d) | Op::Speculate(d, None) => d.clone(),
+        Op::Speculate(_, Some(Some(sub))) => sub.clone(),
+        Op::Nop | Op::Speculate(_, Some(None)) => Vec::new(),
     }
 }
 
@@ -49,7 +90,7 @@ proptest! {
 
     /// The in-order stream is accepted and decrypts to what was sealed, across rotations.
     #[test]
-    fn in_order_stream_roundtrips(ops in proptest::collection::vec(op(), 1..40), limit in 20u64..400) {
+    fn in_order_stream_roundtrips(ops in proptest::collection::vec(op(), 1..40), limit in SPEC_CHARGE..400) {
         let (tx, mut rx) = ends(limit);
         let msgs = seal_all(&tx, &ops);
         for (m, o) in msgs.iter().zip(&ops) {
@@ -65,7 +106,7 @@ proptest! {
     #[test]
     fn only_the_next_message_is_accepted(ops in proptest::collection::vec(op(), 1..20),
                                          deliveries in proptest::collection::vec(0usize..20, 0..60),
-                                         limit in 20u64..400) {
+                                         limit in SPEC_CHARGE..400) {
         let (tx, mut rx) = ends(limit);
         let msgs = seal_all(&tx, &ops);
         let mut next = 0usize;
@@ -252,4 +293,54 @@ fn withheld_epoch_tail_is_detected() {
     }
     rx.open(&m1).unwrap();
     rx.open(&m2).unwrap();
+}
+
+#[test]
+fn a_position_accepts_one_of_speculative_substitute_or_nop() {
+    let (tx, mut rx) = ends(1 << 20);
+    let mut spec = vec![1u8; 100];
+    let (sealed, fallback) = tx
+        .reserve(40)
+        .unwrap()
+        .speculate_in_place(&mut spec)
+        .unwrap();
+    let spec_msg = Message::new(sealed.header, sealed.tag, spec).unwrap();
+    let mut sub = vec![2u8; 100];
+    let s = fallback.substitute_in_place(&mut sub).unwrap();
+    let sub_msg = Message::new(s.header, s.tag, sub).unwrap();
+    assert_eq!(sub_msg.position(), spec_msg.position());
+    assert_eq!(rx.open(&sub_msg).unwrap(), vec![2u8; 100]);
+    // The speculative chunk of the same position is now a replay.
+    assert!(matches!(
+        rx.open(&spec_msg),
+        Err(Error::IvOrder {
+            violation: OrderViolation::Replay,
+            ..
+        })
+    ));
+    // A substitute relabelled as data (or the reverse) fails: the IV variant differs.
+    let m = tx.seal(&[5u8; 10]).unwrap();
+    let mut h = *m.header();
+    h.kind = Kind::Substitute;
+    let relabelled = Message::new(h, *m.tag(), m.ciphertext().to_vec()).unwrap();
+    assert!(matches!(
+        rx.open(&relabelled),
+        Err(Error::Authentication(_))
+    ));
+    assert_eq!(rx.open(&m).unwrap(), vec![5u8; 10]);
+}
+
+#[test]
+fn speculation_needs_room_for_a_fallback() {
+    let (tx, _) = ends(1 << 20);
+    let r = tx.reserve(pipellm_core::header::data_charge(100)).unwrap();
+    let mut buf = vec![0u8; 100];
+    let back = r.speculate_in_place(&mut buf).unwrap_err();
+    assert!(matches!(back.error, Error::InvalidLength(_)));
+    assert_eq!(
+        buf,
+        vec![0u8; 100],
+        "a refused speculation must not encrypt"
+    );
+    assert!(back.token.into_nop().unwrap().is_nop());
 }

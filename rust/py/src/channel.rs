@@ -4,7 +4,7 @@ use crate::buffers::Buffer;
 use crate::errors::{detached, to_py};
 use pipellm_core::header::{IV_LEN, MAX_CHANNEL};
 use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
-use pipellm_core::{Direction, KeyPolicy, Message, Receiver, Sender, SessionKey};
+use pipellm_core::{Direction, KeyPolicy, Kind, Message, Receiver, Sender, SessionKey};
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -26,6 +26,14 @@ pub fn direction_name(d: Direction) -> &'static str {
     match d {
         Direction::HostToDevice => "h2d",
         Direction::DeviceToHost => "d2h",
+    }
+}
+
+pub fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Data => "data",
+        Kind::Substitute => "substitute",
+        Kind::Nop => "nop",
     }
 }
 
@@ -129,6 +137,11 @@ impl PyMessage {
     fn is_nop(&self) -> bool {
         self.inner.is_nop()
     }
+    /// 'data', 'substitute' (replaces an undelivered speculative chunk) or 'nop'.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        kind_name(self.inner.header().kind)
+    }
     #[getter]
     fn charge(&self) -> u64 {
         self.inner.header().charge
@@ -177,7 +190,7 @@ impl PyMessage {
         let h = self.inner.header();
         format!(
             "Message({} channel={} {} epoch={} counter={} len={} offset={})",
-            if self.inner.is_nop() { "NOP" } else { "data" },
+            kind_name(h.kind),
             h.channel,
             direction_name(h.direction),
             h.position.epoch,
