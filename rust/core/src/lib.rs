@@ -17,9 +17,11 @@ pub mod header;
 pub mod key;
 pub mod message;
 pub mod receiver;
+pub mod ring;
 pub mod schedule;
 pub mod sender;
 pub mod sequencer;
+mod sync;
 
 pub use error::{Error, OrderViolation, Result};
 pub use header::{Direction, Header, Kind, Position};
