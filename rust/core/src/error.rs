@@ -38,6 +38,9 @@ pub enum Error {
     /// Any other argument that is out of range.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The pipeline was closed.
+    #[error("the pipeline is closed")]
+    Closed,
     /// The cryptographic library reported a failure it should never report (out of memory).
     #[error("crypto backend failure: {0}")]
     Backend(&'static str),

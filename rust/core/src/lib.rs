@@ -13,14 +13,17 @@
 
 pub mod crypto;
 pub mod error;
+pub mod fingerprint;
 pub mod header;
 pub mod key;
 pub mod message;
+pub mod pipeline;
 pub mod receiver;
 pub mod ring;
 pub mod schedule;
 pub mod sender;
 pub mod sequencer;
+pub mod staging;
 mod sync;
 
 pub use error::{Error, OrderViolation, Result};

@@ -265,6 +265,29 @@ impl Token {
         }
     }
 
+    fn seal_to_vec(self, kind: Kind, src: &[u8]) -> std::result::Result<Message, Refused<Token>> {
+        let len = src.len();
+        if let Err(error) = self.check_budget(data_charge(len as u64), 0, len) {
+            return Err(Refused { error, token: self });
+        }
+        let header = self.header(kind, len as u64);
+        let mut ct: Vec<u8> = Vec::with_capacity(len);
+        match self.key.aead().seal_uninit(
+            &header.iv(),
+            &header.encode(),
+            src,
+            ct.spare_capacity_mut(),
+        ) {
+            Ok(tag) => {
+                // SAFETY: seal_uninit succeeded, so it wrote all `len` bytes of the spare
+                // capacity, which is at least that long.
+                unsafe { ct.set_len(len) };
+                Ok(Message::new(header, tag, ct).expect("payload length equals header length"))
+            }
+            Err(error) => Err(Refused { error, token: self }),
+        }
+    }
+
     fn nop(self) -> std::result::Result<Message, Refused<Token>> {
         let (sealed, _) = self.seal(Kind::Nop, Io::InPlace(&mut []), 0)?;
         Ok(Message::new(sealed.header, sealed.tag, Vec::new()).expect("empty payload, length 0"))
@@ -311,32 +334,9 @@ impl Reservation {
 
     /// Seals `src` into a new buffer (no zero-fill of the output first).
     pub fn seal_to_vec(self, src: &[u8]) -> Outcome<Message, Reservation> {
-        let t = self.0;
-        let len = src.len();
-        if let Err(error) = t.check_budget(data_charge(len as u64), 0, len) {
-            return Err(Refused {
-                error,
-                token: Reservation(t),
-            });
-        }
-        let header = t.header(Kind::Data, len as u64);
-        let mut ct: Vec<u8> = Vec::with_capacity(len);
-        match t
-            .key
-            .aead()
-            .seal_uninit(&header.iv(), &header.encode(), src, ct.spare_capacity_mut())
-        {
-            Ok(tag) => {
-                // SAFETY: seal_uninit succeeded, so it wrote all `len` bytes of the spare
-                // capacity, which is at least that long.
-                unsafe { ct.set_len(len) };
-                Ok(Message::new(header, tag, ct).expect("payload length equals header length"))
-            }
-            Err(error) => Err(Refused {
-                error,
-                token: Reservation(t),
-            }),
-        }
+        self.0
+            .seal_to_vec(Kind::Data, src)
+            .map_err(|r| map_refused(r, Reservation))
     }
 
     /// Seals `buf` in place as this position's data message, ahead of knowing whether it will
@@ -383,6 +383,13 @@ impl Fallback {
         self.0
             .seal(Kind::Substitute, Io::InPlace(buf), 0)
             .map(|(s, _)| s)
+            .map_err(|r| map_refused(r, Fallback))
+    }
+
+    /// Seals `src` into a new buffer as the substitute data of this position.
+    pub fn substitute_to_vec(self, src: &[u8]) -> Outcome<Message, Fallback> {
+        self.0
+            .seal_to_vec(Kind::Substitute, src)
             .map_err(|r| map_refused(r, Fallback))
     }
 

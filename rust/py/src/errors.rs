@@ -31,6 +31,13 @@ pyo3::create_exception!(
     "The key's usage limit is reached and rotation is disabled, or every epoch is used."
 );
 
+pyo3::create_exception!(
+    pipellm,
+    PipelineClosedError,
+    PipeLLMError,
+    "The pipeline was closed; create a new one."
+);
+
 /// Maps a core error onto its Python exception.
 pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
@@ -58,6 +65,7 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::IvExhausted(_) => IvExhaustedError::new_err(msg),
         Error::InvalidLength(_) | Error::InvalidArgument(_) => PyValueError::new_err(msg),
         Error::Backend(_) => PipeLLMError::new_err(msg),
+        Error::Closed => PipelineClosedError::new_err(msg),
     }
 }
 
@@ -83,5 +91,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("IvOrderError", py.get_type::<IvOrderError>())?;
     m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
     m.add("IvExhaustedError", py.get_type::<IvExhaustedError>())?;
+    m.add("PipelineClosedError", py.get_type::<PipelineClosedError>())?;
     Ok(())
 }

@@ -1,0 +1,86 @@
+//! A ring entry: one predicted chunk at a reserved position, and the state machine that lets
+//! a worker encrypt it while the request path may cancel, wait for or take it.
+//!
+//! ```text
+//!   QUEUED ──worker CAS──► ENCRYPTING ──► READY   (speculative ciphertext + fallback)
+//!     │                         └───────► FAILED  (reservation kept: served on demand)
+//!     └──request-path CAS──► CANCELLED            (reservation taken by the request path)
+//! ```
+//! The two CASes on QUEUED decide, exactly once, who owns the reservation. The entry's
+//! `data` mutex is held by the worker for the whole encryption, so the request path that
+//! needs an ENCRYPTING entry simply waits on that mutex; the state store (Release) happens
+//! before the unlock, and the request path reads state after locking (Acquire via the mutex).
+
+use super::source::Chunk;
+use crate::fingerprint::Fingerprint;
+use crate::sequencer::{Fallback, Reservation, Sealed};
+use crate::staging::StagingBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+pub(crate) const QUEUED: u8 = 0;
+pub(crate) const ENCRYPTING: u8 = 1;
+pub(crate) const READY: u8 = 2;
+pub(crate) const FAILED: u8 = 3;
+pub(crate) const CANCELLED: u8 = 4;
+
+pub(crate) struct Entry {
+    pub chunk: Chunk,
+    pub state: AtomicU8,
+    pub data: Mutex<EntryData>,
+}
+
+pub(crate) struct EntryData {
+    pub staging: Option<StagingBuf>,
+    /// Present until a worker seals speculatively or the request path takes it.
+    pub reservation: Option<Reservation>,
+    /// After a successful speculative seal: header + tag, and the fallback for the position.
+    pub speculated: Option<(Sealed, Fallback)>,
+    /// Fingerprint of the snapshot that was encrypted.
+    pub fingerprint: Fingerprint,
+}
+
+impl Entry {
+    pub fn new(chunk: Chunk, staging: StagingBuf, reservation: Reservation) -> Self {
+        Self {
+            chunk,
+            state: AtomicU8::new(QUEUED),
+            data: Mutex::new(EntryData {
+                staging: Some(staging),
+                reservation: Some(reservation),
+                speculated: None,
+                fingerprint: 0,
+            }),
+        }
+    }
+
+    /// The worker's claim. AcqRel: the winner sees the planner's writes (also ordered by the
+    /// job queue's mutex) and the loser's later reads see the winner's claim.
+    pub fn claim_for_worker(&self) -> bool {
+        self.state
+            .compare_exchange(QUEUED, ENCRYPTING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The request path's claim of an entry no worker has started.
+    pub fn cancel(&self) -> bool {
+        self.state
+            .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub fn set_state(&self, s: u8) {
+        self.state.store(s, Ordering::Release);
+    }
+
+    pub fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Locks the entry's data. A panic in a worker while it held the lock leaves the data as
+    /// the worker left it, which the state machine still describes (FAILED), so poisoning is
+    /// not an error here.
+    pub fn lock(&self) -> MutexGuard<'_, EntryData> {
+        self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,277 @@
+//! Work for the encryption threads: speculative entries and on-demand chunks, the queue they
+//! wait on, and the signal that tells waiters a job finished.
+
+use super::entry::{Entry, FAILED, READY};
+use super::source::Chunk;
+use super::stats::Stats;
+use super::Payload;
+use crate::error::{Error, Result};
+use crate::fingerprint::fingerprint;
+use crate::message::Message;
+use crate::sequencer::{Fallback, Reservation};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A generation counter with a condvar: anyone who finishes a job bumps it and wakes all
+/// waiters; a waiter re-checks its condition under the lock, so no wake-up is lost.
+#[derive(Default)]
+pub(crate) struct Signal {
+    generation: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Signal {
+    pub fn notify(&self) {
+        *lock(&self.generation) += 1;
+        self.cv.notify_all();
+    }
+
+    /// Blocks until `done()` holds.
+    pub fn wait_until(&self, mut done: impl FnMut() -> bool) {
+        let mut g = lock(&self.generation);
+        while !done() {
+            g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Test hooks that make the next N jobs of a kind panic, to prove a dying worker costs
+/// speed, not data. Zero (the default) costs one relaxed load per job.
+#[derive(Default)]
+pub struct Faults {
+    pub panic_speculative: AtomicU32,
+    pub panic_on_demand: AtomicU32,
+}
+
+fn take_fault(counter: &AtomicU32) -> bool {
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// What an on-demand chunk is sealed with: a fresh position (data) or the fallback of a
+/// position whose speculative chunk is not delivered (substitute).
+pub(crate) enum OnDemandToken {
+    Fresh(Reservation),
+    Replace(Fallback),
+}
+
+const OD_QUEUED: u8 = 0;
+const OD_RUNNING: u8 = 1;
+const OD_DONE: u8 = 2;
+
+/// One chunk encrypted on demand, by a worker or by the waiting caller, whoever comes first.
+pub(crate) struct OnDemand {
+    pub chunk: Chunk,
+    state: AtomicU8,
+    token: Mutex<Option<OnDemandToken>>,
+    result: Mutex<Option<Result<Message<Payload>>>>,
+}
+
+impl OnDemand {
+    pub fn new(chunk: Chunk, token: OnDemandToken) -> Self {
+        Self {
+            chunk,
+            state: AtomicU8::new(OD_QUEUED),
+            token: Mutex::new(Some(token)),
+            result: Mutex::new(None),
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state.load(Ordering::Acquire) == OD_DONE
+    }
+
+    /// Runs the job if nobody has claimed it. Returns false if someone else has.
+    pub fn try_run(&self, stats: &Stats, faults: &Faults, signal: &Signal) -> bool {
+        if self
+            .state
+            .compare_exchange(OD_QUEUED, OD_RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if take_fault(&faults.panic_on_demand) {
+                panic!("injected fault: on-demand job");
+            }
+            // Nothing above can lose the token; from here on nothing panics (length checks
+            // return the token, AWS-LC reports errors by value).
+            let token = lock(&self.token)
+                .take()
+                .expect("token present while QUEUED/RUNNING");
+            let src = self.chunk.bytes();
+            match token {
+                OnDemandToken::Fresh(r) => r.seal_to_vec(src).map_err(|e| e.error),
+                OnDemandToken::Replace(f) => f.substitute_to_vec(src).map_err(|e| e.error),
+            }
+        }));
+        match outcome {
+            Ok(result) => {
+                if result.is_ok() {
+                    Stats::add(&stats.chunks_on_demand, 1);
+                    Stats::add(&stats.bytes_on_demand, self.chunk.len() as u64);
+                }
+                let result = result.and_then(|m| {
+                    let (h, t, p) = (*m.header(), *m.tag(), m.into_payload());
+                    Message::new(h, t, Payload::Owned(p))
+                });
+                *lock(&self.result) = Some(result);
+                self.state.store(OD_DONE, Ordering::Release);
+            }
+            Err(_) => {
+                // The token is still in place (the only panic point is before taking it):
+                // hand the job back so another thread, or the waiting caller, runs it.
+                Stats::add(&stats.worker_failures, 1);
+                if lock(&self.token).is_some() {
+                    self.state.store(OD_QUEUED, Ordering::Release);
+                } else {
+                    *lock(&self.result) = Some(Err(Error::Backend(
+                        "an encryption thread died holding a reserved position",
+                    )));
+                    self.state.store(OD_DONE, Ordering::Release);
+                }
+            }
+        }
+        signal.notify();
+        true
+    }
+
+    /// Runs the job here or waits for whoever runs it, then takes its result.
+    pub fn finish(
+        &self,
+        stats: &Stats,
+        faults: &Faults,
+        signal: &Signal,
+    ) -> Result<Message<Payload>> {
+        loop {
+            if self.try_run(stats, faults, signal) && self.is_done() {
+                break;
+            }
+            let t0 = std::time::Instant::now();
+            signal.wait_until(|| self.is_done() || self.state.load(Ordering::Acquire) == OD_QUEUED);
+            Stats::add_time(&stats.stall_ns, t0.elapsed());
+            if self.is_done() {
+                break;
+            }
+        }
+        lock(&self.result)
+            .take()
+            .unwrap_or(Err(Error::Backend("on-demand result taken twice")))
+    }
+}
+
+pub(crate) enum Job {
+    Speculative(Arc<Entry>),
+    OnDemand(Arc<OnDemand>),
+}
+
+#[derive(Default)]
+struct Queues {
+    urgent: VecDeque<Arc<OnDemand>>,
+    speculative: VecDeque<Arc<Entry>>,
+    closed: bool,
+}
+
+/// The threads' work queue: on-demand chunks (someone waits for them) before speculative ones.
+#[derive(Default)]
+pub(crate) struct JobQueue {
+    q: Mutex<Queues>,
+    cv: Condvar,
+}
+
+impl JobQueue {
+    pub fn push(&self, job: Job) {
+        let mut q = lock(&self.q);
+        match job {
+            Job::OnDemand(j) => q.urgent.push_back(j),
+            Job::Speculative(e) => q.speculative.push_back(e),
+        }
+        drop(q);
+        self.cv.notify_one();
+    }
+
+    /// The next job, or None once closed.
+    pub fn pop(&self) -> Option<Job> {
+        let mut q = lock(&self.q);
+        loop {
+            if q.closed {
+                return None;
+            }
+            if let Some(j) = q.urgent.pop_front() {
+                return Some(Job::OnDemand(j));
+            }
+            if let Some(e) = q.speculative.pop_front() {
+                return Some(Job::Speculative(e));
+            }
+            q = self.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    pub fn close(&self) {
+        let mut q = lock(&self.q);
+        q.closed = true;
+        q.urgent.clear();
+        q.speculative.clear();
+        drop(q);
+        self.cv.notify_all();
+    }
+}
+
+/// Encrypts one speculative entry: snapshot the source into the staging buffer, fingerprint
+/// the snapshot, seal the snapshot in place. Encrypting a private snapshot (not the source
+/// itself) is what makes validation exact: the ciphertext is of precisely the fingerprinted
+/// bytes, even if the program writes the source meanwhile.
+pub(crate) fn run_speculative(entry: &Entry, stats: &Stats, faults: &Faults, signal: &Signal) {
+    if !entry.claim_for_worker() {
+        return; // the request path took it first
+    }
+    let mut data = entry.lock();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let d = &mut *data;
+        let staging = d
+            .staging
+            .as_mut()
+            .expect("queued entry has a staging buffer");
+        let len = entry.chunk.len();
+        let buf = &mut staging.as_mut_slice()[..len];
+        buf.copy_from_slice(entry.chunk.bytes());
+        if take_fault(&faults.panic_speculative) {
+            panic!("injected fault: speculative job");
+        }
+        d.fingerprint = fingerprint(buf);
+        // The reservation leaves the entry only here; nothing below panics.
+        let r = d
+            .reservation
+            .take()
+            .expect("queued entry has its reservation");
+        match r.speculate_in_place(buf) {
+            Ok(s) => {
+                d.speculated = Some(s);
+                Ok(())
+            }
+            Err(refused) => {
+                d.reservation = Some(refused.token);
+                Err(refused.error)
+            }
+        }
+    }));
+    let ok = matches!(outcome, Ok(Ok(())));
+    if ok {
+        Stats::add(&stats.chunks_pre_encrypted, 1);
+        Stats::add(&stats.bytes_pre_encrypted, entry.chunk.len() as u64);
+    } else {
+        Stats::add(&stats.worker_failures, 1);
+        if let Some(s) = data.staging.as_mut() {
+            s.wipe(); // it may hold a plaintext snapshot
+        }
+    }
+    entry.set_state(if ok { READY } else { FAILED });
+    drop(data);
+    signal.notify();
+}

@@ -1,0 +1,749 @@
+//! Speculative pipelined encryption (DESIGN.md §2).
+//!
+//! `predict` queues the chunks expected next; a planner thread gives each a staging buffer, a
+//! reserved position (in order) and a ring entry; worker threads encrypt entries out of order
+//! into their staging buffers. `request` (the critical path) walks the ring's window in
+//! position order and, per chunk of the real transfer:
+//!
+//! - finds it at the head, validates it (fingerprint of the source now == fingerprint of the
+//!   snapshot that was encrypted) and hands the pre-encrypted slot out: a hit, no encryption;
+//! - finds it further on: the skipped positions become NOPs, then as above;
+//! - finds it among predictions not yet in the ring: the window is relinquished with NOPs, its
+//!   predictions are queued again in their order, and the chunk is encrypted on demand;
+//! - finds it nowhere: it is encrypted on demand at the head's position (a substitute if the
+//!   head was already encrypted, plain data if no worker had started it) and the head's
+//!   prediction is queued again.
+//!
+//! A stale hit (source changed) is re-encrypted on demand as the position's substitute. Every
+//! position is consumed exactly once, in order, and no (key, IV) pair is used twice (see
+//! docs/protocol.md). On-demand chunks go to the threads in parallel; the caller takes the
+//! messages in order from the returned [`Transfer`], running a chunk itself if no thread has.
+
+mod entry;
+mod jobs;
+pub mod source;
+mod stats;
+
+use crate::error::{Error, Result};
+use crate::fingerprint::fingerprint;
+use crate::header::{data_charge, Direction, MAX_MESSAGE_BYTES};
+use crate::message::Message;
+use crate::schedule::{Cursor, KeyPolicy};
+use crate::sender::Sender;
+use crate::staging::{StagingBuf, StagingPool};
+use crate::{ring, SessionKey};
+use entry::{Entry, CANCELLED, FAILED, READY};
+pub use jobs::Faults;
+use jobs::{Job, JobQueue, OnDemand, OnDemandToken, Signal};
+pub use source::{Chunk, ChunkKey, Source, SourceBytes};
+use stats::Stats;
+pub use stats::StatsSnapshot;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub channel: u32,
+    pub direction: Direction,
+    pub policy: KeyPolicy,
+    /// Ring entries, each with one staging buffer of `chunk_bytes`.
+    pub slots: usize,
+    /// Largest message; transfers are split into chunks of this size.
+    pub chunk_bytes: usize,
+    /// Encryption threads (0: everything is encrypted by the caller, on demand).
+    pub workers: usize,
+    /// Cap on staging memory: `slots * chunk_bytes` must not exceed it.
+    pub max_staging_bytes: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            channel: 0,
+            direction: Direction::HostToDevice,
+            policy: KeyPolicy::default(),
+            slots: 64,
+            chunk_bytes: 4 << 20,
+            workers: 2,
+            max_staging_bytes: 1 << 30,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Units each speculative position reserves: room for the chunk and a substitute.
+    fn speculative_charge(&self) -> u64 {
+        2 * data_charge(self.chunk_bytes as u64)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.slots == 0 {
+            return bad("slots must be at least 1".into());
+        }
+        if self.chunk_bytes < 16 || self.chunk_bytes as u64 > MAX_MESSAGE_BYTES {
+            return bad(format!(
+                "chunk_bytes must be in 16..={MAX_MESSAGE_BYTES}, got {}",
+                self.chunk_bytes
+            ));
+        }
+        if self.workers > 1024 {
+            return bad(format!(
+                "workers must be at most 1024, got {}",
+                self.workers
+            ));
+        }
+        match self.slots.checked_mul(self.chunk_bytes) {
+            Some(total) if total <= self.max_staging_bytes => {}
+            _ => {
+                return bad(format!(
+                    "slots * chunk_bytes ({} * {}) exceeds max_staging_bytes ({})",
+                    self.slots, self.chunk_bytes, self.max_staging_bytes
+                ))
+            }
+        }
+        self.policy.validate()?;
+        if self.speculative_charge() > self.policy.usage_limit {
+            return bad(format!(
+                "chunk_bytes {} is too large for usage_limit {}: a speculative position needs {} units",
+                self.chunk_bytes,
+                self.policy.usage_limit,
+                self.speculative_charge()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where a message's ciphertext lives: its own buffer (encrypted on demand, NOPs) or the
+/// staging buffer it was pre-encrypted in, returned to the pool when the message is dropped.
+pub enum Payload {
+    Owned(Vec<u8>),
+    Staged(Lease),
+}
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Staged(l) => l.as_ref(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Payload::Owned(v) => write!(f, "Owned({} bytes)", v.len()),
+            Payload::Staged(l) => write!(f, "Staged({} bytes)", l.len),
+        }
+    }
+}
+
+/// A staging buffer lent to a message.
+pub struct Lease {
+    buf: Option<StagingBuf>,
+    len: usize,
+    home: Arc<Inner>,
+}
+
+impl AsRef<[u8]> for Lease {
+    fn as_ref(&self) -> &[u8] {
+        &self
+            .buf
+            .as_ref()
+            .expect("lease holds its buffer until dropped")
+            .as_slice()[..self.len]
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.home.return_staging(b);
+        }
+    }
+}
+
+/// A message with where its payload lands in the transfer (NOPs: 0).
+pub type Outgoing = (u64, Message<Payload>);
+
+enum Piece {
+    Ready(Outgoing),
+    Waiting(u64, Arc<OnDemand>),
+    Taken,
+}
+
+/// The messages of one request, in the order the receiver must get them. Pre-encrypted ones
+/// are ready; on-demand ones are being encrypted in parallel and are waited for (or encrypted
+/// by the caller) as they are taken, so the first can be copied while later ones are still
+/// being encrypted.
+pub struct Transfer {
+    pieces: Vec<Piece>,
+    next: usize,
+    inner: Arc<Inner>,
+}
+
+impl Transfer {
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+    /// Messages not taken yet.
+    pub fn remaining(&self) -> usize {
+        self.pieces.len() - self.next
+    }
+
+    /// The next message in order, waiting for (or doing) its encryption if needed.
+    pub fn next_message(&mut self) -> Option<Result<Outgoing>> {
+        let i = self.next;
+        if i >= self.pieces.len() {
+            return None;
+        }
+        self.next += 1;
+        let piece = std::mem::replace(&mut self.pieces[i], Piece::Taken);
+        Some(match piece {
+            Piece::Ready(out) => Ok(out),
+            Piece::Waiting(offset, job) => {
+                let inner = &self.inner;
+                job.finish(&inner.stats, &inner.faults, &inner.signal)
+                    .map(|m| (offset, m))
+            }
+            Piece::Taken => Err(Error::InvalidArgument("message already taken".into())),
+        })
+    }
+
+    /// All remaining messages, in order.
+    pub fn collect_all(mut self) -> Result<Vec<Outgoing>> {
+        let mut out = Vec::with_capacity(self.remaining());
+        while let Some(m) = self.next_message() {
+            out.push(m?);
+        }
+        Ok(out)
+    }
+}
+
+impl Iterator for Transfer {
+    type Item = Result<Outgoing>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_message()
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        // On-demand chunks nobody took are still finished (their positions must be filled
+        // for the stream to stay whole if the caller sends what it did take); their messages
+        // are dropped. Waiting here keeps the position accounting exact.
+        while self.next_message().is_some() {}
+    }
+}
+
+struct Inner {
+    cfg: PipelineConfig,
+    charge: u64,
+    sender: Sender,
+    producer: ring::Producer<Arc<Entry>>,
+    consumer: Mutex<ring::Consumer<Arc<Entry>>>,
+    /// Predictions not yet in the ring, in expected order.
+    plan: Mutex<VecDeque<Chunk>>,
+    plan_cv: Condvar,
+    pool: StagingPool,
+    jobs: JobQueue,
+    signal: Signal,
+    stats: Stats,
+    faults: Faults,
+    warnings: Mutex<Vec<String>>,
+    closed: AtomicBool,
+    me: std::sync::Weak<Inner>,
+}
+
+impl Inner {
+    fn warn(&self, msg: String) {
+        let mut w = lock(&self.warnings);
+        if w.len() < 1000 {
+            w.push(msg);
+        }
+    }
+
+    fn return_staging(&self, buf: StagingBuf) {
+        if self.closed.load(Ordering::Acquire) {
+            drop(buf); // wiped by its Drop
+            return;
+        }
+        self.pool.put(buf);
+        self.plan_cv.notify_all();
+    }
+
+    /// Moves predictions into the ring while buffers are free. Holds the plan lock, so ring
+    /// order is reservation order.
+    fn refill(&self, plan: &mut VecDeque<Chunk>) {
+        while !plan.is_empty() && !self.closed.load(Ordering::Acquire) {
+            let Some(buf) = self.pool.try_take() else {
+                break;
+            };
+            let r = match self.sender.reserve(self.charge) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.pool.put(buf);
+                    self.warn(format!("speculation paused: {e}"));
+                    break;
+                }
+            };
+            Stats::add(&self.stats.positions_reserved, 1);
+            let chunk = plan.pop_front().expect("checked non-empty");
+            let entry = Arc::new(Entry::new(chunk, buf, r));
+            // Cannot fail: the ring holds at least as many entries as there are buffers.
+            if self.producer.try_push(entry.clone()).is_err() {
+                unreachable!("ring smaller than the staging pool");
+            }
+            self.jobs.push(Job::Speculative(entry));
+        }
+    }
+
+    fn planner_loop(&self) {
+        let mut plan = lock(&self.plan);
+        while !self.closed.load(Ordering::Acquire) {
+            self.refill(&mut plan);
+            plan = self
+                .plan_cv
+                .wait_timeout(plan, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn worker_loop(&self) {
+        while let Some(job) = self.jobs.pop() {
+            match job {
+                Job::Speculative(e) => {
+                    jobs::run_speculative(&e, &self.stats, &self.faults, &self.signal)
+                }
+                Job::OnDemand(j) => {
+                    j.try_run(&self.stats, &self.faults, &self.signal);
+                }
+            }
+        }
+    }
+
+    fn on_demand(&self, chunk: Chunk, token: OnDemandToken, out: &mut Vec<Piece>) {
+        let offset = chunk.transfer_offset;
+        let job = Arc::new(OnDemand::new(chunk, token));
+        if self.cfg.workers > 0 {
+            self.jobs.push(Job::OnDemand(job.clone()));
+        }
+        out.push(Piece::Waiting(offset, job));
+    }
+
+    fn nop(&self, m: Message) -> Piece {
+        Stats::add(&self.stats.nops, 1);
+        let (h, t) = (*m.header(), *m.tag());
+        Piece::Ready((
+            0,
+            Message::new(h, t, Payload::Owned(Vec::new())).expect("empty NOP"),
+        ))
+    }
+
+    /// Waits (if a worker is encrypting it) until `entry` is settled, and locks its data.
+    fn settle<'e>(&self, entry: &'e Entry) -> MutexGuard<'e, entry::EntryData> {
+        let t0 = Instant::now();
+        let data = entry.lock();
+        if entry.state() == entry::ENCRYPTING {
+            unreachable!("a worker releases the entry only after settling it");
+        }
+        Stats::add_time(&self.stats.stall_ns, t0.elapsed());
+        data
+    }
+
+    /// Consumes the position of a popped entry with a NOP. Returns the entry's chunk.
+    fn relinquish(&self, entry: &Entry, out: &mut Vec<Piece>) -> Result<()> {
+        let cancelled = entry.cancel();
+        let mut data = if cancelled {
+            entry.lock()
+        } else {
+            self.settle(entry)
+        };
+        let nop = if let Some((_, fallback)) = data.speculated.take() {
+            Stats::add(&self.stats.wasted_bytes, entry.chunk.len() as u64);
+            fallback.into_nop().map_err(|e| e.error)?
+        } else if let Some(r) = data.reservation.take() {
+            r.into_nop().map_err(|e| e.error)?
+        } else {
+            return Err(Error::Backend("ring entry lost its position"));
+        };
+        if let Some(b) = data.staging.take() {
+            self.return_staging(b);
+        }
+        out.push(self.nop(nop));
+        Ok(())
+    }
+
+    /// Serves `chunk` from the popped entry that predicted it.
+    fn serve_predicted(&self, entry: &Entry, chunk: Chunk, out: &mut Vec<Piece>) -> Result<()> {
+        if entry.cancel() {
+            // No worker started it: encrypt it now, at its own position, as plain data.
+            let mut data = entry.lock();
+            Stats::add(&self.stats.late, 1);
+            let r = data
+                .reservation
+                .take()
+                .ok_or(Error::Backend("ring entry lost its position"))?;
+            if let Some(b) = data.staging.take() {
+                self.return_staging(b);
+            }
+            drop(data);
+            self.on_demand(chunk, OnDemandToken::Fresh(r), out);
+            return Ok(());
+        }
+        let mut data = self.settle(entry);
+        match entry.state() {
+            READY => {
+                let t0 = Instant::now();
+                let unchanged = fingerprint(chunk.bytes()) == data.fingerprint;
+                Stats::add_time(&self.stats.validation_ns, t0.elapsed());
+                let (sealed, fallback) = data.speculated.take().expect("READY entry has its seal");
+                let staging = data.staging.take().expect("READY entry has its buffer");
+                drop(data);
+                if unchanged {
+                    Stats::add(&self.stats.hits, 1);
+                    let lease = Lease {
+                        buf: Some(staging),
+                        len: chunk.len(),
+                        home: self.self_arc(),
+                    };
+                    let m = Message::new(sealed.header, sealed.tag, Payload::Staged(lease))?;
+                    out.push(Piece::Ready((chunk.transfer_offset, m)));
+                } else {
+                    Stats::add(&self.stats.stale, 1);
+                    Stats::add(&self.stats.wasted_bytes, chunk.len() as u64);
+                    self.return_staging(staging);
+                    self.on_demand(chunk, OnDemandToken::Replace(fallback), out);
+                }
+                Ok(())
+            }
+            FAILED => {
+                Stats::add(&self.stats.late, 1);
+                let r = data
+                    .reservation
+                    .take()
+                    .ok_or(Error::Backend("ring entry lost its position"))?;
+                if let Some(b) = data.staging.take() {
+                    self.return_staging(b);
+                }
+                drop(data);
+                self.warn("an encryption thread failed; the chunk was encrypted on demand".into());
+                self.on_demand(chunk, OnDemandToken::Fresh(r), out);
+                Ok(())
+            }
+            s => Err(Error::Backend(if s == CANCELLED {
+                "ring entry cancelled twice"
+            } else {
+                "ring entry in an unexpected state"
+            })),
+        }
+    }
+
+    /// Serves `chunk`, which nobody predicted, at the head entry's position.
+    fn serve_at_head(&self, entry: &Entry, chunk: Chunk, out: &mut Vec<Piece>) -> Result<Chunk> {
+        let cancelled = entry.cancel();
+        let mut data = if cancelled {
+            entry.lock()
+        } else {
+            self.settle(entry)
+        };
+        let token = if let Some((_, fallback)) = data.speculated.take() {
+            Stats::add(&self.stats.wasted_bytes, entry.chunk.len() as u64);
+            OnDemandToken::Replace(fallback)
+        } else if let Some(r) = data.reservation.take() {
+            OnDemandToken::Fresh(r)
+        } else {
+            return Err(Error::Backend("ring entry lost its position"));
+        };
+        if let Some(b) = data.staging.take() {
+            self.return_staging(b);
+        }
+        drop(data);
+        self.on_demand(chunk, token, out);
+        Ok(entry.chunk.clone())
+    }
+
+    fn self_arc(&self) -> Arc<Inner> {
+        // `Inner` always lives in the Arc made by `Arc::new_cyclic` in `Pipeline::new`, and
+        // routing runs through a `Pipeline` that holds it, so the upgrade succeeds.
+        self.me.upgrade().expect("pipeline alive while routing")
+    }
+
+    /// Routes one chunk of a request (consumer lock held).
+    fn route(
+        &self,
+        consumer: &mut ring::Consumer<Arc<Entry>>,
+        chunk: Chunk,
+        out: &mut Vec<Piece>,
+    ) -> Result<()> {
+        let window = consumer.len();
+        let found =
+            (0..window).find(|&k| consumer.get(k).is_some_and(|e| e.chunk.key == chunk.key));
+        if let Some(k) = found {
+            for _ in 0..k {
+                let e = consumer.pop().expect("in window");
+                self.relinquish(&e, out)?;
+            }
+            let e = consumer.pop().expect("in window");
+            return self.serve_predicted(&e, chunk, out);
+        }
+        let mut plan = lock(&self.plan);
+        if let Some(j) = plan.iter().position(|c| c.key == chunk.key) {
+            // Predicted, but later than everything in the ring: the window is out of step
+            // with the requests. Relinquish it and queue its predictions again, in order.
+            let mut requeue = VecDeque::new();
+            while let Some(e) = consumer.pop() {
+                requeue.push_back(e.chunk.clone());
+                self.relinquish(&e, out)?;
+            }
+            plan.drain(..=j);
+            while let Some(c) = requeue.pop_back() {
+                plan.push_front(c);
+            }
+            Stats::add(&self.stats.late, 1);
+            let r = self.sender.reserve(data_charge(chunk.len() as u64))?;
+            Stats::add(&self.stats.positions_reserved, 1);
+            drop(plan);
+            self.on_demand(chunk, OnDemandToken::Fresh(r), out);
+            return Ok(());
+        }
+        Stats::add(&self.stats.misses, 1);
+        // Under the plan lock no entry can be pushed, so "ring empty" stays true while we
+        // reserve: a fresh position cannot overtake one already in the ring.
+        if let Some(head) = consumer.pop() {
+            drop(plan);
+            let displaced = self.serve_at_head(&head, chunk, out)?;
+            lock(&self.plan).push_front(displaced);
+        } else {
+            let r = self.sender.reserve(data_charge(chunk.len() as u64))?;
+            Stats::add(&self.stats.positions_reserved, 1);
+            drop(plan);
+            self.on_demand(chunk, OnDemandToken::Fresh(r), out);
+        }
+        Ok(())
+    }
+}
+
+/// A speculative encryption pipeline for one channel direction.
+pub struct Pipeline {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Pipeline {
+    pub fn new(key: &SessionKey, cfg: PipelineConfig) -> Result<Self> {
+        cfg.validate()?;
+        let sender = Sender::new(key, cfg.channel, cfg.direction, cfg.policy)?;
+        let pool = StagingPool::new(cfg.slots, cfg.chunk_bytes)?;
+        // The ring holds at least as many entries as there are buffers, so a planner holding
+        // a buffer always finds room.
+        let (producer, consumer) = ring::ring(cfg.slots);
+        let charge = cfg.speculative_charge();
+        let inner = Arc::new_cyclic(|me| Inner {
+            cfg: cfg.clone(),
+            charge,
+            sender,
+            producer,
+            consumer: Mutex::new(consumer),
+            plan: Mutex::new(VecDeque::new()),
+            plan_cv: Condvar::new(),
+            pool,
+            jobs: JobQueue::default(),
+            signal: Signal::default(),
+            stats: Stats::default(),
+            faults: Faults::default(),
+            warnings: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            me: me.clone(),
+        });
+        let mut threads = Vec::with_capacity(cfg.workers + 1);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!("could not start a pipeline thread: {e}"))
+                })
+        };
+        let planner = inner.clone();
+        threads.push(spawn(
+            "pipellm-planner".into(),
+            Box::new(move || planner.planner_loop()),
+        )?);
+        for i in 0..cfg.workers {
+            let w = inner.clone();
+            threads.push(spawn(
+                format!("pipellm-worker-{i}"),
+                Box::new(move || w.worker_loop()),
+            )?);
+        }
+        Ok(Self {
+            inner,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    pub fn config(&self) -> &PipelineConfig {
+        &self.inner.cfg
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Splits `(source, offset, length)` into chunks; `length = None`: to the end.
+    pub fn chunks(
+        &self,
+        source: &Source,
+        offset: usize,
+        length: Option<usize>,
+    ) -> Result<Vec<Chunk>> {
+        source::split(source, offset, length, self.inner.cfg.chunk_bytes)
+    }
+
+    /// Queues predicted transfers (in expected order). Never blocks: predictions wait in the
+    /// plan until staging buffers free up.
+    pub fn predict(&self, transfers: &[(Source, usize, Option<usize>)]) -> Result<()> {
+        self.check_open()?;
+        let mut chunks = Vec::new();
+        for (src, off, len) in transfers {
+            chunks.extend(self.chunks(src, *off, *len)?);
+        }
+        let mut plan = lock(&self.inner.plan);
+        plan.extend(chunks);
+        self.inner.refill(&mut plan);
+        drop(plan);
+        self.inner.plan_cv.notify_all();
+        Ok(())
+    }
+
+    /// The real transfer of `length` bytes of `source` from `offset`. Returns its messages in
+    /// the order the receiver must get them.
+    pub fn request(
+        &self,
+        source: &Source,
+        offset: usize,
+        length: Option<usize>,
+    ) -> Result<Transfer> {
+        self.check_open()?;
+        let chunks = self.chunks(source, offset, length)?;
+        let inner = &self.inner;
+        Stats::add(&inner.stats.requests, 1);
+        Stats::add(
+            &inner.stats.bytes_requested,
+            chunks.iter().map(|c| c.len() as u64).sum(),
+        );
+        let mut pieces = Vec::with_capacity(chunks.len());
+        {
+            let mut consumer = lock(&inner.consumer);
+            self.check_open()?;
+            for c in chunks {
+                inner.route(&mut consumer, c, &mut pieces)?;
+            }
+        }
+        inner.plan_cv.notify_all();
+        Ok(Transfer {
+            pieces,
+            next: 0,
+            inner: inner.clone(),
+        })
+    }
+
+    /// NOPs for every position still in the ring, and forgets pending predictions: after
+    /// sending them the receiver has every position this pipeline reserved.
+    pub fn relinquish_all(&self) -> Result<Vec<Outgoing>> {
+        let inner = &self.inner;
+        let mut out = Vec::new();
+        let mut consumer = lock(&inner.consumer);
+        let mut plan = lock(&inner.plan);
+        plan.clear();
+        while let Some(e) = consumer.pop() {
+            inner.relinquish(&e, &mut out)?;
+        }
+        drop(plan);
+        drop(consumer);
+        Ok(out
+            .into_iter()
+            .map(|p| match p {
+                Piece::Ready(o) => o,
+                _ => unreachable!("relinquish only makes NOPs"),
+            })
+            .collect())
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// Entries in the ring and predictions waiting for one.
+    pub fn queued(&self) -> (usize, usize) {
+        (
+            lock(&self.inner.consumer).len(),
+            lock(&self.inner.plan).len(),
+        )
+    }
+
+    /// Where the next reserved position goes.
+    pub fn cursor(&self) -> Cursor {
+        self.inner.sender.cursor()
+    }
+
+    /// Warnings since the last call (worker failures, paused speculation).
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.inner.warnings))
+    }
+
+    /// Fault injection for tests.
+    pub fn faults(&self) -> &Faults {
+        &self.inner.faults
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Stops the threads, drops every reserved position that was not sent (the stream ends
+    /// there; no IV is reused) and wipes all staging memory. Idempotent.
+    pub fn close(&self) {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        inner.jobs.close();
+        inner.plan_cv.notify_all();
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+        let mut consumer = lock(&inner.consumer);
+        while let Some(e) = consumer.pop() {
+            let mut d = e.lock();
+            d.staging.take(); // wiped on drop
+            d.speculated.take();
+            d.reservation.take();
+        }
+        lock(&inner.plan).clear();
+        inner.pool.clear();
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

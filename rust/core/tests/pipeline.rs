@@ -1,0 +1,416 @@
+//! Properties of the speculative pipeline: whatever is predicted and whatever is requested,
+//! the receiver gets exactly the bytes each source held at request time, in order, and every
+//! reserved position is delivered exactly once (as data or NOP).
+
+use pipellm_core::pipeline::{Outgoing, Pipeline, PipelineConfig, Source, SourceBytes};
+use pipellm_core::*;
+use proptest::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// A source whose bytes the test can change in place (same address, new contents).
+struct Mutable(Mutex<()>, std::cell::UnsafeCell<Vec<u8>>);
+// SAFETY: tests only write through `set` while no transfer of this source is in flight.
+unsafe impl Sync for Mutable {}
+// SAFETY: as above; the Vec itself is Send.
+unsafe impl Send for Mutable {}
+impl Mutable {
+    fn new(v: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self(Mutex::new(()), std::cell::UnsafeCell::new(v)))
+    }
+    fn set(&self, pos: usize, b: u8) {
+        let _g = self.0.lock().unwrap();
+        // SAFETY: see the Sync impl.
+        unsafe { (&mut *self.1.get())[pos] = b };
+    }
+}
+impl SourceBytes for Mutable {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: see the Sync impl.
+        unsafe { &*self.1.get() }
+    }
+}
+
+const KEY: [u8; 32] = [0x42; 32];
+
+fn cfg(slots: usize, chunk: usize, workers: usize) -> PipelineConfig {
+    PipelineConfig {
+        slots,
+        chunk_bytes: chunk,
+        workers,
+        ..PipelineConfig::default()
+    }
+}
+
+fn receiver() -> Receiver {
+    Receiver::new(
+        &SessionKey::from_bytes(&KEY).unwrap(),
+        0,
+        Direction::HostToDevice,
+        KeyPolicy::default(),
+    )
+    .unwrap()
+}
+
+/// Delivers `msgs` (one transfer) and returns the reassembled plaintext.
+fn deliver(rx: &mut Receiver, msgs: &[Outgoing], total: usize) -> Vec<u8> {
+    let mut out = vec![0xEEu8; total];
+    for (offset, m) in msgs {
+        let o = *offset as usize;
+        let dst = &mut out[o..o + m.len()];
+        rx.open_into(m.header(), m.tag(), m.ciphertext(), dst)
+            .expect("receiver rejected a message");
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Predict(Vec<(usize, usize, usize)>),
+    Request(usize, usize, usize),
+    Modify(usize, usize),
+}
+
+fn step(nsrc: usize) -> impl Strategy<Value = Step> {
+    let range = (0..nsrc, 0usize..3000, 0usize..3000);
+    prop_oneof![
+        2 => proptest::collection::vec(range.clone(), 1..5).prop_map(Step::Predict),
+        3 => range.prop_map(|(s, o, l)| Step::Request(s, o, l)),
+        1 => (0..nsrc, 0usize..3000).prop_map(|(s, p)| Step::Modify(s, p)),
+    ]
+}
+
+fn clamp(total: usize, off: usize, len: usize) -> (usize, usize) {
+    let off = off % (total + 1);
+    (off, len % (total - off + 1))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(60))]
+
+    #[test]
+    fn receiver_gets_the_bytes_at_request_time(steps in proptest::collection::vec(step(3), 1..25),
+                                               slots in 1usize..6, workers in 0usize..3) {
+        let srcs: Vec<Arc<Mutable>> = (0..3).map(|i| Mutable::new((0..3000u32).map(|j| (j * 7 + i) as u8).collect())).collect();
+        let as_source = |i: usize| -> Source { srcs[i].clone() };
+        let key = SessionKey::from_bytes(&KEY).unwrap();
+        let pipe = Pipeline::new(&key, cfg(slots, 512, workers)).unwrap();
+        let mut rx = receiver();
+        for st in steps {
+            match st {
+                Step::Predict(list) => {
+                    let preds: Vec<_> = list.iter().map(|&(s, o, l)| {
+                        let (o, l) = clamp(3000, o, l);
+                        (as_source(s), o, Some(l))
+                    }).collect();
+                    pipe.predict(&preds).unwrap();
+                }
+                Step::Request(s, o, l) => {
+                    let (o, l) = clamp(3000, o, l);
+                    let expected = srcs[s].bytes()[o..o + l].to_vec();
+                    let msgs = pipe.request(&as_source(s), o, Some(l)).unwrap().collect_all().unwrap();
+                    let data_msgs = msgs.iter().filter(|(_, m)| !m.is_nop()).count();
+                    prop_assert_eq!(data_msgs, l.div_ceil(512));
+                    prop_assert_eq!(deliver(&mut rx, &msgs, l), expected);
+                }
+                Step::Modify(s, p) => srcs[s].set(p, srcs[s].bytes()[p].wrapping_add(1)),
+            }
+        }
+        let tail = pipe.relinquish_all().unwrap();
+        prop_assert!(tail.iter().all(|(_, m)| m.is_nop()));
+        deliver(&mut rx, &tail, 0);
+        let st = pipe.stats();
+        prop_assert_eq!(st.positions_reserved, st.hits + st.chunks_on_demand + st.nops, "{:?}", st);
+        prop_assert_eq!(rx.cursor(), pipe.cursor(), "receiver saw every reserved position");
+        pipe.close();
+    }
+}
+
+fn wait_ready(pipe: &Pipeline, n: u64) {
+    let t0 = std::time::Instant::now();
+    while pipe.stats().chunks_pre_encrypted < n {
+        assert!(t0.elapsed().as_secs() < 20, "workers did not pre-encrypt");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn predicted_requests_hit_and_skips_become_nops() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(8, 1024, 2)).unwrap();
+    let srcs: Vec<Source> = (0..4u8)
+        .map(|i| Arc::new(vec![i; 4096]) as Source)
+        .collect();
+    pipe.predict(
+        &srcs
+            .iter()
+            .map(|s| (s.clone(), 0, None))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    wait_ready(&pipe, 8); // 4 sources x 4 chunks, 8 slots
+    let mut rx = receiver();
+    let m0 = pipe
+        .request(&srcs[0], 0, None)
+        .unwrap()
+        .collect_all()
+        .unwrap();
+    assert_eq!(deliver(&mut rx, &m0, 4096), vec![0u8; 4096]);
+    assert_eq!(pipe.stats().hits, 4);
+    drop(m0); // the device copied it: its staging buffers go back to the pool
+              // Skip source 1: its 4 positions become NOPs, then source 2 is served.
+    wait_ready(&pipe, 12);
+    let m2 = pipe
+        .request(&srcs[2], 0, None)
+        .unwrap()
+        .collect_all()
+        .unwrap();
+    assert_eq!(m2.iter().filter(|(_, m)| m.is_nop()).count(), 4);
+    assert_eq!(deliver(&mut rx, &m2, 4096), vec![2u8; 4096]);
+    let st = pipe.stats();
+    assert_eq!((st.nops, st.misses, st.stale), (4, 0, 0));
+    assert!(st.hits >= 4 && st.wasted_bytes >= 4096 - 1024);
+}
+
+#[test]
+fn unpredicted_request_takes_the_head_position_and_keeps_the_rest() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(4, 1024, 1)).unwrap();
+    let a: Source = Arc::new(vec![1u8; 1024]);
+    let b: Source = Arc::new(vec![2u8; 1024]);
+    let x: Source = Arc::new(vec![9u8; 1024]);
+    pipe.predict(&[(a.clone(), 0, None), (b.clone(), 0, None)])
+        .unwrap();
+    wait_ready(&pipe, 2);
+    let mut rx = receiver();
+    // X replaces A (a wrong prediction): X is a substitute at A's position; B still hits.
+    let mx = pipe.request(&x, 0, None).unwrap().collect_all().unwrap();
+    assert_eq!(mx.len(), 1);
+    assert_eq!(mx[0].1.header().kind, Kind::Substitute);
+    assert_eq!(deliver(&mut rx, &mx, 1024), vec![9u8; 1024]);
+    let mb = pipe.request(&b, 0, None).unwrap().collect_all().unwrap();
+    assert_eq!(deliver(&mut rx, &mb, 1024), vec![2u8; 1024]);
+    let st = pipe.stats();
+    assert_eq!((st.misses, st.hits), (1, 1));
+}
+
+#[test]
+fn modified_source_is_never_delivered_stale() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(4, 1024, 1)).unwrap();
+    let src = Mutable::new(vec![3u8; 2048]);
+    let s: Source = src.clone();
+    pipe.predict(&[(s.clone(), 0, None)]).unwrap();
+    wait_ready(&pipe, 2);
+    src.set(1500, 77);
+    let mut rx = receiver();
+    let m = pipe.request(&s, 0, None).unwrap().collect_all().unwrap();
+    let got = deliver(&mut rx, &m, 2048);
+    assert_eq!(got[1500], 77);
+    assert_eq!(got, src.bytes().to_vec());
+    let st = pipe.stats();
+    assert_eq!((st.hits, st.stale), (1, 1), "{st:?}");
+}
+
+#[test]
+fn insertion_relinquishes_the_window_and_requeues_it() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(2, 512, 1)).unwrap();
+    let s: Vec<Source> = (0..4u8).map(|i| Arc::new(vec![i; 512]) as Source).collect();
+    pipe.predict(&s.iter().map(|x| (x.clone(), 0, None)).collect::<Vec<_>>())
+        .unwrap();
+    wait_ready(&pipe, 2);
+    let mut rx = receiver();
+    // Request 2 while the ring holds 0 and 1: they are relinquished and queued again.
+    let m = pipe.request(&s[2], 0, None).unwrap().collect_all().unwrap();
+    assert_eq!(m.iter().filter(|(_, m)| m.is_nop()).count(), 2);
+    assert_eq!(deliver(&mut rx, &m, 512), vec![2u8; 512]);
+    for i in [0usize, 1, 3] {
+        let m = pipe.request(&s[i], 0, None).unwrap().collect_all().unwrap();
+        assert_eq!(deliver(&mut rx, &m, 512), vec![i as u8; 512]);
+    }
+    let tail = pipe.relinquish_all().unwrap();
+    deliver(&mut rx, &tail, 0);
+    assert_eq!(rx.cursor(), pipe.cursor());
+}
+
+#[test]
+fn large_request_is_split_and_encrypted_in_parallel_on_demand() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(2, 64 << 10, 2)).unwrap();
+    let data: Vec<u8> = (0..(1 << 20) + 123).map(|i| (i % 251) as u8).collect();
+    let src: Source = Arc::new(data.clone());
+    let t = pipe.request(&src, 0, None).unwrap();
+    assert_eq!(t.len(), 17);
+    let msgs = t.collect_all().unwrap();
+    let mut rx = receiver();
+    assert_eq!(deliver(&mut rx, &msgs, data.len()), data);
+    assert_eq!(pipe.stats().chunks_on_demand, 17);
+}
+
+#[test]
+fn workers_that_panic_degrade_to_on_demand() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(4, 1024, 2)).unwrap();
+    pipe.faults()
+        .panic_speculative
+        .store(3, std::sync::atomic::Ordering::Relaxed);
+    pipe.faults()
+        .panic_on_demand
+        .store(2, std::sync::atomic::Ordering::Relaxed);
+    let srcs: Vec<Source> = (0..6u8)
+        .map(|i| Arc::new(vec![i; 1024]) as Source)
+        .collect();
+    pipe.predict(
+        &srcs
+            .iter()
+            .map(|s| (s.clone(), 0, None))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    while pipe.stats().worker_failures + pipe.stats().chunks_pre_encrypted < 4 {
+        assert!(t0.elapsed().as_secs() < 20);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let mut rx = receiver();
+    for (i, s) in srcs.iter().enumerate() {
+        let m = pipe.request(s, 0, None).unwrap().collect_all().unwrap();
+        assert_eq!(deliver(&mut rx, &m, 1024), vec![i as u8; 1024]);
+    }
+    let x: Source = Arc::new(vec![7u8; 4096]);
+    let m = pipe.request(&x, 0, None).unwrap().collect_all().unwrap();
+    assert_eq!(deliver(&mut rx, &m, 4096), vec![7u8; 4096]);
+    let st = pipe.stats();
+    assert_eq!(
+        st.worker_failures, 5,
+        "3 speculative + 2 on-demand injected: {st:?}"
+    );
+    assert!(
+        st.late >= 3,
+        "failed speculative chunks are served on demand: {st:?}"
+    );
+    assert!(!pipe.take_warnings().is_empty());
+}
+
+#[test]
+fn concurrent_predict_and_request_from_8_threads() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Arc::new(Pipeline::new(&key, cfg(8, 4096, 2)).unwrap());
+    let srcs: Arc<Vec<Source>> = Arc::new(
+        (0..16u8)
+            .map(|i| Arc::new(vec![i; 8192]) as Source)
+            .collect(),
+    );
+    let delivered = Arc::new(Mutex::new(Vec::<(
+        Position,
+        Message<pipellm_core::pipeline::Payload>,
+        Vec<u8>,
+    )>::new()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let (pipe, srcs, delivered) = (pipe.clone(), srcs.clone(), delivered.clone());
+            std::thread::spawn(move || {
+                let mut i = t;
+                for _ in 0..400 {
+                    if std::time::Instant::now() > deadline {
+                        break;
+                    }
+                    let s = &srcs[i % 16];
+                    if i % 3 == 0 {
+                        pipe.predict(&[
+                            (srcs[(i + 1) % 16].clone(), 0, None),
+                            (s.clone(), 0, None),
+                        ])
+                        .unwrap();
+                    }
+                    let msgs = pipe.request(s, 0, None).unwrap().collect_all().unwrap();
+                    let mut d = delivered.lock().unwrap();
+                    for (off, m) in msgs {
+                        let exp = if m.is_nop() {
+                            vec![]
+                        } else {
+                            s.bytes()[off as usize..off as usize + m.len()].to_vec()
+                        };
+                        d.push((m.position(), m, exp));
+                    }
+                    i += 7;
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let mut all = std::mem::take(&mut *delivered.lock().unwrap());
+    for (_, m) in pipe.relinquish_all().unwrap() {
+        all.push((m.position(), m, vec![]));
+    }
+    all.sort_by_key(|(p, _, _)| *p);
+    let mut rx = receiver();
+    for (_, m, exp) in &all {
+        let mut out = vec![0u8; m.len()];
+        rx.open_into(m.header(), m.tag(), m.ciphertext(), &mut out)
+            .unwrap();
+        assert_eq!(&out, exp);
+    }
+    assert_eq!(rx.cursor(), pipe.cursor());
+    let st = pipe.stats();
+    assert_eq!(
+        st.positions_reserved,
+        st.hits + st.chunks_on_demand + st.nops
+    );
+    assert!(st.requests > 100, "{st:?}");
+}
+
+#[test]
+fn close_stops_everything_and_wipes_staging() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(4, 1024, 2)).unwrap();
+    let s: Source = Arc::new(vec![1u8; 8192]);
+    pipe.predict(&[(s.clone(), 0, None)]).unwrap();
+    let t = pipe.request(&s, 0, Some(1024)).unwrap();
+    pipe.close();
+    pipe.close();
+    assert!(matches!(pipe.request(&s, 0, None), Err(Error::Closed)));
+    assert!(matches!(
+        pipe.predict(&[(s.clone(), 0, None)]),
+        Err(Error::Closed)
+    ));
+    // A transfer made before close still completes.
+    let msgs = t.collect_all().unwrap();
+    assert_eq!(msgs.iter().filter(|(_, m)| !m.is_nop()).count(), 1);
+}
+
+#[test]
+fn bad_ranges_and_configs_are_typed_errors() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(2, 1024, 0)).unwrap();
+    let s: Source = Arc::new(vec![0u8; 100]);
+    assert!(matches!(
+        pipe.request(&s, 101, None),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        pipe.request(&s, 50, Some(51)),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        pipe.predict(&[(s.clone(), 0, Some(1000))]),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(pipe.queued(), (0, 0), "a refused predict queues nothing");
+    for bad in [
+        cfg(0, 1024, 1),
+        cfg(2, 8, 1),
+        PipelineConfig {
+            max_staging_bytes: 1000,
+            ..cfg(2, 1024, 1)
+        },
+    ] {
+        assert!(matches!(
+            Pipeline::new(&key, bad),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}
