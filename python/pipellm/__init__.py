@@ -13,10 +13,13 @@ from ._core import (
     IvExhaustedError,
     IvOrderError,
     Message,
+    Pipeline,
+    PipelineClosedError,
     PipeLLMError,
     Receiver,
     Sender,
     SessionKey,
+    Transfer,
     __version__,
 )
 
@@ -29,8 +32,11 @@ __all__ = [
     "IvOrderError",
     "Message",
     "PipeLLMError",
+    "Pipeline",
+    "PipelineClosedError",
     "Receiver",
     "Sender",
     "SessionKey",
+    "Transfer",
     "__version__",
 ]

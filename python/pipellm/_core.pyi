@@ -1,6 +1,8 @@
 """Type stubs of the Rust extension `pipellm._core`."""
 
-from typing import Literal, final
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Literal, TypedDict, final
 
 from typing_extensions import Buffer as _Buffer
 
@@ -20,6 +22,7 @@ class IvOrderError(PipeLLMError):
 
 class AuthenticationError(PipeLLMError): ...
 class IvExhaustedError(PipeLLMError): ...
+class PipelineClosedError(PipeLLMError): ...
 
 @final
 class SessionKey:
@@ -105,3 +108,64 @@ class Receiver:
     def epoch(self) -> int: ...
     @property
     def usage(self) -> int: ...
+
+TransferSpec = _Buffer | tuple[_Buffer, int, int]
+
+class PipelineStats(TypedDict):
+    hits: int
+    misses: int
+    late: int
+    stale: int
+    nops: int
+    chunks_pre_encrypted: int
+    bytes_pre_encrypted: int
+    chunks_on_demand: int
+    bytes_on_demand: int
+    wasted_bytes: int
+    stall_seconds: float
+    validation_seconds: float
+    positions_reserved: int
+    worker_failures: int
+    requests: int
+    bytes_requested: int
+
+@final
+class Transfer:
+    def __len__(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    def __iter__(self) -> Transfer: ...
+    def __next__(self) -> Message: ...
+    def messages(self) -> list[Message]: ...
+
+@final
+class Pipeline:
+    def __init__(
+        self,
+        key: SessionKey,
+        channel: int = 0,
+        slots: int = 64,
+        chunk_bytes: int = ...,
+        workers: int = 2,
+        *,
+        direction: Direction = "h2d",
+        usage_limit: int = ...,
+        rotate: bool = True,
+        max_staging_bytes: int = ...,
+    ) -> None: ...
+    def predict(self, transfers: Iterable[object]) -> None: ...
+    def request(self, buf: object, offset: int = 0, length: int | None = None) -> Transfer: ...
+    def relinquish(self) -> list[Message]: ...
+    def stats(self) -> PipelineStats: ...
+    def queued(self) -> tuple[int, int]: ...
+    @property
+    def closed(self) -> bool: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Pipeline: ...
+    def __exit__(
+        self,
+        t: type[BaseException] | None,
+        v: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+    def _inject_worker_panics(self, speculative: int = 0, on_demand: int = 0) -> None: ...

@@ -60,6 +60,18 @@ impl<P: AsRef<[u8]>> Message<P> {
         self.header.iv()
     }
 
+    /// The same message with its payload moved into another container.
+    pub fn map_payload<Q: AsRef<[u8]>>(self, f: impl FnOnce(P) -> Q) -> Message<Q> {
+        let (header, tag) = (self.header, self.tag);
+        let payload = f(self.payload);
+        debug_assert_eq!(payload.as_ref().len() as u64, header.length);
+        Message {
+            header,
+            tag,
+            payload,
+        }
+    }
+
     /// `header ‖ tag ‖ ciphertext`.
     pub fn to_wire(&self) -> Vec<u8> {
         let ct = self.payload.as_ref();

@@ -3,6 +3,7 @@
 use crate::buffers::Buffer;
 use crate::errors::{detached, to_py};
 use pipellm_core::header::{IV_LEN, MAX_CHANNEL};
+use pipellm_core::pipeline::Payload;
 use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
 use pipellm_core::{Direction, KeyPolicy, Kind, Message, Receiver, Sender, SessionKey};
 use pyo3::exceptions::PyValueError;
@@ -110,7 +111,7 @@ impl PySessionKey {
 /// buffer protocol (read-only, zero-copy).
 #[pyclass(frozen, module = "pipellm", name = "Message")]
 pub struct PyMessage {
-    pub inner: Message,
+    pub inner: Message<Payload>,
     /// Where the payload lands in the transfer it belongs to (0 for a single message).
     pub offset: u64,
 }
@@ -184,7 +185,10 @@ impl PyMessage {
     fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>, offset: u64) -> PyResult<Self> {
         let buf = Buffer::get(data, false, "data")?;
         let inner = Message::from_wire(buf.as_slice()).map_err(|e| to_py(py, e))?;
-        Ok(Self { inner, offset })
+        Ok(Self {
+            inner: inner.map_payload(Payload::Owned),
+            offset,
+        })
     }
     fn __repr__(&self) -> String {
         let h = self.inner.header();
@@ -262,13 +266,19 @@ impl PySender {
     fn seal(&self, py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<PyMessage> {
         let src = Buffer::get(buf, false, "buf")?;
         let inner = detached(py, || self.inner.seal(src.as_slice()))?;
-        Ok(PyMessage { inner, offset: 0 })
+        Ok(PyMessage {
+            inner: inner.map_payload(Payload::Owned),
+            offset: 0,
+        })
     }
 
     /// Burns the next IV with an empty NOP message.
     fn seal_nop(&self, py: Python<'_>) -> PyResult<PyMessage> {
         let inner = self.inner.seal_nop().map_err(|e| to_py(py, e))?;
-        Ok(PyMessage { inner, offset: 0 })
+        Ok(PyMessage {
+            inner: inner.map_payload(Payload::Owned),
+            offset: 0,
+        })
     }
 
     #[getter]

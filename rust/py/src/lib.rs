@@ -6,6 +6,7 @@
 mod buffers;
 mod channel;
 mod errors;
+mod pipeline;
 
 use pyo3::prelude::*;
 
@@ -16,6 +17,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channel::PySender>()?;
     m.add_class::<channel::PyReceiver>()?;
     m.add_class::<channel::PyMessage>()?;
+    m.add_class::<pipeline::PyPipeline>()?;
+    m.add_class::<pipeline::PyTransfer>()?;
     m.add(
         "DEFAULT_USAGE_LIMIT",
         pipellm_core::schedule::DEFAULT_USAGE_LIMIT,

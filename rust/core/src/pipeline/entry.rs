@@ -6,10 +6,10 @@
 //!     │                         └───────► FAILED  (reservation kept: served on demand)
 //!     └──request-path CAS──► CANCELLED            (reservation taken by the request path)
 //! ```
-//! The two CASes on QUEUED decide, exactly once, who owns the reservation. The entry's
-//! `data` mutex is held by the worker for the whole encryption, so the request path that
-//! needs an ENCRYPTING entry simply waits on that mutex; the state store (Release) happens
-//! before the unlock, and the request path reads state after locking (Acquire via the mutex).
+//! The two CASes on QUEUED decide, exactly once, who owns the reservation. The worker takes
+//! the entry's `data` mutex *before* its CAS and holds it until the entry is settled, so a
+//! request path that needs an ENCRYPTING entry simply locks the mutex and finds it settled;
+//! the state store happens before the unlock, and the request path reads state after locking.
 
 use super::source::Chunk;
 use crate::fingerprint::Fingerprint;

@@ -228,10 +228,13 @@ impl JobQueue {
 /// itself) is what makes validation exact: the ciphertext is of precisely the fingerprinted
 /// bytes, even if the program writes the source meanwhile.
 pub(crate) fn run_speculative(entry: &Entry, stats: &Stats, faults: &Faults, signal: &Signal) {
+    // Lock first, then claim: from the claim until the entry is settled the worker holds the
+    // lock, so a request path that lost the race (sees ENCRYPTING) and then locks is sure to
+    // find the entry settled.
+    let mut data = entry.lock();
     if !entry.claim_for_worker() {
         return; // the request path took it first
     }
-    let mut data = entry.lock();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let d = &mut *data;
         let staging = d

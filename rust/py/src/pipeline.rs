@@ -1,0 +1,345 @@
+//! Python classes of the speculative pipeline: Pipeline and Transfer.
+
+use crate::buffers::Buffer;
+use crate::channel::{parse_end, PyMessage, PySessionKey};
+use crate::errors::{detached, to_py};
+use pipellm_core::pipeline::{Payload, Pipeline, PipelineConfig, Source, SourceBytes, Transfer};
+use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use std::mem::ManuallyDrop;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Buffer views whose last Rust owner was dropped on a thread that may not hold the GIL
+/// (a worker): releasing a view needs the GIL, and taking it there could deadlock against a
+/// thread that holds the GIL while it waits for that worker. They wait here until a call
+/// that holds the GIL releases them.
+static GRAVEYARD: Mutex<Vec<Buffer>> = Mutex::new(Vec::new());
+
+fn release_dead_views(_py: Python<'_>) {
+    let dead = std::mem::take(&mut *GRAVEYARD.lock().unwrap_or_else(PoisonError::into_inner));
+    drop(dead); // GIL held: Buffer::drop releases each view
+}
+
+/// A Python buffer as a pipeline source. Holding the view keeps the exporter alive and its
+/// memory in place (a bytearray cannot be resized while exported).
+struct PySource {
+    view: ManuallyDrop<Buffer>,
+}
+
+impl SourceBytes for PySource {
+    fn bytes(&self) -> &[u8] {
+        self.view.as_slice()
+    }
+}
+
+impl Drop for PySource {
+    fn drop(&mut self) {
+        // SAFETY: `view` is taken exactly once, here, and never used again.
+        let view = unsafe { ManuallyDrop::take(&mut self.view) };
+        GRAVEYARD
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(view);
+    }
+}
+
+fn source_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Source> {
+    let view = Buffer::get(obj, false, what)?;
+    Ok(Arc::new(PySource {
+        view: ManuallyDrop::new(view),
+    }))
+}
+
+fn index(v: &Bound<'_, PyAny>, what: &str) -> PyResult<usize> {
+    let i: i64 = v
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be an int")))?;
+    usize::try_from(i).map_err(|_| PyValueError::new_err(format!("{what} must be >= 0, got {i}")))
+}
+
+/// `buf` or `(buf, offset, length)` → (source, offset, length).
+fn transfer_spec(item: &Bound<'_, PyAny>, what: &str) -> PyResult<(Source, usize, Option<usize>)> {
+    if let Ok(t) = item.cast::<PyTuple>() {
+        if t.len() != 3 {
+            return Err(PyValueError::new_err(format!(
+                "{what}: a tuple must be (buffer, offset, length), got {} items",
+                t.len()
+            )));
+        }
+        let src = source_of(&t.get_item(0)?, what)?;
+        let off = index(&t.get_item(1)?, &format!("{what} offset"))?;
+        let len = index(&t.get_item(2)?, &format!("{what} length"))?;
+        return Ok((src, off, Some(len)));
+    }
+    Ok((source_of(item, what)?, 0, None))
+}
+
+fn log_warnings(py: Python<'_>, pipe: &Pipeline) -> PyResult<()> {
+    let warnings = pipe.take_warnings();
+    if warnings.is_empty() {
+        return Ok(());
+    }
+    let logger = py
+        .import("logging")?
+        .call_method1("getLogger", ("pipellm",))?;
+    for w in warnings {
+        logger.call_method1("warning", (w,))?;
+    }
+    Ok(())
+}
+
+fn message_obj(offset: u64, m: pipellm_core::Message<Payload>) -> PyMessage {
+    PyMessage { inner: m, offset }
+}
+
+/// Speculative pipelined encryption for one channel direction: predict the next transfers,
+/// they are encrypted ahead of time; request the real transfer, its messages come back in
+/// the order the receiver needs.
+#[pyclass(frozen, module = "pipellm", name = "Pipeline")]
+pub struct PyPipeline {
+    inner: Pipeline,
+}
+
+#[pymethods]
+impl PyPipeline {
+    #[new]
+    #[pyo3(signature = (key, channel = 0, slots = 64, chunk_bytes = 4 << 20, workers = 2, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true, max_staging_bytes = 1 << 30))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        key: &PySessionKey,
+        channel: i64,
+        slots: i64,
+        chunk_bytes: i64,
+        workers: i64,
+        direction: &str,
+        usage_limit: i64,
+        rotate: bool,
+        max_staging_bytes: i64,
+    ) -> PyResult<Self> {
+        let (channel, direction, policy) = parse_end(channel, direction, usage_limit, rotate)?;
+        let nonneg = |v: i64, what: &str| {
+            usize::try_from(v)
+                .map_err(|_| PyValueError::new_err(format!("{what} must be >= 0, got {v}")))
+        };
+        let cfg = PipelineConfig {
+            channel,
+            direction,
+            policy,
+            slots: nonneg(slots, "slots")?,
+            chunk_bytes: nonneg(chunk_bytes, "chunk_bytes")?,
+            workers: nonneg(workers, "workers")?,
+            max_staging_bytes: nonneg(max_staging_bytes, "max_staging_bytes")?,
+        };
+        let session = key.inner.clone();
+        let inner = detached(py, move || Pipeline::new(&session, cfg))?;
+        Ok(Self { inner })
+    }
+
+    /// Queues the expected next transfers, in order: each a buffer or (buffer, offset,
+    /// length). Never blocks on the ring.
+    fn predict(&self, py: Python<'_>, transfers: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut specs = Vec::new();
+        for (i, item) in transfers.try_iter()?.enumerate() {
+            specs.push(transfer_spec(&item?, &format!("transfers[{i}]"))?);
+        }
+        let r = detached(py, || self.inner.predict(&specs));
+        drop(specs);
+        release_dead_views(py);
+        log_warnings(py, &self.inner)?;
+        r
+    }
+
+    /// The real transfer of `length` bytes of `buf` from `offset` (default: all of it).
+    /// Returns its messages, in order, as a Transfer (iterate it; each message says where
+    /// its payload lands: `m.offset`). The source must not change until every message of the
+    /// transfer has been taken.
+    #[pyo3(signature = (buf, offset = 0, length = None))]
+    fn request(
+        &self,
+        py: Python<'_>,
+        buf: &Bound<'_, PyAny>,
+        offset: i64,
+        length: Option<i64>,
+    ) -> PyResult<PyTransfer> {
+        let src = source_of(buf, "buf")?;
+        let offset = usize::try_from(offset)
+            .map_err(|_| PyValueError::new_err(format!("offset must be >= 0, got {offset}")))?;
+        let length = length
+            .map(|l| {
+                usize::try_from(l)
+                    .map_err(|_| PyValueError::new_err(format!("length must be >= 0, got {l}")))
+            })
+            .transpose()?;
+        let t = detached(py, || self.inner.request(&src, offset, length))?;
+        drop(src);
+        release_dead_views(py);
+        log_warnings(py, &self.inner)?;
+        Ok(PyTransfer {
+            inner: Mutex::new(Some(t)),
+        })
+    }
+
+    /// NOPs for every position still reserved in the ring (and pending predictions are
+    /// dropped): send them and the receiver has every position this pipeline reserved.
+    fn relinquish(&self, py: Python<'_>) -> PyResult<Vec<PyMessage>> {
+        let out = detached(py, || self.inner.relinquish_all())?;
+        release_dead_views(py);
+        Ok(out.into_iter().map(|(o, m)| message_obj(o, m)).collect())
+    }
+
+    /// Counters: hits, misses, late, stale, nops, chunks_pre_encrypted, bytes_pre_encrypted,
+    /// chunks_on_demand, bytes_on_demand, wasted_bytes, stall_seconds, validation_seconds,
+    /// positions_reserved, worker_failures, requests, bytes_requested.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("hits", s.hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("late", s.late)?;
+        d.set_item("stale", s.stale)?;
+        d.set_item("nops", s.nops)?;
+        d.set_item("chunks_pre_encrypted", s.chunks_pre_encrypted)?;
+        d.set_item("bytes_pre_encrypted", s.bytes_pre_encrypted)?;
+        d.set_item("chunks_on_demand", s.chunks_on_demand)?;
+        d.set_item("bytes_on_demand", s.bytes_on_demand)?;
+        d.set_item("wasted_bytes", s.wasted_bytes)?;
+        d.set_item("stall_seconds", s.stall.as_secs_f64())?;
+        d.set_item("validation_seconds", s.validation.as_secs_f64())?;
+        d.set_item("positions_reserved", s.positions_reserved)?;
+        d.set_item("worker_failures", s.worker_failures)?;
+        d.set_item("requests", s.requests)?;
+        d.set_item("bytes_requested", s.bytes_requested)?;
+        Ok(d)
+    }
+
+    /// (entries in the ring, predictions waiting for a slot)
+    fn queued(&self) -> (usize, usize) {
+        self.inner.queued()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Stops the threads, drops unsent reserved positions and wipes staging memory.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.close());
+        release_dead_views(py);
+        log_warnings(py, &self.inner)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: &Bound<'_, PyAny>,
+        _v: &Bound<'_, PyAny>,
+        _tb: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    /// Test hook: the next `speculative` speculative jobs and `on_demand` on-demand jobs
+    /// panic inside the worker (as a crashing thread would).
+    #[pyo3(signature = (speculative = 0, on_demand = 0))]
+    fn _inject_worker_panics(&self, speculative: u32, on_demand: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner
+            .faults()
+            .panic_speculative
+            .store(speculative, Relaxed);
+        self.inner
+            .faults()
+            .panic_on_demand
+            .store(on_demand, Relaxed);
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        format!(
+            "Pipeline(channel={}, slots={}, chunk_bytes={}, workers={}{})",
+            c.channel,
+            c.slots,
+            c.chunk_bytes,
+            c.workers,
+            if self.inner.is_closed() {
+                ", closed"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// The messages of one request, in order. Iterating waits for (or performs) each on-demand
+/// encryption with the GIL released.
+#[pyclass(frozen, module = "pipellm", name = "Transfer")]
+pub struct PyTransfer {
+    inner: Mutex<Option<Transfer>>,
+}
+
+impl PyTransfer {
+    fn with<R>(&self, f: impl FnOnce(&mut Transfer) -> R) -> Option<R> {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+            .map(f)
+    }
+}
+
+#[pymethods]
+impl PyTransfer {
+    /// Number of messages (taken or not).
+    fn __len__(&self) -> usize {
+        self.with(|t| t.len()).unwrap_or(0)
+    }
+
+    /// Messages not taken yet.
+    #[getter]
+    fn remaining(&self) -> usize {
+        self.with(|t| t.remaining()).unwrap_or(0)
+    }
+
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyMessage>> {
+        // The lock is taken with the GIL released (see Receiver.open_into).
+        let next = py.detach(|| self.with(|t| t.next_message()).flatten());
+        match next {
+            None => Ok(None),
+            Some(Ok((offset, m))) => Ok(Some(message_obj(offset, m))),
+            Some(Err(e)) => Err(to_py(py, e)),
+        }
+    }
+
+    /// All remaining messages, in order.
+    fn messages(&self, py: Python<'_>) -> PyResult<Vec<PyMessage>> {
+        let mut out = Vec::new();
+        while let Some(m) = self.__next__(py)? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    fn __repr__(&self) -> String {
+        self.with(|t| {
+            format!(
+                "Transfer({} messages, {} remaining)",
+                t.len(),
+                t.remaining()
+            )
+        })
+        .unwrap_or_else(|| "Transfer(empty)".into())
+    }
+}
