@@ -65,6 +65,22 @@ def test_unpredicted_and_modified_sources_are_encrypted_on_demand() -> None:
         assert (s["hits"], s["stale"], s["misses"]) == (1, 1, 3)
 
 
+def test_page_protection_detects_python_writes_and_checks_in_constant_time() -> None:
+    rx = Receiver(KEY)
+    chunk = 1 << 20
+    a = np.zeros(16 * chunk, dtype=np.uint8)  # large: its own pages
+    with Pipeline(KEY, slots=16, chunk_bytes=chunk, workers=2, validation="protect") as pipe:
+        pipe.predict([a])
+        wait_for(pipe, "chunks_pre_encrypted", 16)
+        a[7 * chunk + 12345] = 99  # faults once, is recorded, goes through
+        assert a[7 * chunk + 12345] == 99
+        assert deliver(rx, pipe.request(a), a.nbytes) == a.tobytes()
+        s = pipe.stats()
+        assert (s["hits"], s["stale"]) == (15, 1)
+        assert s["validation_seconds"] < 0.005  # 16 checks of 1 MiB each: loads, not hashes
+    a[0] = 1  # writable as usual once the pipeline is closed
+
+
 def test_skipped_predictions_become_nops() -> None:
     rx = Receiver(KEY)
     bufs = [bytes([i]) * 4096 for i in range(3)]

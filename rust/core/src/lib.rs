@@ -25,6 +25,8 @@ pub mod sender;
 pub mod sequencer;
 pub mod staging;
 mod sync;
+#[cfg(target_os = "linux")]
+pub mod writeguard;
 
 pub use error::{Error, OrderViolation, Result};
 pub use header::{Direction, Header, Kind, Position};

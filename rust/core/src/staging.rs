@@ -56,6 +56,8 @@ impl StagingBuf {
     /// # Safety
     /// `ptr` must be valid for reads and writes of `len` bytes for as long as `keep` lives,
     /// and nothing else may access that memory while this value exists.
+    // SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where
+    // they call.
     pub unsafe fn external(ptr: NonNull<u8>, len: usize, keep: Box<dyn Send + Sync>) -> Self {
         Self {
             ptr,

@@ -2,7 +2,7 @@
 //! the receiver gets exactly the bytes each source held at request time, in order, and every
 //! reserved position is delivered exactly once (as data or NOP).
 
-use pipellm_core::pipeline::{Outgoing, Pipeline, PipelineConfig, Source, SourceBytes};
+use pipellm_core::pipeline::{Outgoing, Pipeline, PipelineConfig, Source, SourceBytes, Validation};
 use pipellm_core::*;
 use proptest::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -89,11 +89,12 @@ proptest! {
 
     #[test]
     fn receiver_gets_the_bytes_at_request_time(steps in proptest::collection::vec(step(3), 1..25),
-                                               slots in 1usize..6, workers in 0usize..3) {
+                                               slots in 1usize..6, workers in 0usize..3, protect in any::<bool>()) {
         let srcs: Vec<Arc<Mutable>> = (0..3).map(|i| Mutable::new((0..3000u32).map(|j| (j * 7 + i) as u8).collect())).collect();
         let as_source = |i: usize| -> Source { srcs[i].clone() };
         let key = SessionKey::from_bytes(&KEY).unwrap();
-        let pipe = Pipeline::new(&key, cfg(slots, 512, workers)).unwrap();
+        let validation = if protect { Validation::PageProtection } else { Validation::Fingerprint };
+        let pipe = Pipeline::new(&key, PipelineConfig { validation, ..cfg(slots, 512, workers) }).unwrap();
         let mut rx = receiver();
         for st in steps {
             match st {
@@ -195,8 +196,21 @@ fn unpredicted_request_takes_the_head_position_and_keeps_the_rest() {
 
 #[test]
 fn modified_source_is_never_delivered_stale() {
+    for validation in [Validation::Fingerprint, Validation::PageProtection] {
+        modified_source_check(validation);
+    }
+}
+
+fn modified_source_check(validation: Validation) {
     let key = SessionKey::from_bytes(&KEY).unwrap();
-    let pipe = Pipeline::new(&key, cfg(4, 1024, 1)).unwrap();
+    let pipe = Pipeline::new(
+        &key,
+        PipelineConfig {
+            validation,
+            ..cfg(4, 1024, 1)
+        },
+    )
+    .unwrap();
     let src = Mutable::new(vec![3u8; 2048]);
     let s: Source = src.clone();
     pipe.predict(&[(s.clone(), 0, None)]).unwrap();
@@ -208,7 +222,42 @@ fn modified_source_is_never_delivered_stale() {
     assert_eq!(got[1500], 77);
     assert_eq!(got, src.bytes().to_vec());
     let st = pipe.stats();
-    assert_eq!((st.hits, st.stale), (1, 1), "{st:?}");
+    match validation {
+        Validation::Fingerprint => assert_eq!((st.hits, st.stale), (1, 1), "{st:?}"),
+        // Both chunks share a page: a write to one dirties both (safe, only slower).
+        Validation::PageProtection => assert_eq!(st.hits + st.stale, 2, "{st:?}"),
+    }
+}
+
+#[test]
+fn page_protection_tracks_writes_per_page_and_costs_no_hashing() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let chunk = 64 << 10;
+    let pipe = Pipeline::new(
+        &key,
+        PipelineConfig {
+            validation: Validation::PageProtection,
+            ..cfg(16, chunk, 2)
+        },
+    )
+    .unwrap();
+    let src = Mutable::new(vec![5u8; 1 << 20]);
+    let s: Source = src.clone();
+    pipe.predict(&[(s.clone(), 0, None)]).unwrap();
+    wait_ready(&pipe, 16);
+    src.set(5 * chunk + 30_000, 6); // the middle of chunk 5: its pages only
+    let mut rx = receiver();
+    let m = pipe.request(&s, 0, None).unwrap().collect_all().unwrap();
+    assert_eq!(deliver(&mut rx, &m, 1 << 20), src.bytes().to_vec());
+    let st = pipe.stats();
+    assert_eq!((st.hits, st.stale), (15, 1), "{st:?}");
+    assert!(
+        st.validation < std::time::Duration::from_millis(5),
+        "{st:?}"
+    );
+    drop(m);
+    pipe.close();
+    src.set(0, 1); // writable again once the pipeline let go
 }
 
 #[test]

@@ -3,7 +3,9 @@
 use crate::buffers::Buffer;
 use crate::channel::{parse_end, PyMessage, PySessionKey};
 use crate::errors::{detached, to_py};
-use pipellm_core::pipeline::{Payload, Pipeline, PipelineConfig, Source, SourceBytes, Transfer};
+use pipellm_core::pipeline::{
+    Payload, Pipeline, PipelineConfig, Source, SourceBytes, Transfer, Validation,
+};
 use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -105,7 +107,7 @@ pub struct PyPipeline {
 #[pymethods]
 impl PyPipeline {
     #[new]
-    #[pyo3(signature = (key, channel = 0, slots = 64, chunk_bytes = 4 << 20, workers = 2, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true, max_staging_bytes = 1 << 30))]
+    #[pyo3(signature = (key, channel = 0, slots = 64, chunk_bytes = 4 << 20, workers = 2, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true, max_staging_bytes = 1 << 30, validation = "fingerprint"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -118,7 +120,17 @@ impl PyPipeline {
         usage_limit: i64,
         rotate: bool,
         max_staging_bytes: i64,
+        validation: &str,
     ) -> PyResult<Self> {
+        let validation = match validation {
+            "fingerprint" => Validation::Fingerprint,
+            "protect" => Validation::PageProtection,
+            v => {
+                return Err(PyValueError::new_err(format!(
+                    "validation must be 'fingerprint' or 'protect', got {v:?}"
+                )))
+            }
+        };
         let (channel, direction, policy) = parse_end(channel, direction, usage_limit, rotate)?;
         let nonneg = |v: i64, what: &str| {
             usize::try_from(v)
@@ -132,6 +144,7 @@ impl PyPipeline {
             chunk_bytes: nonneg(chunk_bytes, "chunk_bytes")?,
             workers: nonneg(workers, "workers")?,
             max_staging_bytes: nonneg(max_staging_bytes, "max_staging_bytes")?,
+            validation,
         };
         let session = key.inner.clone();
         let inner = detached(py, move || Pipeline::new(&session, cfg))?;

@@ -24,10 +24,22 @@ pub(crate) const READY: u8 = 2;
 pub(crate) const FAILED: u8 = 3;
 pub(crate) const CANCELLED: u8 = 4;
 
+/// Fields drop in declaration order: `data` (which may hold a write watch on the source's
+/// pages) goes before `chunk` (which may hold the last reference to the source's memory), so
+/// a watch never outlives the memory it protects.
 pub(crate) struct Entry {
-    pub chunk: Chunk,
-    pub state: AtomicU8,
     pub data: Mutex<EntryData>,
+    pub state: AtomicU8,
+    pub chunk: Chunk,
+}
+
+/// How the request path will tell that the source is unchanged since its snapshot.
+pub(crate) enum Check {
+    /// Not encrypted yet.
+    None,
+    Fingerprint(Fingerprint),
+    #[cfg(target_os = "linux")]
+    Watch(crate::writeguard::WriteWatch, crate::writeguard::Stamp),
 }
 
 pub(crate) struct EntryData {
@@ -36,8 +48,8 @@ pub(crate) struct EntryData {
     pub reservation: Option<Reservation>,
     /// After a successful speculative seal: header + tag, and the fallback for the position.
     pub speculated: Option<(Sealed, Fallback)>,
-    /// Fingerprint of the snapshot that was encrypted.
-    pub fingerprint: Fingerprint,
+    /// How to validate the snapshot that was encrypted.
+    pub check: Check,
 }
 
 impl Entry {
@@ -49,7 +61,7 @@ impl Entry {
                 staging: Some(staging),
                 reservation: Some(reservation),
                 speculated: None,
-                fingerprint: 0,
+                check: Check::None,
             }),
         }
     }

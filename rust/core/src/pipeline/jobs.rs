@@ -1,10 +1,10 @@
 //! Work for the encryption threads: speculative entries and on-demand chunks, the queue they
 //! wait on, and the signal that tells waiters a job finished.
 
-use super::entry::{Entry, FAILED, READY};
+use super::entry::{Check, Entry, FAILED, READY};
 use super::source::Chunk;
 use super::stats::Stats;
-use super::Payload;
+use super::{Payload, Validation};
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
 use crate::message::Message;
@@ -227,7 +227,13 @@ impl JobQueue {
 /// the snapshot, seal the snapshot in place. Encrypting a private snapshot (not the source
 /// itself) is what makes validation exact: the ciphertext is of precisely the fingerprinted
 /// bytes, even if the program writes the source meanwhile.
-pub(crate) fn run_speculative(entry: &Entry, stats: &Stats, faults: &Faults, signal: &Signal) {
+pub(crate) fn run_speculative(
+    entry: &Entry,
+    validation: Validation,
+    stats: &Stats,
+    faults: &Faults,
+    signal: &Signal,
+) {
     // Lock first, then claim: from the claim until the entry is settled the worker holds the
     // lock, so a request path that lost the race (sees ENCRYPTING) and then locks is sure to
     // find the entry settled.
@@ -243,11 +249,21 @@ pub(crate) fn run_speculative(entry: &Entry, stats: &Stats, faults: &Faults, sig
             .expect("queued entry has a staging buffer");
         let len = entry.chunk.len();
         let buf = &mut staging.as_mut_slice()[..len];
+        // Page protection is armed before the snapshot, so a write racing with the copy is
+        // caught; if the pages cannot be protected, fall back to a fingerprint.
+        let watched = match validation {
+            Validation::PageProtection => watch(&entry.chunk),
+            Validation::Fingerprint => None,
+        };
         buf.copy_from_slice(entry.chunk.bytes());
         if take_fault(&faults.panic_speculative) {
             panic!("injected fault: speculative job");
         }
-        d.fingerprint = fingerprint(buf);
+        d.check = match watched {
+            #[cfg(target_os = "linux")]
+            Some((w, stamp)) => Check::Watch(w, stamp),
+            _ => Check::Fingerprint(fingerprint(buf)),
+        };
         // The reservation leaves the entry only here; nothing below panics.
         let r = d
             .reservation
@@ -277,4 +293,21 @@ pub(crate) fn run_speculative(entry: &Entry, stats: &Stats, faults: &Faults, sig
     entry.set_state(if ok { READY } else { FAILED });
     drop(data);
     signal.notify();
+}
+
+#[cfg(target_os = "linux")]
+fn watch(chunk: &Chunk) -> Option<(crate::writeguard::WriteWatch, crate::writeguard::Stamp)> {
+    let b = chunk.bytes();
+    // SAFETY: the entry holding this watch also holds `chunk.source`, and drops the watch
+    // first (see `Entry`'s field order), so the memory stays mapped while it is watched. The
+    // pipeline's documentation of `Validation::PageProtection` makes the caller promise that
+    // only user-space code writes its sources.
+    let w = unsafe { crate::writeguard::WriteWatch::register(b.as_ptr(), b.len()) }.ok()?;
+    let stamp = w.arm().ok()?;
+    Some((w, stamp))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn watch(_chunk: &Chunk) -> Option<()> {
+    None
 }

@@ -32,7 +32,7 @@ use crate::schedule::{Cursor, KeyPolicy};
 use crate::sender::Sender;
 use crate::staging::{StagingBuf, StagingPool};
 use crate::{ring, SessionKey};
-use entry::{Entry, CANCELLED, FAILED, READY};
+use entry::{Check, Entry, CANCELLED, FAILED, READY};
 pub use jobs::Faults;
 use jobs::{Job, JobQueue, OnDemand, OnDemandToken, Signal};
 pub use source::{Chunk, ChunkKey, Source, SourceBytes};
@@ -61,6 +61,22 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// Cap on staging memory: `slots * chunk_bytes` must not exceed it.
     pub max_staging_bytes: usize,
+    /// How a hit is checked against writes to its source since its snapshot.
+    pub validation: Validation,
+}
+
+/// How the request path knows a source is unchanged since its chunk was encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validation {
+    /// Hash the source's bytes and compare with the snapshot's hash (XXH3-128). Works on any
+    /// memory; costs a pass over the bytes on the request path.
+    Fingerprint,
+    /// Write-protect the source's pages when the snapshot is taken; a write faults once, is
+    /// recorded and goes ahead. The check is a load, whatever the size. Only for sources that
+    /// nothing but user-space code of this process writes (not read(2) targets, not device
+    /// DMA targets: those writes would fail instead). Linux only; elsewhere, or where pages
+    /// cannot be protected, chunks fall back to fingerprints.
+    PageProtection,
 }
 
 impl Default for PipelineConfig {
@@ -73,6 +89,7 @@ impl Default for PipelineConfig {
             chunk_bytes: 4 << 20,
             workers: 2,
             max_staging_bytes: 1 << 30,
+            validation: Validation::Fingerprint,
         }
     }
 }
@@ -325,9 +342,13 @@ impl Inner {
     fn worker_loop(&self) {
         while let Some(job) = self.jobs.pop() {
             match job {
-                Job::Speculative(e) => {
-                    jobs::run_speculative(&e, &self.stats, &self.faults, &self.signal)
-                }
+                Job::Speculative(e) => jobs::run_speculative(
+                    &e,
+                    self.cfg.validation,
+                    &self.stats,
+                    &self.faults,
+                    &self.signal,
+                ),
                 Job::OnDemand(j) => {
                     j.try_run(&self.stats, &self.faults, &self.signal);
                 }
@@ -408,7 +429,12 @@ impl Inner {
         match entry.state() {
             READY => {
                 let t0 = Instant::now();
-                let unchanged = fingerprint(chunk.bytes()) == data.fingerprint;
+                let unchanged = match &data.check {
+                    Check::Fingerprint(f) => fingerprint(chunk.bytes()) == *f,
+                    #[cfg(target_os = "linux")]
+                    Check::Watch(w, stamp) => w.unchanged_since(*stamp),
+                    Check::None => false,
+                };
                 Stats::add_time(&self.stats.validation_ns, t0.elapsed());
                 let (sealed, fallback) = data.speculated.take().expect("READY entry has its seal");
                 let staging = data.staging.take().expect("READY entry has its buffer");

@@ -1,0 +1,447 @@
+//! Write detection by page protection (the way the PipeLLM paper validates pre-encrypted
+//! chunks): after a chunk's source pages are snapshotted they are made read-only; the first
+//! write faults into our SIGSEGV handler, which records the write (bumps the region's
+//! generation), makes the pages writable again and lets the write go ahead. Checking that a
+//! source is unchanged is then a load, whatever its size, instead of a hash over its bytes.
+//!
+//! Rules the handler keeps (it runs in signal context: only atomics and the async-signal-safe
+//! `mprotect`/`sigaction`; no allocation, no locks other than per-region spin flags that no
+//! thread holds while touching watched memory):
+//! - a fault at an address inside any registered region is ours: each region containing it
+//!   is marked written and its pages are made writable, except pages another armed region
+//!   still protects (so a neighbour sharing a boundary page keeps its protection and its
+//!   validity; a write on the shared page itself hits both and marks both);
+//! - any other fault goes to the handler that was installed before ours (Python's
+//!   faulthandler, Rust's stack-overflow handler, or the default action).
+//!
+//! Limits (why it is opt-in): memory that the kernel or a device writes (read(2) into the
+//! buffer, DMA) gets EFAULT or a device error instead of a fault we can catch; and every
+//! write to a neighbour sharing a page costs a fault and a spurious re-encryption.
+
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
+
+/// Regions watched at once, process-wide.
+pub const MAX_REGIONS: usize = 4096;
+
+struct Region {
+    /// Spin flag guarding `protected` transitions and the mprotect calls that go with them.
+    busy: AtomicBool,
+    in_use: AtomicBool,
+    start: AtomicUsize,
+    end: AtomicUsize,
+    /// Bumped on every detected write (and on unregistering).
+    generation: AtomicU64,
+    protected: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Region = Region {
+    busy: AtomicBool::new(false),
+    in_use: AtomicBool::new(false),
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    generation: AtomicU64::new(0),
+    protected: AtomicBool::new(false),
+};
+
+static REGIONS: [Region; MAX_REGIONS] = [EMPTY; MAX_REGIONS];
+/// One past the highest slot ever used: scans stop there.
+static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
+
+/// Serialises registration, arming and unregistering; never taken in the handler.
+static REGISTRY: Mutex<()> = Mutex::new(());
+static INSTALL: Once = Once::new();
+static INSTALLED_OK: AtomicBool = AtomicBool::new(false);
+/// The SIGSEGV action that was in place before ours (written once, inside INSTALL).
+static mut PREVIOUS: std::mem::MaybeUninit<libc::sigaction> = std::mem::MaybeUninit::uninit();
+
+fn page() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
+
+fn lock_region(r: &Region) {
+    while r
+        .busy
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        std::hint::spin_loop();
+    }
+}
+
+fn unlock_region(r: &Region) {
+    r.busy.store(false, Ordering::Release);
+}
+
+/// Marks region `j` written without touching its pages.
+fn mark_written(j: usize) {
+    let r = &REGIONS[j];
+    lock_region(r);
+    r.protected.store(false, Ordering::Release);
+    r.generation.fetch_add(1, Ordering::AcqRel);
+    unlock_region(r);
+}
+
+fn range(j: usize) -> (usize, usize) {
+    (
+        REGIONS[j].start.load(Ordering::Relaxed),
+        REGIONS[j].end.load(Ordering::Relaxed),
+    )
+}
+
+/// True if an armed region other than `except` protects the page at `addr`. Callers hold
+/// the locks of every region overlapping the range they scan.
+fn protected_by_other(addr: usize, except: usize, high: usize) -> bool {
+    REGIONS.iter().take(high).enumerate().any(|(j, r)| {
+        j != except
+            && r.in_use.load(Ordering::Acquire)
+            && r.protected.load(Ordering::Acquire)
+            && r.start.load(Ordering::Relaxed) <= addr
+            && addr < r.end.load(Ordering::Relaxed)
+    })
+}
+
+fn overlapping(j: usize, start: usize, end: usize) -> bool {
+    let r = &REGIONS[j];
+    r.in_use.load(Ordering::Acquire)
+        && r.start.load(Ordering::Relaxed) < end
+        && start < r.end.load(Ordering::Relaxed)
+}
+
+/// Makes writable the pages of region `slot` that no other armed region protects. Holds the
+/// spin locks of every region overlapping the range (taken in index order, so two faulting
+/// threads cannot deadlock) from the scan to the mprotect: `arm` changes a region's
+/// protection only under its lock, so no neighbour can be armed over a page between our
+/// decision that it is free and our making it writable. Async-signal-safe.
+fn release_pages(slot: usize) {
+    let (start, end) = range(slot);
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    for (j, r) in REGIONS.iter().enumerate().take(high) {
+        if j == slot || overlapping(j, start, end) {
+            lock_region(r);
+        }
+    }
+    // Under our own lock: if the region was armed again since it was marked written, that
+    // arm's stamp must not survive the pages we are about to open.
+    let me = &REGIONS[slot];
+    me.protected.store(false, Ordering::Release);
+    me.generation.fetch_add(1, Ordering::AcqRel);
+    let p = page();
+    let mut run: Option<usize> = None;
+    let mut addr = start;
+    while addr <= end {
+        let free = addr < end && !protected_by_other(addr, slot, high);
+        match (free, run) {
+            (true, None) => run = Some(addr),
+            (false, Some(s0)) => {
+                // SAFETY: a page-aligned part of the range the registrant vouched for; making
+                // it writable restores the access it had before we protected it.
+                unsafe {
+                    libc::mprotect(
+                        s0 as *mut libc::c_void,
+                        addr - s0,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    )
+                };
+                run = None;
+            }
+            _ => {}
+        }
+        addr += p;
+    }
+    for (j, r) in REGIONS.iter().enumerate().take(high) {
+        if j == slot || overlapping(j, start, end) {
+            unlock_region(r);
+        }
+    }
+}
+
+extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    let contains = |r: &Region| {
+        r.in_use.load(Ordering::Acquire)
+            && r.start.load(Ordering::Relaxed) <= addr
+            && addr < r.end.load(Ordering::Relaxed)
+    };
+    let mut ours = false;
+    // First mark every region holding the faulting page as written, so none of them keeps
+    // that page protected; then open each one's pages that no other armed region needs.
+    for (i, r) in REGIONS.iter().enumerate().take(high) {
+        if contains(r) {
+            ours = true;
+            mark_written(i);
+        }
+    }
+    for (i, r) in REGIONS.iter().enumerate().take(high) {
+        if contains(r) {
+            release_pages(i);
+        }
+    }
+    if ours {
+        return; // the faulting write is retried, now on writable pages
+    }
+    // SAFETY: PREVIOUS was written before our handler was installed and never after.
+    let prev = unsafe { (*std::ptr::addr_of!(PREVIOUS)).assume_init_ref() };
+    let h = prev.sa_sigaction;
+    if h == libc::SIG_DFL || h == libc::SIG_IGN {
+        // Restore the default action and return: the access faults again and the process
+        // gets the ordinary SIGSEGV behaviour (a real crash stays a crash).
+        // SAFETY: resetting a signal to SIG_DFL is async-signal-safe.
+        unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+    } else if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the previous handler was installed with SA_SIGINFO, so it has this type.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute(h) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: a plain handler takes the signal number only.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
+        f(sig);
+    }
+}
+
+fn install() -> Result<()> {
+    INSTALL.call_once(|| {
+        // SAFETY: we build a zeroed sigaction, fill its handler, mask and flags, and swap it
+        // in, saving the previous action in PREVIOUS before any fault can reach our handler
+        // (no region is registered before install returns).
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_segv as *const () as usize;
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGSEGV, &act, &mut old) == 0 {
+                (*std::ptr::addr_of_mut!(PREVIOUS)).write(old);
+                INSTALLED_OK.store(true, Ordering::Release);
+            }
+        }
+    });
+    if INSTALLED_OK.load(Ordering::Acquire) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(
+            "could not install the write-detection signal handler".into(),
+        ))
+    }
+}
+
+/// A watched range of memory (rounded out to whole pages).
+pub struct WriteWatch {
+    slot: usize,
+}
+
+/// What `arm` returns: the state to compare against later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp(u64);
+
+impl WriteWatch {
+    /// Watches the pages holding `[ptr, ptr + len)`.
+    ///
+    /// # Safety
+    /// The memory must stay mapped while this value lives, and must only be written by
+    /// user-space code of this process (not by the kernel or a device): those writes would
+    /// fail instead of faulting into the handler.
+    // SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where
+    // they call.
+    pub unsafe fn register(ptr: *const u8, len: usize) -> Result<Self> {
+        install()?;
+        let p = page();
+        let start = (ptr as usize) / p * p;
+        let end = (ptr as usize + len.max(1)).div_ceil(p) * p;
+        let _g = REGISTRY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = REGIONS
+            .iter()
+            .position(|r| !r.in_use.load(Ordering::Acquire))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("more than {MAX_REGIONS} watched regions"))
+            })?;
+        let r = &REGIONS[slot];
+        lock_region(r);
+        r.start.store(start, Ordering::Relaxed);
+        r.end.store(end, Ordering::Relaxed);
+        r.protected.store(false, Ordering::Relaxed);
+        unlock_region(r);
+        HIGH_WATER.fetch_max(slot + 1, Ordering::AcqRel);
+        r.in_use.store(true, Ordering::Release);
+        Ok(Self { slot })
+    }
+
+    /// Write-protects the pages (if not already) and returns the current stamp. Take the
+    /// snapshot *after* this: a write between the two is then caught.
+    pub fn arm(&self) -> Result<Stamp> {
+        let _g = REGISTRY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let r = &REGIONS[self.slot];
+        lock_region(r);
+        let mut rc = 0;
+        if !r.protected.load(Ordering::Acquire) {
+            let (s, e) = (
+                r.start.load(Ordering::Relaxed),
+                r.end.load(Ordering::Relaxed),
+            );
+            // SAFETY: the registrant vouched for the range (see `register`); read-only is a
+            // subset of the access it had.
+            rc = unsafe { libc::mprotect(s as *mut libc::c_void, e - s, libc::PROT_READ) };
+            if rc == 0 {
+                r.protected.store(true, Ordering::Release);
+            }
+        }
+        let g = r.generation.load(Ordering::Acquire);
+        unlock_region(r);
+        if rc != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "cannot write-protect the source pages: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Stamp(g))
+    }
+
+    /// True if no write reached the pages since `stamp` was taken.
+    pub fn unchanged_since(&self, stamp: Stamp) -> bool {
+        let r = &REGIONS[self.slot];
+        r.protected.load(Ordering::Acquire) && r.generation.load(Ordering::Acquire) == stamp.0
+    }
+}
+
+impl Drop for WriteWatch {
+    fn drop(&mut self) {
+        // Serialised with `arm` (same lock): no neighbour protects a page between the scan
+        // and the mprotect in `release_pages`.
+        let _g = REGISTRY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        mark_written(self.slot);
+        // Pages a neighbour still protects stay read-only for it; the others become
+        // writable. Only then do we stop claiming faults in this range.
+        release_pages(self.slot);
+        REGIONS[self.slot].in_use.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::staging::StagingBuf;
+
+    #[test]
+    fn a_write_is_detected_and_allowed() {
+        let mut buf = StagingBuf::alloc(3 * 4096).unwrap();
+        let p = buf.as_mut_slice().as_mut_ptr();
+        // SAFETY: `buf` outlives the watch and only this test writes it.
+        let w = unsafe { WriteWatch::register(p, 3 * 4096) }.unwrap();
+        let s = w.arm().unwrap();
+        assert!(w.unchanged_since(s));
+        let _ = buf.as_slice()[100]; // reads are free
+        assert!(w.unchanged_since(s));
+        // SAFETY: volatile write to our own buffer (the fault is handled transparently).
+        unsafe { std::ptr::write_volatile(p.add(5000), 42) };
+        assert_eq!(buf.as_slice()[5000], 42, "the write went through");
+        assert!(!w.unchanged_since(s));
+        let s2 = w.arm().unwrap();
+        assert!(w.unchanged_since(s2));
+        drop(w);
+        buf.as_mut_slice()[0] = 1; // writable again after unregistering
+    }
+
+    #[test]
+    fn a_write_on_a_shared_page_marks_every_region_on_it() {
+        let mut buf = StagingBuf::alloc(4096).unwrap();
+        let p = buf.as_mut_slice().as_mut_ptr();
+        // SAFETY: as above.
+        let (a, b) = unsafe {
+            (
+                WriteWatch::register(p, 100).unwrap(),
+                WriteWatch::register(p.add(2000), 100).unwrap(),
+            )
+        };
+        let (sa, sb) = (a.arm().unwrap(), b.arm().unwrap());
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(p.add(10), 1) };
+        assert!(!a.unchanged_since(sa));
+        assert!(
+            !b.unchanged_since(sb),
+            "b lost its protection, so it must count as written"
+        );
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use crate::staging::StagingBuf;
+
+    #[test]
+    fn shared_pages_mark_neighbours_without_cascading() {
+        // a: pages 0-1, b: pages 1-2, c: pages 2-3. A write in page 0 opens a (pages 0-1
+        // writable), which takes page 1's protection from b: b counts as written. c shares no
+        // page with a and keeps its protection; b's page 2 stays read-only for c.
+        let mut buf = StagingBuf::alloc(4 * 4096).unwrap();
+        let p = buf.as_mut_slice().as_mut_ptr();
+        // SAFETY: `buf` outlives the watches and only this test writes it.
+        let ws: Vec<_> = unsafe {
+            [(0, 5000), (5000, 4096), (9000, 4000)]
+                .iter()
+                .map(|&(o, l)| WriteWatch::register(p.add(o), l).unwrap())
+                .collect()
+        };
+        let stamps: Vec<_> = ws.iter().map(|w| w.arm().unwrap()).collect();
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(p.add(1), 9) };
+        assert!(!ws[0].unchanged_since(stamps[0]));
+        assert!(
+            ws[1].unchanged_since(stamps[1]),
+            "page 1 stays protected for b"
+        );
+        assert!(ws[2].unchanged_since(stamps[2]), "c shares no page with a");
+        // A write on page 1 (a's and b's) marks both.
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(p.add(4097), 9) };
+        assert!(!ws[1].unchanged_since(stamps[1]));
+        // A write in page 2 (b's and c's) is still caught for c.
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(p.add(9500), 9) };
+        assert!(!ws[2].unchanged_since(stamps[2]));
+        buf.as_mut_slice().fill(3); // every write goes through
+    }
+}
+
+#[cfg(test)]
+mod drop_tests {
+    use super::*;
+    use crate::staging::StagingBuf;
+
+    #[test]
+    fn unregistering_keeps_pages_a_neighbour_still_protects() {
+        let mut buf = StagingBuf::alloc(2 * 4096).unwrap();
+        let p = buf.as_mut_slice().as_mut_ptr();
+        // SAFETY: `buf` outlives the watches and only this test writes it.
+        let (a, b) = unsafe {
+            (
+                WriteWatch::register(p, 5000).unwrap(),
+                WriteWatch::register(p.add(5000), 3000).unwrap(),
+            )
+        };
+        let (_sa, sb) = (a.arm().unwrap(), b.arm().unwrap());
+        drop(a); // no write happened: b keeps its stamp and its protection
+        assert!(b.unchanged_since(sb));
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(p.add(4100), 1) }; // page 1: shared, b's now
+        assert!(!b.unchanged_since(sb));
+        buf.as_mut_slice()[0] = 2; // page 0 is writable again
+    }
+}
