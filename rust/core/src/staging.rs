@@ -137,9 +137,11 @@ impl StagingPool {
         self.lock().pop()
     }
 
-    /// Returns a buffer, wiped first: a returned buffer may hold plaintext (a snapshot).
-    pub fn put(&self, mut buf: StagingBuf) {
-        buf.wipe();
+    /// Returns a buffer. It must not hold plaintext: buffers come back holding ciphertext
+    /// (a snapshot is encrypted in place), and every path that can leave a plaintext snapshot
+    /// behind wipes it first (a 4 MiB wipe here, on every return, would sit on the request
+    /// path). Dropped buffers are wiped regardless.
+    pub fn put(&self, buf: StagingBuf) {
         self.lock().push(buf);
         self.available.notify_all();
     }
@@ -173,15 +175,14 @@ mod tests {
     }
 
     #[test]
-    fn pool_caps_and_wipes_returned_buffers() {
+    fn pool_caps_the_number_of_buffers() {
         let pool = StagingPool::new(2, 64).unwrap();
-        let mut a = pool.try_take().unwrap();
+        let a = pool.try_take().unwrap();
         let _b = pool.try_take().unwrap();
         assert!(pool.try_take().is_none());
-        a.as_mut_slice().fill(0xAB);
         pool.put(a);
-        let again = pool.try_take().unwrap();
-        assert!(again.as_slice().iter().all(|&x| x == 0));
+        assert_eq!(pool.free_count(), 1);
+        assert!(pool.try_take().is_some());
     }
 
     #[test]

@@ -134,11 +134,35 @@ fn release_pages(slot: usize) {
     let me = &REGIONS[slot];
     me.protected.store(false, Ordering::Release);
     me.generation.fetch_add(1, Ordering::AcqRel);
+    // The armed neighbours' ranges, gathered once (a fixed array: no allocation in signal
+    // context); with more than fit, fall back to asking every region for every page.
+    let mut near = [(0usize, 0usize); 32];
+    let mut n_near = 0;
+    let mut overflow = false;
+    for (j, r) in REGIONS.iter().enumerate().take(high) {
+        if j != slot && overlapping(j, start, end) && r.protected.load(Ordering::Acquire) {
+            if n_near < near.len() {
+                near[n_near] = range(j);
+                n_near += 1;
+            } else {
+                overflow = true;
+            }
+        }
+    }
+    let covered = |addr: usize| {
+        if overflow {
+            protected_by_other(addr, slot, high)
+        } else {
+            near[..n_near]
+                .iter()
+                .any(|&(s0, e0)| s0 <= addr && addr < e0)
+        }
+    };
     let p = page();
     let mut run: Option<usize> = None;
     let mut addr = start;
     while addr <= end {
-        let free = addr < end && !protected_by_other(addr, slot, high);
+        let free = addr < end && !covered(addr);
         match (free, run) {
             (true, None) => run = Some(addr),
             (false, Some(s0)) => {

@@ -4,13 +4,15 @@
 use super::entry::{Check, Entry, FAILED, READY};
 use super::source::Chunk;
 use super::stats::Stats;
-use super::{Payload, Validation};
+use super::{Inner, Lease, Payload, Validation};
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
 use crate::message::Message;
 use crate::sequencer::{Fallback, Reservation};
+use crate::staging::StagingBuf;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::Weak;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,17 +72,58 @@ pub(crate) struct OnDemand {
     pub chunk: Chunk,
     state: AtomicU8,
     token: Mutex<Option<OnDemandToken>>,
+    /// A staging buffer to seal into, when the pool had one free: its pages are already
+    /// mapped, where a fresh allocation of megabytes would page-fault on every 4 KiB.
+    staging: Mutex<Option<(StagingBuf, Weak<Inner>)>>,
     result: Mutex<Option<Result<Message<Payload>>>>,
 }
 
 impl OnDemand {
-    pub fn new(chunk: Chunk, token: OnDemandToken) -> Self {
+    pub fn new(
+        chunk: Chunk,
+        token: OnDemandToken,
+        staging: Option<(StagingBuf, Weak<Inner>)>,
+    ) -> Self {
         Self {
             chunk,
             state: AtomicU8::new(OD_QUEUED),
             token: Mutex::new(Some(token)),
+            staging: Mutex::new(staging),
             result: Mutex::new(None),
         }
+    }
+
+    /// Seals into the staging buffer if there is one (returning a lease), else a new Vec.
+    fn seal(&self, token: OnDemandToken) -> Result<Message<Payload>> {
+        let src = self.chunk.bytes();
+        let staged = lock(&self.staging).take();
+        if let Some((mut buf, home)) = staged {
+            if let Some(home) = home.upgrade() {
+                let dst = &mut buf.as_mut_slice()[..src.len()];
+                let sealed = match token {
+                    OnDemandToken::Fresh(r) => r.seal_into(src, dst).map_err(|e| e.error),
+                    OnDemandToken::Replace(f) => f.substitute_into(src, dst).map_err(|e| e.error),
+                };
+                let sealed = match sealed {
+                    Ok(s) => s,
+                    Err(e) => {
+                        home.return_staging(buf); // out-of-place: it holds no plaintext
+                        return Err(e);
+                    }
+                };
+                let lease = Lease {
+                    buf: Some(buf),
+                    len: src.len(),
+                    home,
+                };
+                return Message::new(sealed.header, sealed.tag, Payload::Staged(lease));
+            }
+        }
+        let m = match token {
+            OnDemandToken::Fresh(r) => r.seal_to_vec(src).map_err(|e| e.error)?,
+            OnDemandToken::Replace(f) => f.substitute_to_vec(src).map_err(|e| e.error)?,
+        };
+        Ok(m.map_payload(Payload::Owned))
     }
 
     pub fn is_done(&self) -> bool {
@@ -105,11 +148,7 @@ impl OnDemand {
             let token = lock(&self.token)
                 .take()
                 .expect("token present while QUEUED/RUNNING");
-            let src = self.chunk.bytes();
-            match token {
-                OnDemandToken::Fresh(r) => r.seal_to_vec(src).map_err(|e| e.error),
-                OnDemandToken::Replace(f) => f.substitute_to_vec(src).map_err(|e| e.error),
-            }
+            self.seal(token)
         }));
         match outcome {
             Ok(result) => {
@@ -117,10 +156,6 @@ impl OnDemand {
                     Stats::add(&stats.chunks_on_demand, 1);
                     Stats::add(&stats.bytes_on_demand, self.chunk.len() as u64);
                 }
-                let result = result.and_then(|m| {
-                    let (h, t, p) = (*m.header(), *m.tag(), m.into_payload());
-                    Message::new(h, t, Payload::Owned(p))
-                });
                 *lock(&self.result) = Some(result);
                 self.state.store(OD_DONE, Ordering::Release);
             }

@@ -282,6 +282,9 @@ struct Inner {
     warnings: Mutex<Vec<String>>,
     closed: AtomicBool,
     me: std::sync::Weak<Inner>,
+    /// Consumed entries whose write watch (an unregister costs an mprotect and a scan) is
+    /// released by the planner thread, off the request path.
+    retired: Mutex<Vec<Arc<Entry>>>,
 }
 
 impl Inner {
@@ -327,9 +330,21 @@ impl Inner {
         }
     }
 
+    /// Hands a consumed entry to the planner thread to drop.
+    fn retire(&self, entry: Arc<Entry>) {
+        lock(&self.retired).push(entry);
+        self.plan_cv.notify_all();
+    }
+
     fn planner_loop(&self) {
         let mut plan = lock(&self.plan);
         while !self.closed.load(Ordering::Acquire) {
+            let retired = std::mem::take(&mut *lock(&self.retired));
+            if !retired.is_empty() {
+                drop(plan);
+                drop(retired); // unregisters write watches, outside the plan lock
+                plan = lock(&self.plan);
+            }
             self.refill(&mut plan);
             plan = self
                 .plan_cv
@@ -358,7 +373,8 @@ impl Inner {
 
     fn on_demand(&self, chunk: Chunk, token: OnDemandToken, out: &mut Vec<Piece>) {
         let offset = chunk.transfer_offset;
-        let job = Arc::new(OnDemand::new(chunk, token));
+        let staging = self.pool.try_take().map(|b| (b, self.me.clone()));
+        let job = Arc::new(OnDemand::new(chunk, token, staging));
         if self.cfg.workers > 0 {
             self.jobs.push(Job::OnDemand(job.clone()));
         }
@@ -521,10 +537,14 @@ impl Inner {
         if let Some(k) = found {
             for _ in 0..k {
                 let e = consumer.pop().expect("in window");
-                self.relinquish(&e, out)?;
+                let r = self.relinquish(&e, out);
+                self.retire(e);
+                r?;
             }
             let e = consumer.pop().expect("in window");
-            return self.serve_predicted(&e, chunk, out);
+            let r = self.serve_predicted(&e, chunk, out);
+            self.retire(e);
+            return r;
         }
         let mut plan = lock(&self.plan);
         if let Some(j) = plan.iter().position(|c| c.key == chunk.key) {
@@ -533,7 +553,9 @@ impl Inner {
             let mut requeue = VecDeque::new();
             while let Some(e) = consumer.pop() {
                 requeue.push_back(e.chunk.clone());
-                self.relinquish(&e, out)?;
+                let r = self.relinquish(&e, out);
+                self.retire(e);
+                r?;
             }
             plan.drain(..=j);
             while let Some(c) = requeue.pop_back() {
@@ -551,8 +573,9 @@ impl Inner {
         // reserve: a fresh position cannot overtake one already in the ring.
         if let Some(head) = consumer.pop() {
             drop(plan);
-            let displaced = self.serve_at_head(&head, chunk, out)?;
-            lock(&self.plan).push_front(displaced);
+            let displaced = self.serve_at_head(&head, chunk, out);
+            self.retire(head);
+            lock(&self.plan).push_front(displaced?);
         } else {
             let r = self.sender.reserve(data_charge(chunk.len() as u64))?;
             Stats::add(&self.stats.positions_reserved, 1);
@@ -594,6 +617,7 @@ impl Pipeline {
             warnings: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             me: me.clone(),
+            retired: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::with_capacity(cfg.workers + 1);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
@@ -764,6 +788,7 @@ impl Pipeline {
             d.reservation.take();
         }
         lock(&inner.plan).clear();
+        lock(&inner.retired).clear();
         inner.pool.clear();
     }
 }
