@@ -281,3 +281,20 @@ def test_bad_arguments() -> None:
         with pytest.raises(ValueError, match="beyond the end"):
             pipe.predict([bytes(10), (bytes(10), 5, 6)])
         assert pipe.queued() == (0, 0), "a refused predict queues nothing"
+
+
+def test_caller_provided_staging_buffers() -> None:
+    bufs = [np.zeros(4096, dtype=np.uint8) for _ in range(3)]
+    rx = Receiver(KEY)
+    src = bytes(range(256)) * 16
+    with Pipeline(KEY, slots=99, chunk_bytes=4096, workers=1, staging=bufs) as pipe:
+        pipe.predict([src])
+        wait_for(pipe, "chunks_pre_encrypted", 1)
+        msgs = pipe.request(src).messages()
+        ct = bytes(msgs[0].ciphertext)
+        assert any(b.tobytes() == ct for b in bufs), "the ciphertext lives in a caller buffer"
+        assert deliver(rx, msgs, 4096) == src
+    with pytest.raises(ValueError, match="staging buffer 0"):
+        Pipeline(KEY, chunk_bytes=4096, staging=[bytearray(100)])
+    with pytest.raises(TypeError, match="read-only"):
+        Pipeline(KEY, chunk_bytes=16, staging=[bytes(100)])

@@ -463,3 +463,45 @@ fn bad_ranges_and_configs_are_typed_errors() {
         ));
     }
 }
+
+#[test]
+fn caller_provided_staging_is_used_and_checked() {
+    use pipellm_core::staging::StagingBuf;
+    use std::ptr::NonNull;
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let mut mems: Vec<&'static mut [u8]> = (0..3)
+        .map(|_| Box::leak(vec![0u8; 4096].into_boxed_slice()))
+        .collect();
+    let bufs: Vec<StagingBuf> = mems
+        .iter_mut()
+        // SAFETY: leaked (lives forever) and used only through the StagingBuf.
+        .map(|m| unsafe {
+            StagingBuf::external(NonNull::new(m.as_mut_ptr()).unwrap(), 4096, Box::new(()))
+        })
+        .collect();
+    let addrs: Vec<usize> = bufs.iter().map(|b| b.as_ptr() as usize).collect();
+    let pipe = Pipeline::with_staging(&key, cfg(99, 4096, 1), bufs).unwrap();
+    assert_eq!(pipe.config().slots, 3);
+    let s: Source = Arc::new(vec![4u8; 4096]);
+    pipe.predict(&[(s.clone(), 0, None)]).unwrap();
+    wait_ready(&pipe, 1);
+    let m = pipe.request(&s, 0, None).unwrap().collect_all().unwrap();
+    assert!(
+        addrs.contains(&(m[0].1.ciphertext().as_ptr() as usize)),
+        "the hit lives in caller memory"
+    );
+    let mut rx = receiver();
+    assert_eq!(deliver(&mut rx, &m, 4096), vec![4u8; 4096]);
+    // SAFETY: as above.
+    let short = vec![unsafe {
+        StagingBuf::external(
+            NonNull::new(mems[0].as_mut_ptr()).unwrap(),
+            100,
+            Box::new(()),
+        )
+    }];
+    assert!(matches!(
+        Pipeline::with_staging(&key, cfg(1, 4096, 1), short),
+        Err(Error::InvalidArgument(_))
+    ));
+}

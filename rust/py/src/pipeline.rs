@@ -7,6 +7,7 @@ use pipellm_core::pipeline::{
     Payload, Pipeline, PipelineConfig, Source, SourceBytes, Transfer, Validation,
 };
 use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
+use pipellm_core::staging::StagingBuf;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
@@ -45,6 +46,39 @@ impl Drop for PySource {
             .unwrap_or_else(PoisonError::into_inner)
             .push(view);
     }
+}
+
+/// Keeps a writable view alive for a caller-provided staging buffer; released like PySource.
+struct ViewKeeper(ManuallyDrop<Buffer>);
+
+impl Drop for ViewKeeper {
+    fn drop(&mut self) {
+        // SAFETY: taken exactly once, here.
+        let view = unsafe { ManuallyDrop::take(&mut self.0) };
+        GRAVEYARD
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(view);
+    }
+}
+
+fn staging_of(list: &Bound<'_, PyAny>) -> PyResult<Vec<StagingBuf>> {
+    let mut out = Vec::new();
+    for (i, item) in list.try_iter()?.enumerate() {
+        let mut view = Buffer::get(&item?, true, &format!("staging[{i}]"))?;
+        let slice = view.as_mut_slice();
+        let (ptr, len) = (slice.as_mut_ptr(), slice.len());
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| PyValueError::new_err(format!("staging[{i}] is empty")))?;
+        // SAFETY: the view (kept alive by the StagingBuf through ViewKeeper) pins `len`
+        // writable bytes at `ptr` for as long as the StagingBuf lives. The caller hands the
+        // memory over: the documentation of `staging` says not to touch it while the
+        // pipeline is open.
+        out.push(unsafe {
+            StagingBuf::external(ptr, len, Box::new(ViewKeeper(ManuallyDrop::new(view))))
+        });
+    }
+    Ok(out)
 }
 
 fn source_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Source> {
@@ -107,7 +141,7 @@ pub struct PyPipeline {
 #[pymethods]
 impl PyPipeline {
     #[new]
-    #[pyo3(signature = (key, channel = 0, slots = 64, chunk_bytes = 4 << 20, workers = 2, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true, max_staging_bytes = 1 << 30, validation = "fingerprint"))]
+    #[pyo3(signature = (key, channel = 0, slots = 64, chunk_bytes = 4 << 20, workers = 2, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true, max_staging_bytes = 1 << 30, validation = "fingerprint", staging = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -121,6 +155,7 @@ impl PyPipeline {
         rotate: bool,
         max_staging_bytes: i64,
         validation: &str,
+        staging: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let validation = match validation {
             "fingerprint" => Validation::Fingerprint,
@@ -147,7 +182,15 @@ impl PyPipeline {
             validation,
         };
         let session = key.inner.clone();
-        let inner = detached(py, move || Pipeline::new(&session, cfg))?;
+        let inner = match staging {
+            None => detached(py, move || Pipeline::new(&session, cfg))?,
+            Some(list) => {
+                let bufs = staging_of(list)?;
+                let r = detached(py, move || Pipeline::with_staging(&session, cfg, bufs));
+                release_dead_views(py); // views of refused buffers
+                r?
+            }
+        };
         Ok(Self { inner })
     }
 

@@ -593,10 +593,38 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// A pipeline whose `cfg.slots` staging buffers are allocated here (page-aligned).
     pub fn new(key: &SessionKey, cfg: PipelineConfig) -> Result<Self> {
         cfg.validate()?;
-        let sender = Sender::new(key, cfg.channel, cfg.direction, cfg.policy)?;
         let pool = StagingPool::new(cfg.slots, cfg.chunk_bytes)?;
+        Self::start(key, cfg, pool)
+    }
+
+    /// A pipeline over staging buffers the caller provides (for example memory the device
+    /// layer registered as pinned): one slot per buffer, each at least `chunk_bytes` long.
+    pub fn with_staging(
+        key: &SessionKey,
+        mut cfg: PipelineConfig,
+        buffers: Vec<StagingBuf>,
+    ) -> Result<Self> {
+        cfg.slots = buffers.len();
+        cfg.validate()?;
+        if let Some((i, b)) = buffers
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.len() < cfg.chunk_bytes)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "staging buffer {i} holds {} bytes, less than chunk_bytes ({})",
+                b.len(),
+                cfg.chunk_bytes
+            )));
+        }
+        Self::start(key, cfg, StagingPool::from_buffers(buffers))
+    }
+
+    fn start(key: &SessionKey, cfg: PipelineConfig, pool: StagingPool) -> Result<Self> {
+        let sender = Sender::new(key, cfg.channel, cfg.direction, cfg.policy)?;
         // The ring holds at least as many entries as there are buffers, so a planner holding
         // a buffer always finds room.
         let (producer, consumer) = ring::ring(cfg.slots);
