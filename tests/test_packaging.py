@@ -37,8 +37,17 @@ def stub_names() -> dict[str, set[str]]:
 def test_stub_declares_every_public_name_and_method() -> None:
     stubs = stub_names()
     for name in pipellm.__all__:
-        assert name in stubs, f"{name} is exported but missing from _core.pyi"
-    for cls in ("SessionKey", "Sender", "Receiver", "Message"):
+        if hasattr(_core, name):  # classes written in Python carry their own annotations
+            assert name in stubs, f"{name} is exported but missing from _core.pyi"
+    for cls in (
+        "SessionKey",
+        "Sender",
+        "Receiver",
+        "Message",
+        "Pipeline",
+        "Transfer",
+        "LearnedPredictor",
+    ):
         runtime = {n for n in dir(getattr(_core, cls)) if not n.startswith("_")}
         missing = runtime - stubs[cls]
         assert not missing, f"{cls}: {sorted(missing)} not in _core.pyi"

@@ -12,6 +12,7 @@ from ._core import (
     AuthenticationError,
     IvExhaustedError,
     IvOrderError,
+    LearnedPredictor,
     Message,
     Pipeline,
     PipelineClosedError,
@@ -22,14 +23,20 @@ from ._core import (
     Transfer,
     __version__,
 )
+from .predictors import AdapterQueue, LayerCycle, Learned, SwapFifo
+from .speculator import Speculator
 
 __all__ = [
     "DEFAULT_USAGE_LIMIT",
     "HEADER_LEN",
     "MAX_CHANNEL",
+    "AdapterQueue",
     "AuthenticationError",
     "IvExhaustedError",
     "IvOrderError",
+    "LayerCycle",
+    "Learned",
+    "LearnedPredictor",
     "Message",
     "PipeLLMError",
     "Pipeline",
@@ -37,6 +44,8 @@ __all__ = [
     "Receiver",
     "Sender",
     "SessionKey",
+    "Speculator",
+    "SwapFifo",
     "Transfer",
     "__version__",
 ]

@@ -18,6 +18,7 @@ pub mod header;
 pub mod key;
 pub mod message;
 pub mod pipeline;
+pub mod predict;
 pub mod receiver;
 pub mod ring;
 pub mod schedule;

@@ -7,6 +7,7 @@ mod buffers;
 mod channel;
 mod errors;
 mod pipeline;
+mod predict;
 
 use pyo3::prelude::*;
 
@@ -19,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channel::PyMessage>()?;
     m.add_class::<pipeline::PyPipeline>()?;
     m.add_class::<pipeline::PyTransfer>()?;
+    m.add_class::<predict::PyLearned>()?;
     m.add(
         "DEFAULT_USAGE_LIMIT",
         pipellm_core::schedule::DEFAULT_USAGE_LIMIT,

@@ -95,7 +95,7 @@ fn index(v: &Bound<'_, PyAny>, what: &str) -> PyResult<usize> {
     usize::try_from(i).map_err(|_| PyValueError::new_err(format!("{what} must be >= 0, got {i}")))
 }
 
-/// `buf` or `(buf, offset, length)` → (source, offset, length).
+/// `buf` or `(buf, offset, length)` (length None: to the end) → (source, offset, length).
 fn transfer_spec(item: &Bound<'_, PyAny>, what: &str) -> PyResult<(Source, usize, Option<usize>)> {
     if let Ok(t) = item.cast::<PyTuple>() {
         if t.len() != 3 {
@@ -106,8 +106,13 @@ fn transfer_spec(item: &Bound<'_, PyAny>, what: &str) -> PyResult<(Source, usize
         }
         let src = source_of(&t.get_item(0)?, what)?;
         let off = index(&t.get_item(1)?, &format!("{what} offset"))?;
-        let len = index(&t.get_item(2)?, &format!("{what} length"))?;
-        return Ok((src, off, Some(len)));
+        let len = t.get_item(2)?;
+        let len = if len.is_none() {
+            None
+        } else {
+            Some(index(&len, &format!("{what} length"))?)
+        };
+        return Ok((src, off, len));
     }
     Ok((source_of(item, what)?, 0, None))
 }
@@ -269,6 +274,13 @@ impl PyPipeline {
         d.set_item("requests", s.requests)?;
         d.set_item("bytes_requested", s.bytes_requested)?;
         Ok(d)
+    }
+
+    /// Forgets predictions not yet in the ring; returns how many.
+    fn clear_plan(&self, py: Python<'_>) -> usize {
+        let n = py.detach(|| self.inner.clear_plan());
+        release_dead_views(py);
+        n
     }
 
     /// (entries in the ring, predictions waiting for a slot)

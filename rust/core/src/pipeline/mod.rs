@@ -765,6 +765,15 @@ impl Pipeline {
             .collect())
     }
 
+    /// Forgets predictions that have no ring entry yet (entries already in the ring stay:
+    /// their positions are reserved). For a predictor that changed its mind.
+    pub fn clear_plan(&self) -> usize {
+        let mut plan = lock(&self.inner.plan);
+        let n = plan.len();
+        plan.clear();
+        n
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
     }
