@@ -401,25 +401,36 @@ impl Inner {
         data
     }
 
-    /// Consumes the position of a popped entry with a NOP. Returns the entry's chunk.
-    fn relinquish(&self, entry: &Entry, out: &mut Vec<Piece>) -> Result<()> {
-        let cancelled = entry.cancel();
-        let mut data = if cancelled {
+    /// Takes a popped entry's position out of it, whatever state it is in (cancelling it if
+    /// no worker started, waiting if one is encrypting): its fallback if it was encrypted
+    /// (those bytes are wasted), its reservation otherwise. Returns the staging buffer to the
+    /// pool.
+    fn take_position(&self, entry: &Entry) -> Result<OnDemandToken> {
+        let mut data = if entry.cancel() {
             entry.lock()
         } else {
             self.settle(entry)
         };
-        let nop = if let Some((_, fallback)) = data.speculated.take() {
+        let token = if let Some((_, fallback)) = data.speculated.take() {
             Stats::add(&self.stats.wasted_bytes, entry.chunk.len() as u64);
-            fallback.into_nop().map_err(|e| e.error)?
+            OnDemandToken::Replace(fallback)
         } else if let Some(r) = data.reservation.take() {
-            r.into_nop().map_err(|e| e.error)?
+            OnDemandToken::Fresh(r)
         } else {
             return Err(Error::Backend("ring entry lost its position"));
         };
         if let Some(b) = data.staging.take() {
             self.return_staging(b);
         }
+        Ok(token)
+    }
+
+    /// Consumes the position of a popped entry with a NOP.
+    fn relinquish(&self, entry: &Entry, out: &mut Vec<Piece>) -> Result<()> {
+        let nop = match self.take_position(entry)? {
+            OnDemandToken::Replace(f) => f.into_nop().map_err(|e| e.error)?,
+            OnDemandToken::Fresh(r) => r.into_nop().map_err(|e| e.error)?,
+        };
         out.push(self.nop(nop));
         Ok(())
     }
@@ -427,18 +438,11 @@ impl Inner {
     /// Serves `chunk` from the popped entry that predicted it.
     fn serve_predicted(&self, entry: &Entry, chunk: Chunk, out: &mut Vec<Piece>) -> Result<()> {
         if entry.cancel() {
-            // No worker started it: encrypt it now, at its own position, as plain data.
-            let mut data = entry.lock();
+            // No worker started it: encrypt it now, at its own position, as plain data
+            // (take_position finds it cancelled and takes the reservation).
             Stats::add(&self.stats.late, 1);
-            let r = data
-                .reservation
-                .take()
-                .ok_or(Error::Backend("ring entry lost its position"))?;
-            if let Some(b) = data.staging.take() {
-                self.return_staging(b);
-            }
-            drop(data);
-            self.on_demand(chunk, OnDemandToken::Fresh(r), out);
+            let token = self.take_position(entry)?;
+            self.on_demand(chunk, token, out);
             return Ok(());
         }
         let mut data = self.settle(entry);
@@ -474,16 +478,10 @@ impl Inner {
             }
             FAILED => {
                 Stats::add(&self.stats.late, 1);
-                let r = data
-                    .reservation
-                    .take()
-                    .ok_or(Error::Backend("ring entry lost its position"))?;
-                if let Some(b) = data.staging.take() {
-                    self.return_staging(b);
-                }
                 drop(data);
+                let token = self.take_position(entry)?;
                 self.warn("an encryption thread failed; the chunk was encrypted on demand".into());
-                self.on_demand(chunk, OnDemandToken::Fresh(r), out);
+                self.on_demand(chunk, token, out);
                 Ok(())
             }
             s => Err(Error::Backend(if s == CANCELLED {
@@ -494,26 +492,10 @@ impl Inner {
         }
     }
 
-    /// Serves `chunk`, which nobody predicted, at the head entry's position.
+    /// Serves `chunk`, which nobody predicted, at the head entry's position. Returns the
+    /// head's chunk (its prediction), to be queued again.
     fn serve_at_head(&self, entry: &Entry, chunk: Chunk, out: &mut Vec<Piece>) -> Result<Chunk> {
-        let cancelled = entry.cancel();
-        let mut data = if cancelled {
-            entry.lock()
-        } else {
-            self.settle(entry)
-        };
-        let token = if let Some((_, fallback)) = data.speculated.take() {
-            Stats::add(&self.stats.wasted_bytes, entry.chunk.len() as u64);
-            OnDemandToken::Replace(fallback)
-        } else if let Some(r) = data.reservation.take() {
-            OnDemandToken::Fresh(r)
-        } else {
-            return Err(Error::Backend("ring entry lost its position"));
-        };
-        if let Some(b) = data.staging.take() {
-            self.return_staging(b);
-        }
-        drop(data);
+        let token = self.take_position(entry)?;
         self.on_demand(chunk, token, out);
         Ok(entry.chunk.clone())
     }
