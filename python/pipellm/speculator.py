@@ -32,6 +32,11 @@ class Speculator:
         pre-encrypt it from the start)."""
         self._specs[key] = (buf, offset, length)
 
+    def prime(self) -> None:
+        """Asks the predictor for the first transfers before any request (hint-taking
+        predictors know them: a layer cycle starts at its first layer)."""
+        self._top_up()
+
     def request(
         self, key: Hashable, buf: Any, offset: int = 0, length: int | None = None
     ) -> Transfer:

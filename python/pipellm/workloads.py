@@ -1,7 +1,8 @@
 """Serving workloads built from real model shapes (the transfer patterns pipellm predicts).
 
 Model shapes are the published configurations:
-- OPT-13B/30B/66B: the `config.json` of facebook/opt-13b, -30b, -66b on the Hugging Face Hub;
+- OPT-125M/13B/30B/66B: the `config.json` of facebook/opt-125m, -13b, -30b, -66b on the
+  Hugging Face Hub (125M is the small one for quick runs and tests);
   OPT-175B: Table 1 of Zhang et al., "OPT: Open Pre-trained Transformer Language Models"
   (2022) (96 layers, 96 heads, d_model 12288; FFN 4x).
 - Llama-2-13B/70B: the `config.json` of meta-llama/Llama-2-13b-hf and -70b-hf.
@@ -59,6 +60,7 @@ class ModelShape:
 MODELS: dict[str, ModelShape] = {
     m.name: m
     for m in [
+        ModelShape("opt-125m", 12, 768, 12, 12, 3072, "opt", "hf:facebook/opt-125m config.json"),
         ModelShape("opt-13b", 40, 5120, 40, 40, 20480, "opt", "hf:facebook/opt-13b config.json"),
         ModelShape("opt-30b", 48, 7168, 56, 56, 28672, "opt", "hf:facebook/opt-30b config.json"),
         ModelShape("opt-66b", 64, 9216, 72, 72, 36864, "opt", "hf:facebook/opt-66b config.json"),

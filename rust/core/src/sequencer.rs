@@ -350,6 +350,22 @@ impl Reservation {
             .map_err(|r| map_refused(r, Reservation))
     }
 
+    /// As `speculate_in_place`, reading `src` and writing the ciphertext to `dst` (same
+    /// length): for sources whose writes are tracked, which need no snapshot copy.
+    pub fn speculate_into(
+        self,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Outcome<(Sealed, Fallback), Reservation> {
+        if let Err(error) = crate::error::check_same_len(dst.len(), src.len()) {
+            return Err(Refused { error, token: self });
+        }
+        self.0
+            .seal(Kind::Data, Io::Copy(src, dst), 1)
+            .map(|(s, t)| (s, Fallback(t)))
+            .map_err(|r| map_refused(r, Reservation))
+    }
+
     /// Burns this position with an empty, authenticated NOP message. It carries the
     /// reservation's charge, so both ends account the key's usage identically.
     pub fn into_nop(self) -> Outcome<Message, Reservation> {

@@ -105,6 +105,13 @@ impl Drop for StagingBuf {
     }
 }
 
+/// Writes the first byte of `page` (already zero) so the kernel maps the page now.
+fn touch(page: &mut [u8]) {
+    if let Some(b) = page.first_mut() {
+        *std::hint::black_box(b) = 0;
+    }
+}
+
 /// A fixed set of staging buffers: the cap on staging memory. Taking never blocks; the
 /// pipeline's planner waits for `wait_available` instead, so the request path never does.
 pub struct StagingPool {
@@ -114,9 +121,16 @@ pub struct StagingPool {
 }
 
 impl StagingPool {
+    /// `count` buffers of `len` bytes, each touched once so its pages are resident before
+    /// the first chunk needs them (a page fault per 4 KiB would otherwise land on whichever
+    /// encryption first uses the buffer, possibly on the request path).
     pub fn new(count: usize, len: usize) -> Result<Self> {
         let free = (0..count)
-            .map(|_| StagingBuf::alloc(len))
+            .map(|_| {
+                let mut b = StagingBuf::alloc(len)?;
+                b.as_mut_slice().chunks_mut(PAGE).for_each(touch);
+                Ok(b)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_buffers(free))
     }

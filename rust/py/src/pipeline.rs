@@ -276,6 +276,12 @@ impl PyPipeline {
         Ok(d)
     }
 
+    /// Holds (True) or releases (False) the worker threads: held, they finish the chunk in
+    /// hand and start nothing new. For simulations that stop their clock.
+    fn hold_workers(&self, held: bool) {
+        self.inner.hold_workers(held);
+    }
+
     /// Forgets predictions not yet in the ring; returns how many.
     fn clear_plan(&self, py: Python<'_>) -> usize {
         let n = py.detach(|| self.inner.clear_plan());

@@ -211,6 +211,8 @@ struct Queues {
     urgent: VecDeque<Arc<OnDemand>>,
     speculative: VecDeque<Arc<Entry>>,
     closed: bool,
+    /// Threads start no new job while held (see `Pipeline::hold_workers`).
+    held: bool,
 }
 
 /// The threads' work queue: on-demand chunks (someone waits for them) before speculative ones.
@@ -238,6 +240,10 @@ impl JobQueue {
             if q.closed {
                 return None;
             }
+            if q.held {
+                q = self.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
             if let Some(j) = q.urgent.pop_front() {
                 return Some(Job::OnDemand(j));
             }
@@ -246,6 +252,11 @@ impl JobQueue {
             }
             q = self.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    pub fn hold(&self, held: bool) {
+        lock(&self.q).held = held;
+        self.cv.notify_all();
     }
 
     pub fn close(&self) {
@@ -258,10 +269,11 @@ impl JobQueue {
     }
 }
 
-/// Encrypts one speculative entry: snapshot the source into the staging buffer, fingerprint
-/// the snapshot, seal the snapshot in place. Encrypting a private snapshot (not the source
-/// itself) is what makes validation exact: the ciphertext is of precisely the fingerprinted
-/// bytes, even if the program writes the source meanwhile.
+/// Encrypts one speculative entry. With fingerprints: snapshot the source into the staging
+/// buffer, fingerprint the snapshot, seal it in place; encrypting a private snapshot is what
+/// makes the fingerprint exact (the ciphertext is of precisely the fingerprinted bytes even if
+/// the program writes the source meanwhile). With page protection: arm it, then seal straight
+/// from the source (one pass less); a write during the encryption bumps the generation.
 pub(crate) fn run_speculative(
     entry: &Entry,
     validation: Validation,
@@ -284,27 +296,34 @@ pub(crate) fn run_speculative(
             .expect("queued entry has a staging buffer");
         let len = entry.chunk.len();
         let buf = &mut staging.as_mut_slice()[..len];
-        // Page protection is armed before the snapshot, so a write racing with the copy is
-        // caught; if the pages cannot be protected, fall back to a fingerprint.
+        // Page protection is armed before the source is read, so a write racing with the
+        // encryption is caught, and the chunk can be sealed straight from the source. Without
+        // it, the chunk is sealed from a snapshot whose fingerprint is exact.
         let watched = match validation {
             Validation::PageProtection => watch(&entry.chunk),
             Validation::Fingerprint => None,
         };
-        buf.copy_from_slice(entry.chunk.bytes());
         if take_fault(&faults.panic_speculative) {
             panic!("injected fault: speculative job");
         }
-        d.check = match watched {
-            #[cfg(target_os = "linux")]
-            Some((w, stamp)) => Check::Watch(w, stamp),
-            _ => Check::Fingerprint(fingerprint(buf)),
-        };
         // The reservation leaves the entry only here; nothing below panics.
         let r = d
             .reservation
             .take()
             .expect("queued entry has its reservation");
-        match r.speculate_in_place(buf) {
+        let sealed = match watched {
+            #[cfg(target_os = "linux")]
+            Some((w, stamp)) => {
+                d.check = Check::Watch(w, stamp);
+                r.speculate_into(entry.chunk.bytes(), buf)
+            }
+            _ => {
+                buf.copy_from_slice(entry.chunk.bytes());
+                d.check = Check::Fingerprint(fingerprint(buf));
+                r.speculate_in_place(buf)
+            }
+        };
+        match sealed {
             Ok(s) => {
                 d.speculated = Some(s);
                 Ok(())

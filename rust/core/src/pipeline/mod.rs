@@ -371,9 +371,20 @@ impl Inner {
         }
     }
 
-    fn on_demand(&self, chunk: Chunk, token: OnDemandToken, out: &mut Vec<Piece>) {
+    /// Queues `chunk` for encryption on demand, into `staging` if given (the buffer of the
+    /// entry whose position it takes: its pages are resident), else a free pool buffer, else
+    /// a new allocation.
+    fn on_demand(
+        &self,
+        chunk: Chunk,
+        token: OnDemandToken,
+        staging: Option<StagingBuf>,
+        out: &mut Vec<Piece>,
+    ) {
         let offset = chunk.transfer_offset;
-        let staging = self.pool.try_take().map(|b| (b, self.me.clone()));
+        let staging = staging
+            .or_else(|| self.pool.try_take())
+            .map(|b| (b, self.me.clone()));
         let job = Arc::new(OnDemand::new(chunk, token, staging));
         if self.cfg.workers > 0 {
             self.jobs.push(Job::OnDemand(job.clone()));
@@ -403,9 +414,8 @@ impl Inner {
 
     /// Takes a popped entry's position out of it, whatever state it is in (cancelling it if
     /// no worker started, waiting if one is encrypting): its fallback if it was encrypted
-    /// (those bytes are wasted), its reservation otherwise. Returns the staging buffer to the
-    /// pool.
-    fn take_position(&self, entry: &Entry) -> Result<OnDemandToken> {
+    /// (those bytes are wasted), its reservation otherwise; and its staging buffer.
+    fn take_position(&self, entry: &Entry) -> Result<(OnDemandToken, Option<StagingBuf>)> {
         let mut data = if entry.cancel() {
             entry.lock()
         } else {
@@ -419,15 +429,16 @@ impl Inner {
         } else {
             return Err(Error::Backend("ring entry lost its position"));
         };
-        if let Some(b) = data.staging.take() {
-            self.return_staging(b);
-        }
-        Ok(token)
+        Ok((token, data.staging.take()))
     }
 
     /// Consumes the position of a popped entry with a NOP.
     fn relinquish(&self, entry: &Entry, out: &mut Vec<Piece>) -> Result<()> {
-        let nop = match self.take_position(entry)? {
+        let (token, staging) = self.take_position(entry)?;
+        if let Some(b) = staging {
+            self.return_staging(b);
+        }
+        let nop = match token {
             OnDemandToken::Replace(f) => f.into_nop().map_err(|e| e.error)?,
             OnDemandToken::Fresh(r) => r.into_nop().map_err(|e| e.error)?,
         };
@@ -441,8 +452,8 @@ impl Inner {
             // No worker started it: encrypt it now, at its own position, as plain data
             // (take_position finds it cancelled and takes the reservation).
             Stats::add(&self.stats.late, 1);
-            let token = self.take_position(entry)?;
-            self.on_demand(chunk, token, out);
+            let (token, staging) = self.take_position(entry)?;
+            self.on_demand(chunk, token, staging, out);
             return Ok(());
         }
         let mut data = self.settle(entry);
@@ -471,17 +482,16 @@ impl Inner {
                 } else {
                     Stats::add(&self.stats.stale, 1);
                     Stats::add(&self.stats.wasted_bytes, chunk.len() as u64);
-                    self.return_staging(staging);
-                    self.on_demand(chunk, OnDemandToken::Replace(fallback), out);
+                    self.on_demand(chunk, OnDemandToken::Replace(fallback), Some(staging), out);
                 }
                 Ok(())
             }
             FAILED => {
                 Stats::add(&self.stats.late, 1);
                 drop(data);
-                let token = self.take_position(entry)?;
+                let (token, staging) = self.take_position(entry)?;
                 self.warn("an encryption thread failed; the chunk was encrypted on demand".into());
-                self.on_demand(chunk, token, out);
+                self.on_demand(chunk, token, staging, out);
                 Ok(())
             }
             s => Err(Error::Backend(if s == CANCELLED {
@@ -495,8 +505,8 @@ impl Inner {
     /// Serves `chunk`, which nobody predicted, at the head entry's position. Returns the
     /// head's chunk (its prediction), to be queued again.
     fn serve_at_head(&self, entry: &Entry, chunk: Chunk, out: &mut Vec<Piece>) -> Result<Chunk> {
-        let token = self.take_position(entry)?;
-        self.on_demand(chunk, token, out);
+        let (token, staging) = self.take_position(entry)?;
+        self.on_demand(chunk, token, staging, out);
         Ok(entry.chunk.clone())
     }
 
@@ -547,7 +557,7 @@ impl Inner {
             let r = self.sender.reserve(data_charge(chunk.len() as u64))?;
             Stats::add(&self.stats.positions_reserved, 1);
             drop(plan);
-            self.on_demand(chunk, OnDemandToken::Fresh(r), out);
+            self.on_demand(chunk, OnDemandToken::Fresh(r), None, out);
             return Ok(());
         }
         Stats::add(&self.stats.misses, 1);
@@ -562,7 +572,7 @@ impl Inner {
             let r = self.sender.reserve(data_charge(chunk.len() as u64))?;
             Stats::add(&self.stats.positions_reserved, 1);
             drop(plan);
-            self.on_demand(chunk, OnDemandToken::Fresh(r), out);
+            self.on_demand(chunk, OnDemandToken::Fresh(r), None, out);
         }
         Ok(())
     }
@@ -776,6 +786,14 @@ impl Pipeline {
     /// Warnings since the last call (worker failures, paused speculation).
     pub fn take_warnings(&self) -> Vec<String> {
         std::mem::take(&mut *lock(&self.inner.warnings))
+    }
+
+    /// Holds the worker threads: they finish the chunk in hand and start nothing new until
+    /// released. For simulations that stop their clock (the replay's off-the-clock receiver
+    /// checks), so that the workers do not get free time; the request path still runs (a
+    /// chunk it needs is then encrypted by the caller).
+    pub fn hold_workers(&self, held: bool) {
+        self.inner.jobs.hold(held);
     }
 
     /// Fault injection for tests.

@@ -1,0 +1,162 @@
+"""The `pipellm` command.
+
+    pipellm bench [--workload flexgen-opt-13b] [--link-gbps 16] [--workers 2] [--json]
+
+replays a serving workload through the secure channel on a simulated device in four modes
+(plain, cc, cc-parallel, pipellm) and prints throughput and overhead against plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from . import __version__, replay
+from .workloads import MODELS
+
+
+def _progress(label: str) -> Any:
+    def show(done: int, total: int) -> None:
+        if not sys.stderr.isatty() and done not in (total,):
+            return
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\r  {label:12} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def bench(args: argparse.Namespace) -> int:
+    kind, _, model = args.workload.partition("-")
+    if kind != "flexgen" or model not in MODELS:
+        names = ", ".join(f"flexgen-{m}" for m in MODELS)
+        print(
+            f"pipellm bench: unknown workload {args.workload!r}; available: {names}",
+            file=sys.stderr,
+        )
+        return 2
+    shape = MODELS[model]
+    w = replay.flexgen(
+        shape, steps=args.steps, distinct_layers=args.distinct_layers, max_layers=args.max_layers
+    )
+    chunk = args.chunk_mib << 20
+    capacity = replay.encryption_capacity(w, args.workers, chunk)
+    results: dict[str, Any] = {}
+    if not args.json:
+        print(f"pipellm {__version__} bench: {w.name}\n  {w.note}")
+        for line in replay.describe_model():
+            print(f"  {line}")
+        print(
+            f"  link {args.link_gbps:g} GB/s; {args.workers} encryption workers;"
+            f" chunks of {args.chunk_mib} MiB; host: {os.cpu_count()} cores"
+        )
+    for mode in args.modes:
+        results[mode] = replay.run(
+            w,
+            mode,
+            link_gbps=args.link_gbps,
+            workers=args.workers,
+            chunk_bytes=chunk,
+            depth=args.depth,
+            progress=None if args.json else _progress(mode),
+        )
+    plain = results.get("plain")
+    demand = w.bytes_total / plain["elapsed_s"] if plain else None
+    out = {
+        "workload": w.name,
+        "device": f"simulated H100 (roofline), {args.link_gbps:g} GB/s link",
+        "note": w.note,
+        "modelled": replay.describe_model(),
+        "encryption_capacity_Bps": capacity,
+        "demand_Bps": demand,
+        "modes": {},
+    }
+    for mode, r in results.items():
+        entry = {k: r[k] for k in ("throughput", "elapsed_s", "tokens", "bytes", "bytes_verified")}
+        if plain:
+            entry["overhead_vs_plain"] = 1 - r["throughput"] / plain["throughput"]
+        if r["pipeline"]:
+            entry["pipeline"] = r["pipeline"]
+        out["modes"][mode] = entry
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    print(
+        f"\n  encryption capacity ({args.workers} workers, on this workload):"
+        f" {capacity / 1e9:.1f} GB/s; workload demand (bytes per second of plain run):"
+        f" {demand / 1e9:.1f} GB/s"
+        if demand
+        else ""
+    )
+    if demand and capacity < demand:
+        print(
+            "  capacity < demand: the CPU is the limit; pipellm cannot beat capacity/demand"
+            f" = {capacity / demand:.0%} of plain"
+        )
+    print(
+        f"\n  {'mode':12} {'tokens/s':>10} {'vs plain':>9} {'hits':>6} {'on-demand':>10}"
+        f" {'verified':>9}"
+    )
+    for mode, e in out["modes"].items():
+        p = e.get("pipeline") or {}
+        ov = f"{-e['overhead_vs_plain']:+.1%}" if "overhead_vs_plain" in e else "-"
+        ov = ov.replace("-0.0%", "+0.0%")
+        od = p.get("bytes_on_demand")
+        print(
+            f"  {mode:12} {e['throughput']:10.2f} {ov:>9} {p.get('hits', '-'):>6}"
+            f" {'-' if od is None else f'{od / 2**20:.0f} MiB':>10}"
+            f" {'all' if e['bytes_verified'] == e['bytes'] else 'NO':>9}"
+        )
+    return 0 if all(e["bytes_verified"] == e["bytes"] for e in out["modes"].values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pipellm", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="replay a serving workload in plain, cc, cc-parallel, pipellm")
+    b.add_argument(
+        "--workload",
+        default="flexgen-opt-13b",
+        help="flexgen-<model>, model one of " + ", ".join(MODELS),
+    )
+    b.add_argument(
+        "--link-gbps",
+        type=float,
+        default=4.0,
+        help="simulated CPU-GPU link bandwidth, GB/s (default 4)",
+    )
+    b.add_argument("--workers", type=int, default=2, help="encryption threads (default 2)")
+    b.add_argument("--steps", type=int, default=1, help="decode steps (default 1)")
+    b.add_argument(
+        "--max-layers",
+        type=int,
+        default=16,
+        help="layers streamed per step (default 16; 0: all of the model's)",
+    )
+    b.add_argument(
+        "--distinct-layers",
+        type=int,
+        default=3,
+        help="distinct layer buffers held in memory (default 3)",
+    )
+    b.add_argument("--chunk-mib", type=int, default=4, help="chunk size in MiB (default 4)")
+    b.add_argument("--depth", type=int, default=2, help="transfers predicted ahead (default 2)")
+    b.add_argument("--modes", nargs="+", default=list(replay.MODES), choices=replay.MODES)
+    b.add_argument("--json", action="store_true", help="print one JSON document")
+    args = ap.parse_args(argv)
+    if args.max_layers == 0:
+        args.max_layers = None
+    if args.command == "bench":
+        return bench(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Replaying a serving workload through the secure channel on a simulated device.
+
+What is measured and what is modelled (printed with every result):
+- **Measured**: all CPU work of the host on the wall clock: encryption (on demand or by the
+  pipeline's workers), request routing, validation, waiting. Real bytes, real AES-GCM.
+- **Modelled**: the device. Its compute is a wait on a device timeline whose durations come
+  from an H100 roofline (below); a DMA takes `bytes / link bandwidth` and the link carries one
+  transfer at a time. The device's decryption runs in the CPU receiver model, with the clock
+  paused (off the timed path; the pipeline's workers are held meanwhile, so they get no free
+  time), and checks every byte delivered in every mode.
+
+H100 roofline (NVIDIA H100 SXM5 datasheet): 989 TFLOP/s dense FP16/BF16, 3.35 TB/s HBM3. A
+decode step of one layer for a batch of `b` sequences with `ctx` tokens of context takes
+max(2 * params * b / FLOPS, (2 * params + KV bytes read) / HBM).
+
+The host issues the transfer for step k once the device has started computing step k - 1
+(FlexGen's one-layer prefetch), so in `plain` mode a transfer-bound workload runs at the link
+speed and the CC modes show what encryption adds on top. The clock starts after set-up, as
+the pipeline is told its first predictions: pipellm gets no head start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._core import Pipeline, Receiver, SessionKey
+from .predictors import LayerCycle
+from .speculator import Speculator
+from .workloads import ModelShape
+
+H100_FLOPS = 989e12
+H100_HBM_BPS = 3.35e12
+MODES = ("plain", "cc", "cc-parallel", "pipellm")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transfer to the device, then the device compute that needs it."""
+
+    key: Hashable
+    buf: np.ndarray
+    compute_s: float
+    tokens: int  # tokens finished when this step's compute ends
+
+
+@dataclass
+class Workload:
+    name: str
+    steps: list[Step]
+    predictor: Callable[[], Any]  # the hint-taking predictor for the pipellm mode
+    note: str
+    buffers: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(s.buf.nbytes for s in self.steps)
+
+
+def layer_decode_seconds(shape: ModelShape, batch: int, ctx: int) -> float:
+    params = shape.layer_weight_bytes() / 2
+    kv_read = 2 * batch * ctx * shape.kv_heads * shape.head_dim * 2
+    return max(2 * params * batch / H100_FLOPS, (2 * params + kv_read) / H100_HBM_BPS)
+
+
+def flexgen(
+    shape: ModelShape,
+    steps: int,
+    distinct_layers: int,
+    batch: int = 32,
+    ctx: int = 512,
+    max_layers: int | None = None,
+    seed: int = 0,
+) -> Workload:
+    """FlexGen weight offloading: every decode step streams every layer's weights. Memory
+    holds `distinct_layers` real layer buffers (full size); layer i uses buffer
+    i % distinct_layers, so the byte counts and chunking are the model's own.
+    `max_layers` streams only the first layers of each step (a shorter run, same shapes)."""
+    rng = np.random.default_rng(seed)
+    nbytes = shape.layer_weight_bytes()
+    bufs = [rng.integers(0, 256, nbytes, dtype=np.uint8) for _ in range(distinct_layers)]
+    t = layer_decode_seconds(shape, batch, ctx)
+    n = min(shape.layers, max_layers or shape.layers)
+    order = [("layer", i) for i in range(n)]
+    plan = [
+        Step(key, bufs[i % distinct_layers], t, batch if i == n - 1 else 0)
+        for _ in range(steps)
+        for i, key in enumerate(order)
+    ]
+    scaled = "" if n == shape.layers else f" (first {n} of {shape.layers} layers per step)"
+    note = (
+        f"{shape.name} ({shape.source}): layers of {nbytes / 2**20:.0f} MiB fp16{scaled},"
+        f" {distinct_layers} distinct in memory; batch {batch}, context {ctx};"
+        f" {steps} decode step(s)"
+    )
+    return Workload(f"flexgen-{shape.name}", plan, lambda: LayerCycle(order), note, bufs)
+
+
+class Clock:
+    """Wall clock that can be paused (for work that is not on the timed path). While paused,
+    the pipeline's workers are held too, so nobody gets free time."""
+
+    def __init__(self, pipe: Pipeline | None = None) -> None:
+        self._t0 = time.perf_counter()
+        self._paused = 0.0
+        self._pipe = pipe
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0 - self._paused
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if self._pipe is not None:
+            self._pipe.hold_workers(True)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t
+            if self._pipe is not None:
+                self._pipe.hold_workers(False)
+
+    def sleep_until(self, t: float) -> None:
+        while (d := t - self.now()) > 0:
+            time.sleep(min(d, 0.05))
+
+
+class SimDevice:
+    def __init__(self, link_bps: float) -> None:
+        self.link_bps = link_bps
+        self.link_free = 0.0
+        self.compute_free = 0.0
+
+    def dma(self, nbytes: int, ready_at: float) -> float:
+        start = max(ready_at, self.link_free)
+        self.link_free = start + nbytes / self.link_bps
+        return self.link_free
+
+    def compute(self, seconds: float, after: float) -> float:
+        start = max(after, self.compute_free)
+        self.compute_free = start + seconds
+        return start
+
+
+def run(
+    workload: Workload,
+    mode: str,
+    *,
+    link_gbps: float,
+    workers: int,
+    chunk_bytes: int = 4 << 20,
+    depth: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Replays `workload` in `mode`; returns throughput and what was verified."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    key = SessionKey.generate()
+    rx = Receiver(key)
+    largest = max(s.buf.nbytes for s in workload.steps)
+    dst = np.empty(largest, dtype=np.uint8)  # the device's buffer (receiver model)
+    chunks_per_step = -(-largest // chunk_bytes)
+    pipe: Pipeline | None = None
+    spec: Speculator | None = None
+    if mode in ("cc", "cc-parallel"):
+        # On demand into reused, resident staging buffers (as the driver's bounce buffers):
+        # "cc" has no worker, so the calling thread encrypts chunk by chunk and each chunk's
+        # DMA starts as soon as it is sealed; "cc-parallel" adds the workers, no speculation.
+        slots = chunks_per_step
+        pipe = Pipeline(
+            key,
+            slots=slots,
+            chunk_bytes=chunk_bytes,
+            workers=0 if mode == "cc" else workers,
+            max_staging_bytes=slots * chunk_bytes,
+        )
+    elif mode == "pipellm":
+        slots = chunks_per_step * (depth + 1)
+        pipe = Pipeline(
+            key,
+            slots=slots,
+            chunk_bytes=chunk_bytes,
+            workers=workers,
+            validation="protect",
+            max_staging_bytes=slots * chunk_bytes,
+        )
+        spec = Speculator(pipe, workload.predictor(), depth=depth)
+        for s in workload.steps:
+            spec.register(s.key, s.buf)
+    # The clock starts after set-up (staging allocation), right after the pipeline was told
+    # its first predictions: no head start, so a short run shows pipellm's cold start too.
+    clock, dev = Clock(pipe), SimDevice(link_gbps * 1e9)
+    if spec is not None:
+        spec.prime()
+    verified = 0
+    compute_start_prev = 0.0
+    tokens = 0
+    try:
+        for k, step in enumerate(workload.steps):
+            if k:
+                clock.sleep_until(compute_start_prev)  # one-step prefetch, as FlexGen
+            buf = step.buf
+            arrival = clock.now()
+            if mode == "plain":
+                arrival = dev.dma(buf.nbytes, clock.now())
+                with clock.paused():
+                    np.copyto(dst[: buf.nbytes], buf)
+                    verified += buf.nbytes if np.array_equal(dst[: buf.nbytes], buf) else 0
+            else:
+                assert pipe is not None
+                transfer = spec.request(step.key, buf) if spec else pipe.request(buf)
+                msgs = []
+                for m in transfer:  # taking a message waits for (or does) its encryption
+                    arrival = dev.dma(len(m), clock.now())
+                    msgs.append((m.offset, m))
+                with clock.paused():  # the device's decryption, off the timed path
+                    view = memoryview(dst)
+                    for off, m in msgs:
+                        rx.open_into(m, view[off : off + len(m)])
+                    del msgs
+                    if np.array_equal(dst[: buf.nbytes], buf):
+                        verified += buf.nbytes
+            compute_start_prev = dev.compute(step.compute_s, arrival)
+            tokens += step.tokens
+            if progress:
+                progress(k + 1, len(workload.steps))
+        clock.sleep_until(dev.compute_free)
+        elapsed = dev.compute_free
+        stats = pipe.stats() if pipe else None
+        if pipe is not None:
+            with clock.paused():
+                for m in pipe.relinquish():
+                    rx.open_into(m, bytearray(0))
+                assert rx.expected_counter == pipe.stats()["positions_reserved"]
+    finally:
+        if pipe is not None:
+            pipe.close()
+    return {
+        "throughput": tokens / elapsed,
+        "elapsed_s": elapsed,
+        "tokens": tokens,
+        "bytes": workload.bytes_total,
+        "bytes_verified": verified,
+        "pipeline": stats,
+    }
+
+
+def encryption_capacity(workload: Workload, workers: int, chunk_bytes: int = 4 << 20) -> float:
+    """Bytes/s the pipeline's workers pre-encrypt on this machine, measured now on the
+    workload's own buffers (cold in cache, page protection armed, as in the `pipellm` mode):
+    the supply side to compare with the workload's demand."""
+    key = SessionKey.generate()
+    buf = max(workload.buffers or [s.buf for s in workload.steps], key=lambda b: b.nbytes)
+    n = -(-buf.nbytes // chunk_bytes)
+    with Pipeline(
+        key,
+        slots=n,
+        chunk_bytes=chunk_bytes,
+        workers=max(workers, 1),
+        validation="protect",
+        max_staging_bytes=n * chunk_bytes,
+    ) as pipe:
+        t0 = time.perf_counter()
+        pipe.predict([buf])
+        while pipe.stats()["chunks_pre_encrypted"] < n:
+            time.sleep(0.0002)
+        return buf.nbytes / (time.perf_counter() - t0)
+
+
+def describe_model() -> Sequence[str]:
+    return [
+        "measured: host CPU work on the wall clock (encryption, routing, validation)",
+        f"modelled: device compute from an H100 roofline ({H100_FLOPS / 1e12:.0f} TFLOP/s,"
+        f" {H100_HBM_BPS / 1e12:.2f} TB/s), DMA = bytes / link bandwidth, one at a time",
+        "verified off the clock: the receiver model decrypts and checks every byte delivered",
+    ]

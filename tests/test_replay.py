@@ -1,0 +1,67 @@
+"""The workload replay and `pipellm bench` (on OPT-125M shapes, small enough for CI)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipellm import replay
+from pipellm.workloads import MODELS
+
+
+@pytest.mark.parametrize("mode", replay.MODES)
+def test_every_mode_delivers_and_verifies_every_byte(mode: str) -> None:
+    w = replay.flexgen(MODELS["opt-125m"], steps=2, distinct_layers=2, max_layers=4)
+    r = replay.run(w, mode, link_gbps=8, workers=2, chunk_bytes=1 << 20)
+    assert r["bytes_verified"] == r["bytes"] == w.bytes_total > 0
+    assert r["tokens"] == 2 * 32 and r["throughput"] > 0
+    if mode == "pipellm":
+        assert r["pipeline"]["hits"] > 0
+
+
+def test_plain_mode_runs_at_link_speed_for_a_transfer_bound_workload() -> None:
+    w = replay.flexgen(MODELS["opt-125m"], steps=1, distinct_layers=1, max_layers=4)
+    r = replay.run(w, "plain", link_gbps=1, workers=1, chunk_bytes=1 << 20)
+    link_time = w.bytes_total / 1e9
+    assert link_time <= r["elapsed_s"] < link_time * 1.5 + 0.05
+
+
+def test_cli_json_reports_all_modes() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipellm.cli",
+            "bench",
+            "--workload",
+            "flexgen-opt-125m",
+            "--max-layers",
+            "3",
+            "--distinct-layers",
+            "1",
+            "--chunk-mib",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    doc = json.loads(out)
+    assert doc["workload"] == "flexgen-opt-125m"
+    assert set(doc["modes"]) == set(replay.MODES)
+    for m in doc["modes"].values():
+        assert m["throughput"] > 0 and m["bytes_verified"] == m["bytes"]
+    assert doc["modes"]["plain"]["overhead_vs_plain"] == 0
+
+
+def test_cli_rejects_unknown_workloads() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pipellm.cli", "bench", "--workload", "x-y"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "available" in r.stderr
