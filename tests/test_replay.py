@@ -65,3 +65,19 @@ def test_cli_rejects_unknown_workloads() -> None:
         text=True,
     )
     assert r.returncode == 2 and "available" in r.stderr
+
+
+@pytest.mark.parametrize("make", ["vllm_swap", "multi_lora"])
+@pytest.mark.parametrize("mode", replay.MODES)
+def test_swap_and_lora_workloads_verify_every_byte(make: str, mode: str) -> None:
+    shape = MODELS["opt-125m"]
+    w = (
+        replay.vllm_swap(shape, rounds=2)
+        if make == "vllm_swap"
+        else replay.multi_lora(shape, iterations=4, adapters=4, batch=2, change_every=2)
+    )
+    r = replay.run(w, mode, link_gbps=8, workers=2)
+    assert r["bytes_verified"] == r["bytes"] == w.bytes_total > 0
+    assert r["tokens"] > 0
+    if mode == "pipellm":
+        assert r["pipeline"]["hits"] > 0  # the hint-driven predictor pre-encrypted them

@@ -1,6 +1,6 @@
 """The `pipellm` command.
 
-    pipellm bench [--workload flexgen-opt-13b] [--link-gbps 16] [--workers 2] [--json]
+    pipellm bench [--workload flexgen-opt-13b] [--link-gbps 4] [--workers 2] [--json]
 
 replays a serving workload through the secure channel on a simulated device in four modes
 (plain, cc, cc-parallel, pipellm) and prints throughput and overhead against plain.
@@ -32,20 +32,37 @@ def _progress(label: str) -> Any:
     return show
 
 
+KINDS = ("flexgen", "vllm-swap", "lora")
+
+
+def make_workload(args: argparse.Namespace) -> replay.Workload | None:
+    for kind in KINDS:
+        model = args.workload.removeprefix(kind + "-")
+        if model != args.workload and model in MODELS:
+            shape = MODELS[model]
+            if kind == "flexgen":
+                return replay.flexgen(
+                    shape,
+                    steps=args.steps,
+                    distinct_layers=args.distinct_layers,
+                    max_layers=args.max_layers,
+                )
+            if kind == "vllm-swap":
+                return replay.vllm_swap(shape, rounds=args.rounds)
+            return replay.multi_lora(shape, iterations=args.iterations, rank=args.rank)
+    return None
+
+
 def bench(args: argparse.Namespace) -> int:
-    kind, _, model = args.workload.partition("-")
-    if kind != "flexgen" or model not in MODELS:
-        names = ", ".join(f"flexgen-{m}" for m in MODELS)
+    w = make_workload(args)
+    if w is None:
+        names = ", ".join(f"{k}-{m}" for k in KINDS for m in MODELS)
         print(
             f"pipellm bench: unknown workload {args.workload!r}; available: {names}",
             file=sys.stderr,
         )
         return 2
-    shape = MODELS[model]
-    w = replay.flexgen(
-        shape, steps=args.steps, distinct_layers=args.distinct_layers, max_layers=args.max_layers
-    )
-    chunk = args.chunk_mib << 20
+    chunk = (args.chunk_mib << 20) if args.chunk_mib else w.chunk_bytes
     capacity = replay.encryption_capacity(w, args.workers, chunk)
     results: dict[str, Any] = {}
     if not args.json:
@@ -54,7 +71,7 @@ def bench(args: argparse.Namespace) -> int:
             print(f"  {line}")
         print(
             f"  link {args.link_gbps:g} GB/s; {args.workers} encryption workers;"
-            f" chunks of {args.chunk_mib} MiB; host: {os.cpu_count()} cores"
+            f" chunks of {chunk / 2**20:g} MiB; host: {os.cpu_count()} cores"
         )
     for mode in args.modes:
         results[mode] = replay.run(
@@ -63,7 +80,7 @@ def bench(args: argparse.Namespace) -> int:
             link_gbps=args.link_gbps,
             workers=args.workers,
             chunk_bytes=chunk,
-            depth=args.depth,
+            depth=args.depth or None,
             progress=None if args.json else _progress(mode),
         )
     plain = results.get("plain")
@@ -124,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--workload",
         default="flexgen-opt-13b",
-        help="flexgen-<model>, model one of " + ", ".join(MODELS),
+        help="flexgen-<model>, vllm-swap-<model> or lora-<model>; model one of "
+        + ", ".join(MODELS),
     )
     b.add_argument(
         "--link-gbps",
@@ -146,8 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="distinct layer buffers held in memory (default 3)",
     )
-    b.add_argument("--chunk-mib", type=int, default=4, help="chunk size in MiB (default 4)")
-    b.add_argument("--depth", type=int, default=2, help="transfers predicted ahead (default 2)")
+    b.add_argument(
+        "--chunk-mib",
+        type=int,
+        default=0,
+        help="chunk size in MiB (default: the workload's, 4 for flexgen)",
+    )
+    b.add_argument("--rounds", type=int, default=8, help="vllm-swap: preemption rounds")
+    b.add_argument("--iterations", type=int, default=40, help="lora: decode iterations")
+    b.add_argument("--rank", type=int, default=16, help="lora: adapter rank (8-64)")
+    b.add_argument(
+        "--depth", type=int, default=0, help="transfers predicted ahead (default: the workload's)"
+    )
     b.add_argument("--modes", nargs="+", default=list(replay.MODES), choices=replay.MODES)
     b.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args(argv)

@@ -47,6 +47,13 @@ class Step:
     buf: np.ndarray
     compute_s: float
     tokens: int  # tokens finished when this step's compute ends
+    # Issue the transfer only once the device has started the previous step's compute
+    # (FlexGen's one-layer prefetch). False: issue right away (a batch of copies, as vLLM's
+    # swap-in or an adapter load issues them back to back).
+    sync: bool = True
+    # What a hint-taking predictor learns just before this transfer: ("swap_out", key) or
+    # ("enqueue", key).
+    hints: tuple[tuple[str, Hashable], ...] = ()
 
 
 @dataclass
@@ -56,6 +63,8 @@ class Workload:
     predictor: Callable[[], Any]  # the hint-taking predictor for the pipellm mode
     note: str
     buffers: list[np.ndarray] = field(default_factory=list)
+    depth: int = 2  # transfers predicted ahead in the pipellm mode
+    chunk_bytes: int = 4 << 20
 
     @property
     def bytes_total(self) -> int:
@@ -99,6 +108,123 @@ def flexgen(
         f" {steps} decode step(s)"
     )
     return Workload(f"flexgen-{shape.name}", plan, lambda: LayerCycle(order), note, bufs)
+
+
+def model_decode_seconds(shape: ModelShape, batch: int, ctx: int) -> float:
+    """One decode step of the whole model (weights resident on the device)."""
+    return shape.layers * layer_decode_seconds(shape, batch, ctx)
+
+
+def vllm_swap(
+    shape: ModelShape,
+    rounds: int,
+    running: int = 8,
+    preempted: int = 2,
+    blocks_per_seq: int = 4,
+    ctx: int = 512,
+    seed: int = 0,
+) -> Workload:
+    """vLLM V0-style KV swapping (see `workloads.vllm_swap_stream`): each round swaps the
+    preempted sequences' blocks in (one copy per CPU block, layer and K/V, all layers of the
+    model, real block size), then the device runs one decode step of the batch."""
+    from .predictors import SwapFifo
+    from .workloads import vllm_swap_stream
+
+    nbytes = shape.kv_block_bytes()
+    rng = np.random.default_rng(seed)
+    bufs: dict[Hashable, np.ndarray] = {}
+    steps: list[Step] = []
+    hints: list[tuple[str, Hashable]] = []
+    prev = "hint"
+    events = vllm_swap_stream(rounds, running, preempted, blocks_per_seq, shape.layers, seed)
+    decode = model_decode_seconds(shape, running, ctx)
+    for ev in events:
+        if ev[0] == "hint":
+            if prev == "h2d":  # a round ended: its last copy carries the decode step
+                last = steps[-1]
+                steps[-1] = Step(last.key, last.buf, decode, running, last.sync, last.hints)
+            hints.append((ev[1], ev[2]))  # type: ignore[misc]
+            prev = "hint"
+            continue
+        k = ev[1]
+        if k not in bufs:
+            bufs[k] = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        steps.append(Step(k, bufs[k], 0.0, 0, sync=prev == "hint", hints=tuple(hints)))
+        hints = []
+        prev = "h2d"
+    last = steps[-1]
+    steps[-1] = Step(last.key, last.buf, decode, running, last.sync, last.hints)
+    per_round = preempted * blocks_per_seq * shape.layers * 2
+    note = (
+        f"{shape.name} ({shape.source}): KV blocks of 16 tokens, {nbytes >> 10} KiB per"
+        f" layer and K/V; {rounds} rounds swapping {preempted} of {running} sequences"
+        f" ({per_round} copies per round), a decode step of the batch after each"
+    )
+    return Workload(
+        f"vllm-swap-{shape.name}",
+        steps,
+        SwapFifo,
+        note,
+        list(bufs.values()),
+        depth=per_round,
+        chunk_bytes=1 << 20,
+    )
+
+
+def multi_lora(
+    shape: ModelShape,
+    iterations: int,
+    rank: int = 16,
+    adapters: int = 16,
+    batch: int = 4,
+    change_every: int = 10,
+    ctx: int = 512,
+    seed: int = 0,
+) -> Workload:
+    """Multi-LoRA serving (see `workloads.multi_lora_stream`): each decode iteration loads
+    the running batch's adapters layer by layer (rank-`rank` adapters on q, k, v, o), then
+    the device runs one decode step of the base model."""
+    from .predictors import AdapterQueue
+    from .workloads import multi_lora_stream
+
+    nbytes = shape.lora_layer_bytes(rank)
+    rng = np.random.default_rng(seed)
+    bufs: dict[Hashable, np.ndarray] = {}
+    steps: list[Step] = []
+    hints: list[tuple[str, Hashable]] = []
+    prev = "hint"
+    decode = model_decode_seconds(shape, batch, ctx)
+    events = multi_lora_stream(iterations, adapters, batch, shape.layers, change_every, seed)
+    for ev in events:
+        if ev[0] == "hint":
+            if prev == "h2d":
+                last = steps[-1]
+                steps[-1] = Step(last.key, last.buf, decode, batch, last.sync, last.hints)
+            hints.append((ev[1], ev[2]))  # type: ignore[misc]
+            prev = "hint"
+            continue
+        k = ev[1]
+        if k not in bufs:
+            bufs[k] = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        steps.append(Step(k, bufs[k], 0.0, 0, sync=prev == "hint", hints=tuple(hints)))
+        hints = []
+        prev = "h2d"
+    last = steps[-1]
+    steps[-1] = Step(last.key, last.buf, decode, batch, last.sync, last.hints)
+    note = (
+        f"{shape.name} ({shape.source}): rank-{rank} adapters, {nbytes / 2**20:.2f} MiB per"
+        f" layer, {adapters} adapters, batch {batch} (one request changes every"
+        f" {change_every} iterations); {iterations} decode iterations"
+    )
+    return Workload(
+        f"lora-{shape.name}",
+        steps,
+        AdapterQueue,
+        note,
+        list(bufs.values()),
+        depth=2 * batch * shape.layers,
+        chunk_bytes=2 << 20,
+    )
 
 
 class Clock:
@@ -153,25 +279,36 @@ def run(
     *,
     link_gbps: float,
     workers: int,
-    chunk_bytes: int = 4 << 20,
-    depth: int = 2,
+    chunk_bytes: int | None = None,
+    depth: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Replays `workload` in `mode`; returns throughput and what was verified."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    chunk_bytes = chunk_bytes or workload.chunk_bytes
+    depth = depth or workload.depth
     key = SessionKey.generate()
     rx = Receiver(key)
     largest = max(s.buf.nbytes for s in workload.steps)
     dst = np.empty(largest, dtype=np.uint8)  # the device's buffer (receiver model)
     chunks_per_step = -(-largest // chunk_bytes)
+    # Messages stay alive (holding their staging) from their transfer to the next
+    # synchronisation point, where the receiver model checks them: size every pool for the
+    # largest such group, so no mode runs short of resident staging.
+    group = held = 0
+    for s_ in workload.steps:
+        if s_.sync:
+            group = 0
+        group += -(-s_.buf.nbytes // chunk_bytes)
+        held = max(held, group)
     pipe: Pipeline | None = None
     spec: Speculator | None = None
     if mode in ("cc", "cc-parallel"):
         # On demand into reused, resident staging buffers (as the driver's bounce buffers):
         # "cc" has no worker, so the calling thread encrypts chunk by chunk and each chunk's
         # DMA starts as soon as it is sealed; "cc-parallel" adds the workers, no speculation.
-        slots = chunks_per_step
+        slots = max(held, 2)
         pipe = Pipeline(
             key,
             slots=slots,
@@ -180,7 +317,7 @@ def run(
             max_staging_bytes=slots * chunk_bytes,
         )
     elif mode == "pipellm":
-        slots = chunks_per_step * (depth + 1)
+        slots = held + chunks_per_step * depth
         pipe = Pipeline(
             key,
             slots=slots,
@@ -200,17 +337,42 @@ def run(
     verified = 0
     compute_start_prev = 0.0
     tokens = 0
+    # Transfers not checked yet: the receiver model checks them in batches, with the clock
+    # stopped, at each synchronisation point (one pause per batch of copies, not per copy).
+    pending: list[tuple[np.ndarray, list[Any] | None]] = []
+    pending_bytes = 0
+
+    def check_pending() -> int:
+        ok = 0
+        with clock.paused():  # the device's decryption, off the timed path
+            view = memoryview(dst)
+            for src, msgs in pending:
+                n = src.nbytes
+                if msgs is None:  # plain: the bytes themselves arrive
+                    np.copyto(dst[:n], src)
+                else:
+                    for off, m in msgs:
+                        rx.open_into(m, view[off : off + len(m)])
+                if np.array_equal(dst[:n], src):
+                    ok += n
+        pending.clear()
+        return ok
+
     try:
         for k, step in enumerate(workload.steps):
-            if k:
+            if k and (step.sync or pending_bytes > 256 << 20):
+                verified += check_pending()
+                pending_bytes = 0
+            if k and step.sync:
                 clock.sleep_until(compute_start_prev)  # one-step prefetch, as FlexGen
+            if spec is not None:
+                for kind, hinted in step.hints:
+                    spec.hint(kind, hinted)
             buf = step.buf
             arrival = clock.now()
             if mode == "plain":
                 arrival = dev.dma(buf.nbytes, clock.now())
-                with clock.paused():
-                    np.copyto(dst[: buf.nbytes], buf)
-                    verified += buf.nbytes if np.array_equal(dst[: buf.nbytes], buf) else 0
+                pending.append((buf, None))
             else:
                 assert pipe is not None
                 transfer = spec.request(step.key, buf) if spec else pipe.request(buf)
@@ -218,17 +380,13 @@ def run(
                 for m in transfer:  # taking a message waits for (or does) its encryption
                     arrival = dev.dma(len(m), clock.now())
                     msgs.append((m.offset, m))
-                with clock.paused():  # the device's decryption, off the timed path
-                    view = memoryview(dst)
-                    for off, m in msgs:
-                        rx.open_into(m, view[off : off + len(m)])
-                    del msgs
-                    if np.array_equal(dst[: buf.nbytes], buf):
-                        verified += buf.nbytes
+                pending.append((buf, msgs))
+            pending_bytes += buf.nbytes
             compute_start_prev = dev.compute(step.compute_s, arrival)
             tokens += step.tokens
             if progress:
                 progress(k + 1, len(workload.steps))
+        verified += check_pending()
         clock.sleep_until(dev.compute_free)
         elapsed = dev.compute_free
         stats = pipe.stats() if pipe else None
@@ -250,13 +408,22 @@ def run(
     }
 
 
-def encryption_capacity(workload: Workload, workers: int, chunk_bytes: int = 4 << 20) -> float:
+def encryption_capacity(
+    workload: Workload, workers: int, chunk_bytes: int = 4 << 20, sample_bytes: int = 256 << 20
+) -> float:
     """Bytes/s the pipeline's workers pre-encrypt on this machine, measured now on the
-    workload's own buffers (cold in cache, page protection armed, as in the `pipellm` mode):
-    the supply side to compare with the workload's demand."""
+    workload's own buffers (up to `sample_bytes` of them, cold in cache, page protection
+    armed, as in the `pipellm` mode): the supply side to compare with the demand."""
     key = SessionKey.generate()
-    buf = max(workload.buffers or [s.buf for s in workload.steps], key=lambda b: b.nbytes)
-    n = -(-buf.nbytes // chunk_bytes)
+    seen: set[int] = set()
+    sample: list[np.ndarray] = []
+    total = 0
+    for st in workload.steps:
+        if id(st.buf) not in seen and total < sample_bytes:
+            seen.add(id(st.buf))
+            sample.append(st.buf)
+            total += st.buf.nbytes
+    n = sum(-(-b.nbytes // chunk_bytes) for b in sample)
     with Pipeline(
         key,
         slots=n,
@@ -266,10 +433,10 @@ def encryption_capacity(workload: Workload, workers: int, chunk_bytes: int = 4 <
         max_staging_bytes=n * chunk_bytes,
     ) as pipe:
         t0 = time.perf_counter()
-        pipe.predict([buf])
+        pipe.predict(sample)
         while pipe.stats()["chunks_pre_encrypted"] < n:
             time.sleep(0.0002)
-        return buf.nbytes / (time.perf_counter() - t0)
+        return total / (time.perf_counter() - t0)
 
 
 def describe_model() -> Sequence[str]:

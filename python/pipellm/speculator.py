@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
@@ -25,7 +26,11 @@ class Speculator:
         self.predictor: Predictor = predictor if predictor is not None else Learned()
         self.depth = depth
         self._specs: dict[Hashable, tuple[Any, int, int | None]] = {}
-        self._issued: list[Hashable] = []  # handed to the pipeline, in order, not yet requested
+        # handed to the pipeline, in order, not yet requested
+        self._issued: deque[Hashable] = deque()
+        # The last top-up found nothing new and no hint arrived since: asking the predictor
+        # again would find nothing either (hint-driven predictors only learn from hints).
+        self._exhausted = False
 
     def register(self, key: Hashable, buf: Any, offset: int = 0, length: int | None = None) -> None:
         """Names a transfer before it is first requested (so hint-driven predictors can
@@ -35,6 +40,20 @@ class Speculator:
     def prime(self) -> None:
         """Asks the predictor for the first transfers before any request (hint-taking
         predictors know them: a layer cycle starts at its first layer)."""
+        self._top_up(force=True)
+
+    def hint(self, kind: str, key: Hashable) -> None:
+        """Passes a serving event to a hint-taking predictor: "swap_out" (a block left the
+        device) for `SwapFifo`, "enqueue" (a request's adapter will be needed) for
+        `AdapterQueue`; other predictors ignore it."""
+        p: Any = self.predictor
+        if kind == "swap_out" and hasattr(p, "swapped_out"):
+            p.swapped_out(key)
+        elif kind == "enqueue" and hasattr(p, "enqueue"):
+            p.enqueue(key)
+        else:
+            return
+        self._exhausted = False
         self._top_up()
 
     def request(
@@ -42,20 +61,30 @@ class Speculator:
     ) -> Transfer:
         self._specs[key] = (buf, offset, length)
         transfer = self.pipe.request(buf, offset, length)
-        if key in self._issued:
-            # Everything predicted before it was skipped (the pipeline sent NOPs for it).
-            del self._issued[: self._issued.index(key) + 1]
+        if self._issued and self._issued[0] == key:
+            self._issued.popleft()  # the common case, O(1)
+        else:
+            self._exhausted = False  # a surprise: the predictor may now say more
+            if key in self._issued:
+                # Everything predicted before it was skipped (the pipeline sent NOPs for it).
+                for _ in range(list(self._issued).index(key) + 1):
+                    self._issued.popleft()
         self.predictor.observe(key)
         self._top_up()
         return transfer
 
-    def _top_up(self) -> None:
+    def _top_up(self, force: bool = False) -> None:
+        # Amortised: refill only once half the lookahead is used up, so the O(depth) work
+        # below costs O(1) per request (it sits on the request path).
+        if not force and (len(self._issued) > self.depth // 2 or self._exhausted):
+            return
         wanted = [k for k in self.predictor.predict(self.depth) if k in self._specs]
-        if self._issued != wanted[: len(self._issued)]:
+        issued = list(self._issued)
+        if issued != wanted[: len(issued)]:
             # The predictor changed its mind: drop what is not in the ring yet, and keep the
             # ring's entries (their positions are reserved; requests will use or skip them).
             self.pipe.clear_plan()
-            in_ring = self._issued[: self.pipe.queued()[0]]
+            in_ring = issued[: self.pipe.queued()[0]]
             overlap = next(
                 (
                     len(in_ring) - j
@@ -64,10 +93,12 @@ class Speculator:
                 ),
                 0,
             )
-            self._issued = in_ring
+            self._issued = deque(in_ring)
             new = wanted[overlap:]
         else:
-            new = wanted[len(self._issued) :]
+            new = wanted[len(issued) :]
         if new:
             self.pipe.predict([self._specs[k] for k in new])
             self._issued.extend(new)
+        # Hint-driven predictors run dry between hints; stream learners never do.
+        self._exhausted = not new and len(wanted) < self.depth
