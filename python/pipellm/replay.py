@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +115,40 @@ def model_decode_seconds(shape: ModelShape, batch: int, ctx: int) -> float:
     return shape.layers * layer_decode_seconds(shape, batch, ctx)
 
 
+def _batched_steps(
+    events: Iterable[Any], nbytes: int, compute_s: float, tokens: int, rng: np.random.Generator
+) -> tuple[list[Step], dict[Hashable, np.ndarray]]:
+    """Turns a hinted event stream into steps: each run of transfers is one batch issued
+    back to back (the first waits for the previous compute), the hints before it go with its
+    first transfer, and its last transfer carries the device compute that follows (a decode
+    step of `tokens` tokens). One real buffer of `nbytes` per distinct key."""
+    bufs: dict[Hashable, np.ndarray] = {}
+    steps: list[Step] = []
+    hints: list[tuple[str, Hashable]] = []
+
+    def close_batch() -> None:
+        last = steps[-1]
+        steps[-1] = Step(last.key, last.buf, compute_s, tokens, last.sync, last.hints)
+
+    prev = "hint"
+    for ev in events:
+        if ev[0] == "hint":
+            if prev == "h2d":
+                close_batch()
+            hints.append((ev[1], ev[2]))
+            prev = "hint"
+            continue
+        k = ev[1]
+        if k not in bufs:
+            bufs[k] = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        steps.append(Step(k, bufs[k], 0.0, 0, sync=prev == "hint", hints=tuple(hints)))
+        hints = []
+        prev = "h2d"
+    if steps:
+        close_batch()
+    return steps, bufs
+
+
 def vllm_swap(
     shape: ModelShape,
     rounds: int,
@@ -132,28 +166,9 @@ def vllm_swap(
 
     nbytes = shape.kv_block_bytes()
     rng = np.random.default_rng(seed)
-    bufs: dict[Hashable, np.ndarray] = {}
-    steps: list[Step] = []
-    hints: list[tuple[str, Hashable]] = []
-    prev = "hint"
     events = vllm_swap_stream(rounds, running, preempted, blocks_per_seq, shape.layers, seed)
     decode = model_decode_seconds(shape, running, ctx)
-    for ev in events:
-        if ev[0] == "hint":
-            if prev == "h2d":  # a round ended: its last copy carries the decode step
-                last = steps[-1]
-                steps[-1] = Step(last.key, last.buf, decode, running, last.sync, last.hints)
-            hints.append((ev[1], ev[2]))  # type: ignore[misc]
-            prev = "hint"
-            continue
-        k = ev[1]
-        if k not in bufs:
-            bufs[k] = rng.integers(0, 256, nbytes, dtype=np.uint8)
-        steps.append(Step(k, bufs[k], 0.0, 0, sync=prev == "hint", hints=tuple(hints)))
-        hints = []
-        prev = "h2d"
-    last = steps[-1]
-    steps[-1] = Step(last.key, last.buf, decode, running, last.sync, last.hints)
+    steps, bufs = _batched_steps(events, nbytes, decode, running, rng)
     per_round = preempted * blocks_per_seq * shape.layers * 2
     note = (
         f"{shape.name} ({shape.source}): KV blocks of 16 tokens, {nbytes >> 10} KiB per"
@@ -189,28 +204,9 @@ def multi_lora(
 
     nbytes = shape.lora_layer_bytes(rank)
     rng = np.random.default_rng(seed)
-    bufs: dict[Hashable, np.ndarray] = {}
-    steps: list[Step] = []
-    hints: list[tuple[str, Hashable]] = []
-    prev = "hint"
     decode = model_decode_seconds(shape, batch, ctx)
     events = multi_lora_stream(iterations, adapters, batch, shape.layers, change_every, seed)
-    for ev in events:
-        if ev[0] == "hint":
-            if prev == "h2d":
-                last = steps[-1]
-                steps[-1] = Step(last.key, last.buf, decode, batch, last.sync, last.hints)
-            hints.append((ev[1], ev[2]))  # type: ignore[misc]
-            prev = "hint"
-            continue
-        k = ev[1]
-        if k not in bufs:
-            bufs[k] = rng.integers(0, 256, nbytes, dtype=np.uint8)
-        steps.append(Step(k, bufs[k], 0.0, 0, sync=prev == "hint", hints=tuple(hints)))
-        hints = []
-        prev = "h2d"
-    last = steps[-1]
-    steps[-1] = Step(last.key, last.buf, decode, batch, last.sync, last.hints)
+    steps, bufs = _batched_steps(events, nbytes, decode, batch, rng)
     note = (
         f"{shape.name} ({shape.source}): rank-{rank} adapters, {nbytes / 2**20:.2f} MiB per"
         f" layer, {adapters} adapters, batch {batch} (one request changes every"
