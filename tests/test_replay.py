@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,32 @@ def test_swap_and_lora_workloads_verify_every_byte(make: str, mode: str) -> None
     assert r["tokens"] > 0
     if mode == "pipellm":
         assert r["pipeline"]["hits"] > 0  # the hint-driven predictor pre-encrypted them
+
+
+def test_cli_plot_draws_a_png(tmp_path: Path) -> None:
+    out = tmp_path / "bench.png"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipellm.cli",
+            "bench",
+            "--workload",
+            "flexgen-opt-125m",
+            "--max-layers",
+            "2",
+            "--distinct-layers",
+            "1",
+            "--chunk-mib",
+            "1",
+            "--modes",
+            "plain",
+            "cc",
+            "--plot",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

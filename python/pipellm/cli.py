@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import __version__, replay
@@ -101,6 +102,20 @@ def bench(args: argparse.Namespace) -> int:
         if r["pipeline"]:
             entry["pipeline"] = r["pipeline"]
         out["modes"][mode] = entry
+    if args.plot:
+        from . import plot
+
+        rows = plot.sweep(
+            w,
+            args.modes,
+            link_gbps=args.link_gbps,
+            workers=args.workers,
+            chunk_bytes=chunk,
+            depth=args.depth or None,
+        )
+        out["sweep"] = rows
+        title = f"{w.name}, link {args.link_gbps:g} GB/s, {args.workers} workers"
+        plot.draw(args.plot, title, results, rows)
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
@@ -131,6 +146,8 @@ def bench(args: argparse.Namespace) -> int:
             f" {'-' if od is None else f'{od / 2**20:.0f} MiB':>10}"
             f" {'all' if e['bytes_verified'] == e['bytes'] else 'NO':>9}"
         )
+    if args.plot:
+        print(f"\n  plot written to {args.plot}")
     return 0 if all(e["bytes_verified"] == e["bytes"] for e in out["modes"].values()) else 1
 
 
@@ -178,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--modes", nargs="+", default=list(replay.MODES), choices=replay.MODES)
     b.add_argument("--json", action="store_true", help="print one JSON document")
+    b.add_argument(
+        "--plot",
+        type=Path,
+        metavar="OUT.png",
+        help="also draw throughput per mode and an overhead sweep against the"
+        " compute/bytes ratio (runs the workload again; needs matplotlib)",
+    )
     args = ap.parse_args(argv)
     if args.max_layers == 0:
         args.max_layers = None
