@@ -63,6 +63,10 @@ class SwapFifo:
 
     def observe(self, key: Hashable) -> None:
         """A swap-in happened: that block is no longer waiting."""
+        end = -1 if self._lifo else 0
+        if self._out and self._out[end] == key:  # the predicted one: O(1)
+            self._out.pop() if self._lifo else self._out.popleft()
+            return
         try:
             self._out.remove(key)
         except ValueError:
@@ -87,6 +91,9 @@ class AdapterQueue:
 
     def observe(self, key: Hashable) -> None:
         """The adapter was loaded for the request at the head of the queue (or one later)."""
+        if self._queue and self._queue[0] == key:  # the predicted one: O(1)
+            self._queue.popleft()
+            return
         try:
             self._queue.remove(key)
         except ValueError:

@@ -361,9 +361,10 @@ def run(
                 pending_bytes = 0
             if k and step.sync:
                 clock.sleep_until(compute_start_prev)  # one-step prefetch, as FlexGen
-            if spec is not None:
+            if spec is not None and step.hints:
                 for kind, hinted in step.hints:
                     spec.hint(kind, hinted)
+                spec.flush()
             buf = step.buf
             arrival = clock.now()
             if mode == "plain":

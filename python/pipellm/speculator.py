@@ -53,7 +53,12 @@ class Speculator:
             p.enqueue(key)
         else:
             return
-        self._exhausted = False
+        self._exhausted = False  # the next top-up (`flush` or a request) asks again
+
+    def flush(self) -> None:
+        """Tops the pipeline up after a batch of hints (a scheduler step's swap-outs or
+        arrivals), so their transfers are encrypted before they are requested. Hints alone do
+        not, which keeps a batch of n hints O(n) instead of O(n * depth)."""
         self._top_up()
 
     def request(

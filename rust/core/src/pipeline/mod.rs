@@ -332,8 +332,9 @@ impl Inner {
 
     /// Hands a consumed entry to the planner thread to drop.
     fn retire(&self, entry: Arc<Entry>) {
+        // No wake-up: the planner drops retired entries the next time it runs (a prediction,
+        // a returned staging buffer, or its periodic tick), off the request path.
         lock(&self.retired).push(entry);
-        self.plan_cv.notify_all();
     }
 
     fn planner_loop(&self) {
@@ -523,9 +524,12 @@ impl Inner {
         chunk: Chunk,
         out: &mut Vec<Piece>,
     ) -> Result<()> {
-        let window = consumer.len();
-        let found =
-            (0..window).find(|&k| consumer.get(k).is_some_and(|e| e.chunk.key == chunk.key));
+        // Walk the published window until the match (usually the head); no separate pass to
+        // measure the window first.
+        let found = (0..consumer.capacity())
+            .map_while(|k| consumer.get(k).map(|e| (k, e)))
+            .find(|(_, e)| e.chunk.key == chunk.key)
+            .map(|(k, _)| k);
         if let Some(k) = found {
             for _ in 0..k {
                 let e = consumer.pop().expect("in window");
