@@ -30,27 +30,20 @@ def test_plain_mode_runs_at_link_speed_for_a_transfer_bound_workload() -> None:
     assert link_time <= r["elapsed_s"] < link_time * 1.5 + 0.05
 
 
-def test_cli_json_reports_all_modes() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipellm.cli",
-            "bench",
-            "--workload",
-            "flexgen-opt-125m",
-            "--max-layers",
-            "3",
-            "--distinct-layers",
-            "1",
-            "--chunk-mib",
-            "1",
-            "--json",
-        ],
+def bench(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Runs `pipellm bench` on a tiny OPT-125M FlexGen run (one layer buffer, 1 MiB chunks)
+    unless `args` names another workload."""
+    tiny = ["--workload", "flexgen-opt-125m", "--distinct-layers", "1", "--chunk-mib", "1"]
+    return subprocess.run(
+        [sys.executable, "-m", "pipellm.cli", "bench", *tiny, *args],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
+        check=check,
+    )
+
+
+def test_cli_json_reports_all_modes() -> None:
+    out = bench("--max-layers", "3", "--json").stdout
     doc = json.loads(out)
     assert doc["workload"] == "flexgen-opt-125m"
     assert set(doc["modes"]) == set(replay.MODES)
@@ -60,11 +53,7 @@ def test_cli_json_reports_all_modes() -> None:
 
 
 def test_cli_rejects_unknown_workloads() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "pipellm.cli", "bench", "--workload", "x-y"],
-        capture_output=True,
-        text=True,
-    )
+    r = bench("--workload", "x-y", check=False)  # a later --workload wins
     assert r.returncode == 2 and "available" in r.stderr
 
 
@@ -86,28 +75,5 @@ def test_swap_and_lora_workloads_verify_every_byte(make: str, mode: str) -> None
 
 def test_cli_plot_draws_a_png(tmp_path: Path) -> None:
     out = tmp_path / "bench.png"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipellm.cli",
-            "bench",
-            "--workload",
-            "flexgen-opt-125m",
-            "--max-layers",
-            "2",
-            "--distinct-layers",
-            "1",
-            "--chunk-mib",
-            "1",
-            "--modes",
-            "plain",
-            "cc",
-            "--plot",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    bench("--max-layers", "2", "--modes", "plain", "cc", "--plot", str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,6 @@ class Workload:
     steps: list[Step]
     predictor: Callable[[], Any]  # the hint-taking predictor for the pipellm mode
     note: str
-    buffers: list[np.ndarray] = field(default_factory=list)
     depth: int = 2  # transfers predicted ahead in the pipellm mode
     chunk_bytes: int = 4 << 20
 
@@ -107,7 +106,7 @@ def flexgen(
         f" {distinct_layers} distinct in memory; batch {batch}, context {ctx};"
         f" {steps} decode step(s)"
     )
-    return Workload(f"flexgen-{shape.name}", plan, lambda: LayerCycle(order), note, bufs)
+    return Workload(f"flexgen-{shape.name}", plan, lambda: LayerCycle(order), note)
 
 
 def model_decode_seconds(shape: ModelShape, batch: int, ctx: int) -> float:
@@ -117,7 +116,7 @@ def model_decode_seconds(shape: ModelShape, batch: int, ctx: int) -> float:
 
 def _batched_steps(
     events: Iterable[Any], nbytes: int, compute_s: float, tokens: int, rng: np.random.Generator
-) -> tuple[list[Step], dict[Hashable, np.ndarray]]:
+) -> list[Step]:
     """Turns a hinted event stream into steps: each run of transfers is one batch issued
     back to back (the first waits for the previous compute), the hints before it go with its
     first transfer, and its last transfer carries the device compute that follows (a decode
@@ -146,7 +145,7 @@ def _batched_steps(
         prev = "h2d"
     if steps:
         close_batch()
-    return steps, bufs
+    return steps
 
 
 def vllm_swap(
@@ -168,7 +167,7 @@ def vllm_swap(
     rng = np.random.default_rng(seed)
     events = vllm_swap_stream(rounds, running, preempted, blocks_per_seq, shape.layers, seed)
     decode = model_decode_seconds(shape, running, ctx)
-    steps, bufs = _batched_steps(events, nbytes, decode, running, rng)
+    steps = _batched_steps(events, nbytes, decode, running, rng)
     per_round = preempted * blocks_per_seq * shape.layers * 2
     note = (
         f"{shape.name} ({shape.source}): KV blocks of 16 tokens, {nbytes >> 10} KiB per"
@@ -180,7 +179,6 @@ def vllm_swap(
         steps,
         SwapFifo,
         note,
-        list(bufs.values()),
         depth=per_round,
         chunk_bytes=1 << 20,
     )
@@ -206,7 +204,7 @@ def multi_lora(
     rng = np.random.default_rng(seed)
     decode = model_decode_seconds(shape, batch, ctx)
     events = multi_lora_stream(iterations, adapters, batch, shape.layers, change_every, seed)
-    steps, bufs = _batched_steps(events, nbytes, decode, batch, rng)
+    steps = _batched_steps(events, nbytes, decode, batch, rng)
     note = (
         f"{shape.name} ({shape.source}): rank-{rank} adapters, {nbytes / 2**20:.2f} MiB per"
         f" layer, {adapters} adapters, batch {batch} (one request changes every"
@@ -217,7 +215,6 @@ def multi_lora(
         steps,
         AdapterQueue,
         note,
-        list(bufs.values()),
         depth=2 * batch * shape.layers,
         chunk_bytes=2 << 20,
     )

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use zeroize::Zeroize;
 
 pub const PAGE: usize = 4096;
@@ -112,12 +112,10 @@ fn touch(page: &mut [u8]) {
     }
 }
 
-/// A fixed set of staging buffers: the cap on staging memory. Taking never blocks; the
-/// pipeline's planner waits for `wait_available` instead, so the request path never does.
+/// A fixed set of staging buffers: the cap on staging memory. Taking never blocks; when none
+/// is free the pipeline's planner leaves predictions queued until one is returned.
 pub struct StagingPool {
     free: Mutex<Vec<StagingBuf>>,
-    available: Condvar,
-    total: usize,
 }
 
 impl StagingPool {
@@ -137,9 +135,7 @@ impl StagingPool {
 
     pub fn from_buffers(free: Vec<StagingBuf>) -> Self {
         Self {
-            total: free.len(),
             free: Mutex::new(free),
-            available: Condvar::new(),
         }
     }
 
@@ -157,15 +153,10 @@ impl StagingPool {
     /// path). Dropped buffers are wiped regardless.
     pub fn put(&self, buf: StagingBuf) {
         self.lock().push(buf);
-        self.available.notify_all();
     }
 
     pub fn free_count(&self) -> usize {
         self.lock().len()
-    }
-
-    pub fn total(&self) -> usize {
-        self.total
     }
 
     /// Wipes and frees every buffer currently in the pool.
