@@ -4,6 +4,15 @@
 
 replays a serving workload through the secure channel on a simulated device in four modes
 (plain, cc, cc-parallel, pipellm) and prints throughput and overhead against plain.
+
+    pipellm run [--workers N] [--depth N] [--log] -- CMD [ARGS...]
+
+runs CMD with the libcrypto interposer loaded (the driver backend for Hopper CC GPUs).
+
+    pipellm doctor [--json]
+
+says whether CC mode is on, which libcrypto the driver would load, whether the interposer
+is built and loaded, and which backend pipellm will use.
 """
 
 from __future__ import annotations
@@ -202,11 +211,34 @@ def main(argv: list[str] | None = None) -> int:
         help="also draw throughput per mode and an overhead sweep against the"
         " compute/bytes ratio (runs the workload again; needs matplotlib)",
     )
+    r = sub.add_parser("run", help="run a command with the libcrypto interposer loaded")
+    r.add_argument("--workers", type=int, default=None, help="pre-encryption threads")
+    r.add_argument("--depth", type=int, default=None, help="chunks pre-encrypted ahead")
+    r.add_argument("--log", action="store_true", help="log events and counters to stderr")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    d = sub.add_parser("doctor", help="what this machine offers pipellm")
+    d.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args(argv)
-    if args.max_layers == 0:
-        args.max_layers = None
     if args.command == "bench":
+        if args.max_layers == 0:
+            args.max_layers = None
         return bench(args)
+    if args.command == "run":
+        from . import cc
+
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        try:
+            cc.run(cmd, workers=args.workers, depth=args.depth, log=args.log)
+        except cc.InterposerError as e:
+            print(f"pipellm run: {e}", file=sys.stderr)
+            return 2
+        return 0  # not reached: run() replaces this process
+    if args.command == "doctor":
+        from . import doctor
+
+        rep = doctor.report()
+        print(json.dumps(rep, indent=2) if args.json else doctor.render(rep))
+        return 0
     return 2
 
 

@@ -1,0 +1,84 @@
+"""Critical-path cost of the driver's encryption with and without pipellm's interposer.
+
+Builds the driver emulator (tests/driver_emulator) and runs, side by side in one invocation:
+- `openssl`: the emulator on the real libcrypto (what the CUDA driver pays per 1 MiB chunk);
+- `hits`: under the interposer, a layer cycle it learns (after warm-up nearly every chunk
+  is served from a pre-encrypted one);
+- `misses`: under the interposer, a random chunk order it cannot predict.
+Each run also times a plain memcpy of the same 1 MiB from the same (cold) source: the floor.
+The emulator waits GAP_US of "device time" after each chunk, as the driver waits for its
+bounce buffer. Figures are medians over the steady state (first quarter skipped).
+
+    python bench/cc_bench.py [--chunks 800] [--gap-us 400] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pipellm import cc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(out: Path) -> Path:
+    exe = out / "driver_emulator"
+    compiler = shutil.which(os.environ.get("CC", "cc")) or "cc"
+    src = ROOT / "tests" / "driver_emulator" / "driver_emulator.c"
+    subprocess.run([compiler, "-O2", "-o", str(exe), str(src), "-l:libcrypto.so.3"], check=True)
+    return exe
+
+
+def run(exe: Path, args: list[str], env: dict[str, str]) -> tuple[dict[str, float], dict[str, int]]:
+    p = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, check=True)
+    figures = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", p.stdout)}
+    stats: dict[str, int] = {}
+    for line in p.stderr.splitlines():
+        if line.startswith("pipellm-cc: stats "):
+            stats = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+    return figures, stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chunks", type=int, default=800)
+    ap.add_argument("--gap-us", type=float, default=400.0)
+    ap.add_argument("--mode", default="link", choices=["link", "dlopen"])
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELLM_CC", "LD_"))}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = build(Path(tmp))
+        shim_env = cc.environment(base, log=True, directory=Path(tmp) / "cc")
+        rows = {}
+        for name, env, order in (
+            ("openssl", base, "cycle"),
+            ("hits", shim_env, "cycle"),
+            ("misses", shim_env, "random"),
+        ):
+            args = [a.mode, "bench", str(a.chunks), str(a.gap_us), order]
+            rows[name] = run(exe, args, env)
+    ossl = rows["openssl"][0]["chunk_us"]
+    print(f"driver emulator ({a.mode}), 1 MiB chunks, {a.gap_us:.0f} us device time per chunk")
+    head = ("path", "chunk us", "memcpy us", "/ memcpy", "/ openssl")
+    print(f"{head[0]:10} {head[1]:>9} {head[2]:>10} {head[3]:>9} {head[4]:>10}  counters")
+    out = {}
+    for name, (fig, st) in rows.items():
+        c, m = fig["chunk_us"], fig["memcpy_us"]
+        served = f"hits {st.get('hits', 0)}, misses {st.get('misses', 0)}" if st else "-"
+        print(f"{name:10} {c:9.1f} {m:10.1f} {c / m:8.2f}x {c / ossl:9.2f}x  {served}")
+        out[name] = {**fig, "vs_memcpy": c / m, "vs_openssl": c / ossl, "stats": st}
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

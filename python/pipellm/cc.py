@@ -1,0 +1,197 @@
+"""The driver backend for real Hopper confidential computing: loading pipellm's libcrypto
+interposer into a process whose CUDA driver encrypts through OpenSSL.
+
+How it is loaded: a private directory holds `libcrypto.so.3` (the interposer, whose SONAME
+is `libcrypto.so.3`) and `libpipellm-real-crypto.so.3` (a link to the real library, which
+the interposer names as a dependency). The directory goes first on `LD_LIBRARY_PATH` and the
+interposer into `LD_PRELOAD`, so it wins both when libcrypto is bound at load time and when
+the driver calls `dlopen("libcrypto.so.3")`; every symbol it does not define resolves to the
+real library. `pipellm run -- CMD` runs a command that way; `enable()` restarts the calling
+Python process that way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+SHIM_NAME = "libpipellm_cc_shim.so"
+REAL_ALIAS = "libpipellm-real-crypto.so.3"
+_ACTIVE_FLAG = "PIPELLM_CC_ACTIVE"
+_SYSTEM_LIBCRYPTO = (
+    "/lib/x86_64-linux-gnu/libcrypto.so.3",
+    "/usr/lib/x86_64-linux-gnu/libcrypto.so.3",
+    "/usr/lib64/libcrypto.so.3",
+    "/lib64/libcrypto.so.3",
+    "/usr/lib/aarch64-linux-gnu/libcrypto.so.3",
+    "/usr/lib/libcrypto.so.3",
+)
+
+
+class InterposerError(RuntimeError):
+    """The interposer cannot be set up (not built, or no real libcrypto found)."""
+
+
+def shim_path() -> Path:
+    """The interposer library: `PIPELLM_CC_LIB`, else the copy installed in the package
+    (scripts/setup puts it there), else a cargo build in this checkout."""
+    env = os.environ.get("PIPELLM_CC_LIB")
+    here = Path(__file__).resolve().parent
+    candidates = [Path(env)] if env else []
+    candidates += [
+        here / "_lib" / SHIM_NAME,
+        here.parent.parent / "target" / "release" / SHIM_NAME,
+    ]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise InterposerError(
+        f"the interposer library ({SHIM_NAME}) is not built; run scripts/setup or"
+        " `cargo build --release -p pipellm-cc-shim`, or set PIPELLM_CC_LIB"
+    )
+
+
+def real_libcrypto() -> Path:
+    """The libcrypto.so.3 the CUDA driver would load: `PIPELLM_REAL_LIBCRYPTO`, else what
+    the dynamic linker's cache names, else the usual system paths."""
+    env = os.environ.get("PIPELLM_REAL_LIBCRYPTO")
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise InterposerError(f"PIPELLM_REAL_LIBCRYPTO={env} is not a file")
+        return p.resolve()
+    found: list[str] = []
+    try:
+        out = subprocess.run(
+            ["ldconfig", "-p"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("libcrypto.so.3 ") and "=>" in line:
+                found.append(line.split("=>", 1)[1].strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for c in [*found, *_SYSTEM_LIBCRYPTO]:
+        p = Path(c)
+        if p.is_file() and p.name != SHIM_NAME and Path(c).resolve().name != SHIM_NAME:
+            return p.resolve()
+    raise InterposerError(
+        "no libcrypto.so.3 (OpenSSL 3) found; set PIPELLM_REAL_LIBCRYPTO to its path"
+    )
+
+
+def prepare(directory: str | os.PathLike[str] | None = None) -> Path:
+    """Creates (idempotently) the directory the interposer is loaded from and returns it."""
+    shim, real = shim_path(), real_libcrypto()
+    if directory is None:
+        tag = hashlib.sha256(f"{shim}|{real}|{os.getuid()}".encode()).hexdigest()[:16]
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        directory = base / "pipellm" / "cc" / tag
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, target in (("libcrypto.so.3", shim), (REAL_ALIAS, real)):
+        link = d / name
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        tmp = d / f".{name}.{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(target)
+        tmp.replace(link)  # atomic: a concurrent launcher never sees a missing link
+    return d
+
+
+def environment(
+    base: Mapping[str, str] | None = None,
+    *,
+    workers: int | None = None,
+    depth: int | None = None,
+    log: bool = False,
+    directory: str | os.PathLike[str] | None = None,
+) -> dict[str, str]:
+    """The environment that loads the interposer into a child process."""
+    env = dict(os.environ if base is None else base)
+    d = prepare(directory)
+    lib = str(d / "libcrypto.so.3")
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(d), env.get("LD_LIBRARY_PATH")) if p)
+    preload = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+    env["LD_PRELOAD"] = ":".join([lib, *[p for p in preload if p != lib]])
+    env["PIPELLM_REAL_LIBCRYPTO"] = str(real_libcrypto())
+    env[_ACTIVE_FLAG] = "1"
+    if workers is not None:
+        env["PIPELLM_CC_WORKERS"] = str(workers)
+    if depth is not None:
+        env["PIPELLM_CC_DEPTH"] = str(depth)
+    if log:
+        env["PIPELLM_CC_LOG"] = "1"
+    return env
+
+
+def run(cmd: Sequence[str], **kwargs: object) -> None:
+    """Replaces this process with `cmd`, the interposer loaded (`pipellm run`)."""
+    if not cmd:
+        raise InterposerError("no command given: pipellm run -- CMD [ARGS...]")
+    env = environment(**kwargs)  # type: ignore[arg-type]
+    exe = shutil.which(cmd[0], path=env.get("PATH"))
+    if exe is None:
+        raise InterposerError(f"command not found: {cmd[0]}")
+    os.execve(exe, list(cmd), env)
+
+
+def enable(**kwargs: object) -> None:
+    """For programs that start their own process: call first thing (before CUDA is
+    initialised). If the interposer is not loaded yet, restarts the interpreter with the same
+    arguments and the interposer loaded; in the restarted process it returns at once."""
+    if _loaded():
+        return
+    if os.environ.get(_ACTIVE_FLAG) == "1":
+        raise InterposerError(
+            "the interposer was requested but is not loaded in this process (LD_PRELOAD"
+            " was dropped or refused); see `pipellm doctor`"
+        )
+    env = environment(**kwargs)  # type: ignore[arg-type]
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _process_symbol(name: str) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        return getattr(ctypes.CDLL(None), name)  # type: ignore[no-any-return]
+    except AttributeError:
+        return None
+
+
+def _loaded() -> bool:
+    return _process_symbol("pipellm_cc_active") is not None
+
+
+def status() -> dict[str, object]:
+    """Whether the interposer is loaded in this process, active, and its counters."""
+    active = _process_symbol("pipellm_cc_active")
+    if active is None:
+        return {"loaded": False, "active": False, "stats": {}}
+    active.restype = ctypes.c_int
+    stats_fn = _process_symbol("pipellm_cc_stats")
+    name_fn = _process_symbol("pipellm_cc_stat_name")
+    path_fn = _process_symbol("pipellm_cc_real_path")
+    assert stats_fn is not None and name_fn is not None and path_fn is not None
+    stats_fn.restype = ctypes.c_size_t
+    stats_fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    name_fn.restype = ctypes.c_char_p
+    name_fn.argtypes = [ctypes.c_size_t]
+    path_fn.restype = ctypes.c_char_p
+    n = stats_fn(None, 0)
+    buf = (ctypes.c_uint64 * n)()
+    stats_fn(buf, n)
+    names = [name_fn(i).decode() for i in range(n)]
+    real = path_fn()
+    return {
+        "loaded": True,
+        "active": bool(active()),
+        "real_libcrypto": real.decode() if real else None,
+        "stats": dict(zip(names, (int(v) for v in buf), strict=True)),
+    }

@@ -1,0 +1,50 @@
+//! Settings, read once from the environment (the launcher `pipellm run` writes them).
+
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `PIPELLM_CC_DISABLE=1`: forward every call untouched (the interposer stays inert).
+    pub disabled: bool,
+    /// `PIPELLM_CC_WORKERS`: pre-encryption threads (default 2).
+    pub workers: usize,
+    /// `PIPELLM_CC_DEPTH`: messages pre-encrypted ahead per context (default 8).
+    pub depth: usize,
+    /// `PIPELLM_CC_MIN_BYTES`: smaller messages are observed but not pre-encrypted (default
+    /// 64 KiB): handling a tiny prediction costs more than encrypting it.
+    pub min_bytes: usize,
+    /// `PIPELLM_CC_LOG=1`: one line on stderr per notable event (library found, a context's
+    /// IV model rejected, a key that failed confirmation).
+    pub log: bool,
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn env_flag(name: &str) -> bool {
+    matches!(
+        std::env::var(name).as_deref().map(str::trim),
+        Ok("1") | Ok("true") | Ok("yes")
+    )
+}
+
+pub fn config() -> &'static Config {
+    static C: OnceLock<Config> = OnceLock::new();
+    C.get_or_init(|| Config {
+        disabled: env_flag("PIPELLM_CC_DISABLE"),
+        workers: env_usize("PIPELLM_CC_WORKERS", 2).clamp(1, 64),
+        depth: env_usize("PIPELLM_CC_DEPTH", 8).clamp(1, 256),
+        min_bytes: env_usize("PIPELLM_CC_MIN_BYTES", 64 << 10),
+        log: env_flag("PIPELLM_CC_LOG"),
+    })
+}
+
+pub fn log(msg: std::fmt::Arguments<'_>) {
+    if config().log {
+        eprintln!("pipellm-cc: {msg}");
+    }
+}

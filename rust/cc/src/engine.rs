@@ -1,0 +1,713 @@
+//! What the interposer knows about each EVP encryption context, and the decisions it makes:
+//! when a call can be served from a pre-encrypted chunk, and what to pre-encrypt next.
+//!
+//! A context is *eligible for hits* only when all of these hold:
+//! - its cipher is AES-256-GCM with the default provider path (no ENGINE), 12-byte IVs;
+//! - its key was set through a call we saw, and our AES-GCM reproduced, byte for byte, the
+//!   ciphertext and tag the real library produced for one whole message under that key;
+//! - the current message was started by an init call with an IV we saw, has no AAD, and is
+//!   encrypted by one EncryptUpdate call;
+//! - a chunk pre-encrypted for exactly that IV, input pointer and length exists, and the
+//!   input bytes still have the fingerprint they had when the chunk was encrypted.
+//!
+//! Then the stored ciphertext goes to the driver's output and the stored tag answers
+//! `GET_TAG`: the driver gets exactly what OpenSSL would have computed. Any call we do not
+//! model on a tracked context takes it out of tracking (its later calls are forwarded only),
+//! and any call after a hit that needs the real context's state first brings the real
+//! context up to date (`resync`), so OpenSSL's own answers stay right too.
+
+use crate::config::{config, log};
+use crate::ivmodel::{Iv, IvModel, ModelState};
+use crate::stats::Stats;
+use pipellm_core::crypto::AeadKey;
+use pipellm_core::predict::Learned;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use zeroize::Zeroize;
+
+pub const TAG_LEN: usize = 16;
+pub type Tag = [u8; TAG_LEN];
+
+/// A 128-bit GMAC of the bytes under a process-random key: equal inputs give equal values;
+/// different inputs collide with probability ~len/2^124 for data not chosen knowing the key.
+/// GHASH on this CPU runs at ~40 GB/s (AWS-LC, VPCLMULQDQ), faster than a memcpy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Fingerprint(Tag);
+
+struct FingerprintKey(AeadKey);
+
+fn fingerprint_key() -> &'static FingerprintKey {
+    static K: OnceLock<FingerprintKey> = OnceLock::new();
+    K.get_or_init(|| {
+        let mut raw = [0u8; 32];
+        pipellm_core::crypto::fill_random(&mut raw).expect("system randomness");
+        let k = AeadKey::new(&raw).expect("AES key setup");
+        raw.zeroize();
+        FingerprintKey(k)
+    })
+}
+
+pub fn fingerprint(bytes: &[u8]) -> Fingerprint {
+    // The data is the AAD of an empty message: the tag is GHASH of it, masked.
+    let tag = fingerprint_key()
+        .0
+        .seal(&[0u8; 12], bytes, &[], &mut [])
+        .expect("GMAC of a slice");
+    Fingerprint(tag)
+}
+
+/// A pre-encrypted chunk, ready for the message that uses `iv`.
+pub struct Prepared {
+    pub input: usize,
+    pub len: usize,
+    pub ct: Vec<u8>,
+    pub tag: Tag,
+    pub fp: Fingerprint,
+}
+
+/// Where the current message of a context stands.
+pub enum Msg {
+    /// No message started since the last tag, or one we do not follow.
+    Idle,
+    /// Init with an IV seen, no data yet.
+    Fresh,
+    /// Served from a pre-encrypted chunk; the real context has not seen the data.
+    Hit { prepared: Prepared, finalized: bool },
+    /// Encrypted by the real library in one Update call.
+    Missed {
+        input: usize,
+        len: usize,
+        out: usize,
+    },
+    /// Something else (AAD, several updates, other calls): forwarded only.
+    Untracked,
+}
+
+pub struct CtxState {
+    /// AES-256-GCM, encrypting, default engine and IV length.
+    pub tracked: bool,
+    pub key: Option<Arc<AeadKey>>,
+    /// Bumped at every key change: pre-encryption results for an older key are discarded.
+    pub gen: u64,
+    /// Our AES-GCM reproduced the real library's output under this key.
+    pub confirmed: bool,
+    /// True once confirmation failed for this key: never try again (log once).
+    pub refused: bool,
+    pub iv: Option<Iv>,
+    pub msg: Msg,
+    pub model: IvModel,
+    model_logged: bool,
+    pub history: Learned,
+    /// Learned works on u64 keys: each (input, len) pair gets one.
+    keys: HashMap<(usize, usize), u64>,
+    spans: Vec<(usize, usize)>,
+    pub prepared: HashMap<Iv, Prepared>,
+    pub inflight: HashSet<Iv>,
+}
+
+impl CtxState {
+    fn new(gen: u64) -> Self {
+        Self {
+            tracked: false,
+            key: None,
+            gen,
+            confirmed: false,
+            refused: false,
+            iv: None,
+            msg: Msg::Idle,
+            model: IvModel::new(),
+            model_logged: false,
+            history: Learned::new(4096, 1024),
+            keys: HashMap::new(),
+            spans: Vec::new(),
+            prepared: HashMap::new(),
+            inflight: HashSet::new(),
+        }
+    }
+
+    fn key_of(&mut self, span: (usize, usize)) -> u64 {
+        if let Some(&k) = self.keys.get(&span) {
+            return k;
+        }
+        if self.spans.len() >= 1 << 16 {
+            // A program touching this many distinct buffers gets no benefit from the table;
+            // start over rather than grow without bound.
+            self.keys.clear();
+            self.spans.clear();
+            self.history = Learned::new(4096, 1024);
+        }
+        let k = self.spans.len() as u64;
+        self.spans.push(span);
+        self.keys.insert(span, k);
+        k
+    }
+}
+
+pub struct Job {
+    pub ctx: usize,
+    pub gen: u64,
+    pub key: Arc<AeadKey>,
+    pub iv: Iv,
+    pub input: usize,
+    pub len: usize,
+}
+
+pub struct Engine {
+    ctxs: Mutex<HashMap<usize, CtxState>>,
+    next_gen: std::sync::atomic::AtomicU64,
+    jobs: Mutex<VecDeque<Job>>,
+    job_ready: Condvar,
+    workers_started: std::sync::Once,
+    spare: Mutex<Vec<Vec<u8>>>,
+    pub stats: Stats,
+}
+
+pub fn engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| Engine {
+        ctxs: Mutex::new(HashMap::new()),
+        next_gen: std::sync::atomic::AtomicU64::new(1),
+        jobs: Mutex::new(VecDeque::new()),
+        job_ready: Condvar::new(),
+        workers_started: std::sync::Once::new(),
+        spare: Mutex::new(Vec::new()),
+        stats: Stats::default(),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock is caught at the FFI boundary and turns the interposer
+    // off (see `exports`); the data is still consistent enough to be dropped.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What an init call changed (after the real call succeeded).
+pub struct InitChange<'a> {
+    /// `Some(ok)` if a cipher was given: whether it is AES-256-GCM on the default engine.
+    pub cipher_ok: Option<bool>,
+    pub key: Option<&'a [u8; 32]>,
+    pub iv: Option<Iv>,
+    /// The context now encrypts (false: decrypts, which is forwarded only).
+    pub encrypt: bool,
+}
+
+/// What the real context must replay to catch up with a message we served.
+pub struct Resync {
+    pub iv: Iv,
+    pub prepared: Prepared,
+    pub key: Arc<AeadKey>,
+    pub finalized: bool,
+}
+
+pub enum Decision {
+    /// The ciphertext was written; report success with `len` bytes.
+    Served,
+    /// Forward to the real library.
+    Forward,
+}
+
+impl Engine {
+    fn gen(&self) -> u64 {
+        self.next_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The context is gone or reset: drop all we know, including prepared chunks.
+    pub fn forget(&self, ctx: usize) {
+        let old = lock(&self.ctxs).remove(&ctx);
+        if let Some(st) = old {
+            self.recycle_state(st);
+        }
+    }
+
+    /// A call we do not model changed the context: stop following it until a full init.
+    pub fn untrack(&self, ctx: usize) {
+        let mut m = lock(&self.ctxs);
+        if let Some(st) = m.get_mut(&ctx) {
+            st.tracked = false;
+            st.msg = Msg::Untracked;
+            st.gen = self.gen();
+            let drained: Vec<Prepared> = st.prepared.drain().map(|(_, p)| p).collect();
+            st.inflight.clear();
+            drop(m);
+            for p in drained {
+                self.recycle(p.ct);
+            }
+        }
+    }
+
+    /// A call we do not model touched the current message (CipherUpdate, DecryptUpdate on
+    /// an encrypting context): it is forwarded to the end; the context stays followed.
+    pub fn untrack_message(&self, ctx: usize) {
+        if let Some(st) = lock(&self.ctxs).get_mut(&ctx) {
+            st.msg = Msg::Untracked;
+        }
+    }
+
+    pub fn on_init(&self, ctx: usize, ch: InitChange<'_>) {
+        let mut m = lock(&self.ctxs);
+        let gen = self.gen();
+        let st = m.entry(ctx).or_insert_with(|| CtxState::new(gen));
+        if !ch.encrypt {
+            st.tracked = false;
+            st.msg = Msg::Untracked;
+            return;
+        }
+        if let Some(ok) = ch.cipher_ok {
+            if ok != st.tracked || !ok {
+                st.key = None;
+            }
+            st.tracked = ok;
+        }
+        if !st.tracked {
+            st.msg = Msg::Untracked;
+            return;
+        }
+        if let Some(k) = ch.key {
+            match AeadKey::new(k) {
+                Ok(key) => {
+                    let fresh = CtxState::new(self.gen());
+                    let old = std::mem::replace(st, fresh);
+                    st.tracked = true;
+                    st.key = Some(Arc::new(key));
+                    drop(m);
+                    self.recycle_state(old);
+                    m = lock(&self.ctxs);
+                }
+                Err(_) => {
+                    st.tracked = false;
+                    st.msg = Msg::Untracked;
+                    return;
+                }
+            }
+        }
+        let Some(st) = m.get_mut(&ctx) else { return };
+        if st.key.is_none() {
+            st.msg = Msg::Untracked;
+            return;
+        }
+        if let Some(iv) = ch.iv {
+            st.iv = Some(iv);
+            st.msg = Msg::Fresh;
+            st.model.observe(&iv);
+            if st.model.state() == ModelState::Rejected && !st.model_logged {
+                st.model_logged = true;
+                Stats::add(&self.stats.models_rejected, 1);
+                log(format_args!(
+                    "context {ctx:#x}: its IVs follow no known layout; pass-through"
+                ));
+            }
+        } else {
+            // Re-init without an IV restarts the message with the old IV: GCM would reuse
+            // it. The driver never does this; do not follow such a context.
+            st.msg = Msg::Untracked;
+        }
+    }
+
+    /// Before forwarding EncryptUpdate: serve it from a pre-encrypted chunk if we can.
+    ///
+    /// # Safety
+    /// `input` must be readable for `len` bytes and `out` writable for `len` bytes (the
+    /// EVP_EncryptUpdate contract the caller promised the real library).
+    pub unsafe fn try_hit(
+        &self,
+        ctx: usize,
+        out: *mut u8,
+        input: *const u8,
+        len: usize,
+    ) -> Decision {
+        let taken = {
+            let mut m = lock(&self.ctxs);
+            let Some(st) = m.get_mut(&ctx) else {
+                return Decision::Forward;
+            };
+            match st.msg {
+                Msg::Fresh => {}
+                Msg::Hit { .. } | Msg::Missed { .. } => {
+                    // A second Update in one message (the caller resynced a hit first):
+                    // not the driver's pattern, follow this message no further.
+                    st.msg = Msg::Untracked;
+                    return Decision::Forward;
+                }
+                _ => return Decision::Forward,
+            }
+            if out.is_null() {
+                st.msg = Msg::Untracked; // AAD: not the driver's pattern
+                return Decision::Forward;
+            }
+            let iv = st.iv.expect("Fresh implies an IV");
+            let p = st.prepared.remove(&iv);
+            if p.is_none() && st.inflight.contains(&iv) {
+                Stats::add(&self.stats.late, 1);
+            }
+            // Until the outcome is known the message counts as missed (the fallback).
+            st.msg = Msg::Missed {
+                input: input as usize,
+                len,
+                out: out as usize,
+            };
+            if !st.confirmed {
+                if let Some(p) = p {
+                    drop(m);
+                    self.recycle(p.ct);
+                }
+                return Decision::Forward;
+            }
+            match p {
+                Some(p) => p,
+                None => return Decision::Forward,
+            }
+        };
+        if taken.input != input as usize || taken.len != len {
+            Stats::add(&self.stats.mispredicted, 1);
+            self.recycle(taken.ct);
+            return Decision::Forward;
+        }
+        // SAFETY: the caller guarantees `input` is readable for `len` bytes.
+        let src = unsafe { std::slice::from_raw_parts(input, len) };
+        if fingerprint(src) != taken.fp {
+            Stats::add(&self.stats.stale, 1);
+            self.recycle(taken.ct);
+            return Decision::Forward;
+        }
+        // SAFETY: the caller guarantees `out` is writable for `len` bytes; `taken.ct` is our
+        // own buffer of exactly `len` bytes, so the two cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(taken.ct.as_ptr(), out, len) };
+        Stats::add(&self.stats.hits, 1);
+        Stats::add(&self.stats.hit_bytes, len as u64);
+        let mut m = lock(&self.ctxs);
+        match m.get_mut(&ctx) {
+            Some(st) => {
+                st.msg = Msg::Hit {
+                    prepared: taken,
+                    finalized: false,
+                };
+                Decision::Served
+            }
+            None => {
+                // Freed by another thread mid-call: a caller bug. Let the real library answer.
+                drop(m);
+                self.recycle(taken.ct);
+                Decision::Forward
+            }
+        }
+    }
+
+    /// A forwarded call found the context mid-message after a hit: returns what the real
+    /// context needs to catch up (IV, ciphertext, tag, key), leaving the message untracked.
+    pub fn take_hit_for_resync(&self, ctx: usize) -> Option<Resync> {
+        let mut m = lock(&self.ctxs);
+        let st = m.get_mut(&ctx)?;
+        if !matches!(st.msg, Msg::Hit { .. }) {
+            return None;
+        }
+        let Msg::Hit {
+            prepared,
+            finalized,
+        } = std::mem::replace(&mut st.msg, Msg::Untracked)
+        else {
+            unreachable!()
+        };
+        Stats::add(&self.stats.resyncs, 1);
+        Some(Resync {
+            iv: st.iv?,
+            prepared,
+            key: st.key.clone()?,
+            finalized,
+        })
+    }
+
+    pub fn recycle_prepared(&self, p: Prepared) {
+        self.recycle(p.ct);
+    }
+
+    /// EncryptFinal on a hit message: GCM has nothing left to output.
+    pub fn on_final(&self, ctx: usize) -> bool {
+        let mut m = lock(&self.ctxs);
+        if let Some(Msg::Hit { finalized, .. }) = m.get_mut(&ctx).map(|s| &mut s.msg) {
+            *finalized = true;
+            return true;
+        }
+        false
+    }
+
+    /// GET_TAG on a hit message: the stored tag, and the message is complete.
+    pub fn hit_tag(&self, ctx: usize) -> Option<Tag> {
+        let mut m = lock(&self.ctxs);
+        let st = m.get_mut(&ctx)?;
+        let Msg::Hit {
+            finalized: true, ..
+        } = st.msg
+        else {
+            return None;
+        };
+        let Msg::Hit { prepared, .. } = std::mem::replace(&mut st.msg, Msg::Idle) else {
+            unreachable!()
+        };
+        let tag = prepared.tag;
+        let span = (prepared.input, prepared.len);
+        let jobs = self.complete(ctx, st, span);
+        drop(m);
+        self.recycle(prepared.ct);
+        self.submit(jobs);
+        Some(tag)
+    }
+
+    /// After a real GET_TAG of a message the real library encrypted: confirm the key on the
+    /// first such message, then learn from the message and plan the next ones.
+    ///
+    /// # Safety
+    /// The `Missed` message's input and output must still be readable for its length (the
+    /// driver reads its output buffer right after GET_TAG; the input is its source).
+    pub unsafe fn after_real_tag(&self, ctx: usize, tag: &Tag) {
+        let mut m = lock(&self.ctxs);
+        let Some(st) = m.get_mut(&ctx) else { return };
+        let Msg::Missed { input, len, out } = std::mem::replace(&mut st.msg, Msg::Idle) else {
+            return;
+        };
+        Stats::add(&self.stats.misses, 1);
+        if !st.confirmed && !st.refused {
+            let (Some(key), Some(iv)) = (st.key.clone(), st.iv) else {
+                return;
+            };
+            // SAFETY: per this function's contract, input and out are readable for len.
+            let (src, real_ct) = unsafe {
+                (
+                    std::slice::from_raw_parts(input as *const u8, len),
+                    std::slice::from_raw_parts(out as *const u8, len),
+                )
+            };
+            let mut ours = vec![0u8; len];
+            let same = match key.seal(&iv, &[], src, &mut ours) {
+                Ok(t) => t == *tag && ours == real_ct,
+                Err(_) => false,
+            };
+            if same {
+                st.confirmed = true;
+                Stats::add(&self.stats.keys_confirmed, 1);
+            } else {
+                st.refused = true;
+                Stats::add(&self.stats.keys_refused, 1);
+                log(format_args!(
+                    "context {ctx:#x}: real output not reproduced under its key; pass-through"
+                ));
+                return;
+            }
+        }
+        let jobs = self.complete(ctx, st, (input, len));
+        drop(m);
+        self.submit(jobs);
+    }
+
+    /// Learns a finished message and lists the chunks to pre-encrypt next.
+    fn complete(&self, ctx: usize, st: &mut CtxState, span: (usize, usize)) -> Vec<Job> {
+        let k = st.key_of(span);
+        st.history.observe(k);
+        let mut jobs = Vec::new();
+        let cfg = config();
+        let Some(key) = st.key.clone() else {
+            return jobs;
+        };
+        if !st.confirmed || st.model.state() != ModelState::Bound {
+            return jobs;
+        }
+        let mut wanted = HashSet::new();
+        for (j, k) in st.history.predict(cfg.depth).into_iter().enumerate() {
+            let Some(iv) = st.model.predict(j as u64 + 1) else {
+                break;
+            };
+            let (input, len) = st.spans[k as usize];
+            wanted.insert(iv);
+            if len < cfg.min_bytes.max(1)
+                || st.prepared.contains_key(&iv)
+                || st.inflight.contains(&iv)
+            {
+                continue;
+            }
+            st.inflight.insert(iv);
+            jobs.push(Job {
+                ctx,
+                gen: st.gen,
+                key: key.clone(),
+                iv,
+                input,
+                len,
+            });
+        }
+        // Chunks for IVs the prediction no longer expects will never be used.
+        let stale: Vec<Iv> = st
+            .prepared
+            .keys()
+            .filter(|iv| !wanted.contains(*iv))
+            .copied()
+            .collect();
+        for iv in stale {
+            if let Some(p) = st.prepared.remove(&iv) {
+                Stats::add(&self.stats.jobs_dropped, 1);
+                self.recycle(p.ct);
+            }
+        }
+        st.inflight.retain(|iv| wanted.contains(iv));
+        jobs
+    }
+
+    fn submit(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        self.workers_started.call_once(|| {
+            for i in 0..config().workers {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("pipellm-cc-{i}"))
+                    .spawn(|| engine().worker_loop());
+                if spawned.is_err() {
+                    log(format_args!("could not start a pre-encryption thread"));
+                }
+            }
+        });
+        lock(&self.jobs).extend(jobs);
+        self.job_ready.notify_all();
+    }
+
+    fn worker_loop(&self) {
+        loop {
+            let job = {
+                let mut q = lock(&self.jobs);
+                loop {
+                    if let Some(j) = q.pop_front() {
+                        break j;
+                    }
+                    q = self
+                        .job_ready
+                        .wait(q)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(job)));
+            if done.is_err() {
+                Stats::add(&self.stats.panics, 1);
+            }
+        }
+    }
+
+    fn run(&self, job: Job) {
+        let mut buf = self.buffer(job.len);
+        if !read_own_memory(job.input, &mut buf) {
+            Stats::add(&self.stats.jobs_unreadable, 1);
+            buf.zeroize();
+            self.recycle(buf);
+            self.settle(&job, None);
+            return;
+        }
+        let fp = fingerprint(&buf);
+        match job.key.seal_in_place(&job.iv, &[], &mut buf) {
+            Ok(tag) => {
+                Stats::add(&self.stats.jobs_done, 1);
+                self.settle(
+                    &job,
+                    Some(Prepared {
+                        input: job.input,
+                        len: job.len,
+                        ct: buf,
+                        tag,
+                        fp,
+                    }),
+                );
+            }
+            Err(_) => {
+                buf.zeroize(); // still the plaintext snapshot
+                self.recycle(buf);
+                self.settle(&job, None);
+            }
+        }
+    }
+
+    fn settle(&self, job: &Job, p: Option<Prepared>) {
+        let mut m = lock(&self.ctxs);
+        let keep = match m.get_mut(&job.ctx) {
+            Some(st) if st.gen == job.gen && st.inflight.contains(&job.iv) => {
+                st.inflight.remove(&job.iv);
+                if let Some(p) = p {
+                    st.prepared.insert(job.iv, p);
+                }
+                None
+            }
+            _ => p,
+        };
+        drop(m);
+        if let Some(p) = keep {
+            Stats::add(&self.stats.jobs_dropped, 1);
+            self.recycle(p.ct);
+        }
+    }
+
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut spare = lock(&self.spare);
+        if let Some(i) = spare.iter().position(|b| b.capacity() >= len) {
+            let mut b = spare.swap_remove(i);
+            b.resize(len, 0);
+            return b;
+        }
+        drop(spare);
+        vec![0u8; len]
+    }
+
+    fn recycle(&self, mut b: Vec<u8>) {
+        let mut spare = lock(&self.spare);
+        if spare.len() < 4 * config().depth * config().workers.max(1) {
+            b.clear();
+            spare.push(b);
+        }
+    }
+
+    fn recycle_state(&self, mut st: CtxState) {
+        for (_, p) in st.prepared.drain() {
+            self.recycle(p.ct);
+        }
+        if let Msg::Hit { prepared, .. } = std::mem::replace(&mut st.msg, Msg::Idle) {
+            self.recycle(prepared.ct);
+        }
+    }
+}
+
+/// Copies `buf.len()` bytes of our own memory at `addr` into `buf`, or returns false if any
+/// of it is not mapped readable. A predicted source may have been freed since it was last
+/// used: reading it directly could crash the process, `process_vm_readv` reports EFAULT.
+fn read_own_memory(addr: usize, buf: &mut [u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, which we own and may write; the kernel validates the
+    // remote range itself and fails with EFAULT instead of faulting.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n >= 0 && n as usize == buf.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_tells_bytes_apart() {
+        let a = vec![7u8; 4096];
+        let mut b = a.clone();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        b[4095] ^= 1;
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a[..4095]), fingerprint(&a));
+    }
+
+    #[test]
+    fn unreadable_memory_is_reported_not_faulted() {
+        let mut buf = vec![0u8; 64];
+        assert!(!read_own_memory(8, &mut buf), "page 0 is never mapped");
+        let src = vec![5u8; 64];
+        assert!(read_own_memory(src.as_ptr() as usize, &mut buf));
+        assert_eq!(buf, src);
+    }
+}

@@ -1,0 +1,668 @@
+//! The EVP functions we export in place of libcrypto's, and our own C API.
+//!
+//! Every hook follows the same rules:
+//! - if the real library could not be loaded, the call fails (returns 0, OpenSSL's error
+//!   value) rather than crashing: nothing else is safe;
+//! - calls made *by* the real library into these names (libcrypto calls some of its own
+//!   EVP functions through its PLT, which resolves to us) are forwarded untouched, as are all
+//!   calls in a forked child and all calls when `PIPELLM_CC_DISABLE=1`;
+//! - our own bookkeeping runs under `catch_unwind`: a panic is counted and the call is
+//!   forwarded, never unwound into C;
+//! - before forwarding a call on a context that holds a served (hit) message, the real
+//!   context is brought up to date (`resync`), so its answers stay OpenSSL's.
+//!
+//! Each hook is defined as `pipellm_<name>`; the `pipellm-cc-shim` cdylib binds it to
+//! `<name>@@OPENSSL_3.0.0` with `.symver` (a version node only a shared library can carry, so
+//! it is not done here, where tests and examples link this crate into executables).
+
+use crate::config::{config, log};
+use crate::engine::{engine, Decision, InitChange, TAG_LEN};
+use crate::real::{real, Cipher, Ctx, Engine as EngineHandle, Real};
+use std::cell::Cell;
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use zeroize::Zeroize;
+
+const NID_AES_256_GCM: c_int = 901;
+const CTRL_SET_IVLEN: c_int = 0x9;
+const CTRL_GET_TAG: c_int = 0x10;
+const CTRL_GET_IVLEN: c_int = 0x25;
+const CTRL_GET_TAGLEN: c_int = 0x26;
+
+thread_local! {
+    static IN_REAL: Cell<bool> = const { Cell::new(false) };
+}
+
+static FORKED: AtomicBool = AtomicBool::new(false);
+static ATFORK: std::sync::Once = std::sync::Once::new();
+static LOAD_LOGGED: std::sync::Once = std::sync::Once::new();
+
+extern "C" fn in_child_after_fork() {
+    // The child has our state but not our worker threads, and a lock may have been held
+    // at the fork: it forwards everything from now on.
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+extern "C" fn report_at_exit() {
+    let snap = engine().stats.snapshot();
+    let line: Vec<String> = crate::stats::NAMES
+        .iter()
+        .zip(snap)
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
+    log(format_args!("stats {}", line.join(" ")));
+}
+
+/// True if this call should only be forwarded.
+fn passthrough() -> bool {
+    ATFORK.call_once(|| {
+        // SAFETY: registering plain extern "C" fns with no preconditions.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(in_child_after_fork));
+            if config().log {
+                libc::atexit(report_at_exit);
+            }
+        }
+    });
+    config().disabled
+        || FORKED.load(Ordering::Relaxed)
+        || IN_REAL.try_with(|c| c.get()).unwrap_or(true)
+}
+
+/// Calls into the real library with the re-entry flag set.
+fn forward<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let _ = IN_REAL.try_with(|c| c.set(self.0));
+        }
+    }
+    let prev = IN_REAL.try_with(|c| c.replace(true)).unwrap_or(true);
+    let _reset = Reset(prev);
+    f()
+}
+
+fn with_real() -> Option<&'static Real> {
+    match real() {
+        Ok(r) => {
+            LOAD_LOGGED.call_once(|| log(format_args!("forwarding to {}", r.path)));
+            Some(r)
+        }
+        Err(e) => {
+            LOAD_LOGGED.call_once(|| eprintln!("pipellm-cc: {}", e.0));
+            None
+        }
+    }
+}
+
+/// Runs our bookkeeping; a panic is counted and reported as `None`.
+fn guarded<R>(f: impl FnOnce() -> R) -> Option<R> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => Some(r),
+        Err(_) => {
+            crate::stats::Stats::add(&engine().stats.panics, 1);
+            None
+        }
+    }
+}
+
+/// Brings the real context up to date with a message we served, before it is used.
+fn resync(r: &Real, ctx: Ctx) {
+    let Some(Some(rs)) = guarded(|| engine().take_hit_for_resync(ctx as usize)) else {
+        return;
+    };
+    let len = rs.prepared.len;
+    let mut plain = vec![0u8; len];
+    let opened = rs
+        .key
+        .open_private(&rs.iv, &[], &rs.prepared.ct, &rs.prepared.tag, &mut plain);
+    if opened.is_ok() {
+        let mut scratch = vec![0u8; len + 16];
+        let mut n: c_int = 0;
+        forward(|| {
+            // SAFETY: ctx is the caller's live context; iv is 12 bytes; plain and scratch
+            // are our buffers of the lengths passed (GCM writes exactly what it reads).
+            unsafe {
+                (r.encrypt_init_ex)(
+                    ctx,
+                    std::ptr::null(),
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    rs.iv.as_ptr(),
+                );
+                (r.encrypt_update)(
+                    ctx,
+                    scratch.as_mut_ptr(),
+                    &mut n,
+                    plain.as_ptr(),
+                    len as c_int,
+                );
+                if rs.finalized {
+                    (r.encrypt_final_ex)(ctx, scratch.as_mut_ptr(), &mut n);
+                }
+            }
+        });
+    }
+    plain.zeroize();
+    engine().recycle_prepared(rs.prepared);
+}
+
+fn cipher_ok(r: &Real, cipher: Cipher, impl_: EngineHandle) -> Option<bool> {
+    if cipher.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null cipher the caller passed to an init call, as OpenSSL requires.
+    let nid = forward(|| unsafe { (r.cipher_get_nid)(cipher) });
+    Some(nid == NID_AES_256_GCM && impl_.is_null())
+}
+
+fn read_key(key: *const u8) -> Option<[u8; 32]> {
+    if key.is_null() {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    // SAFETY: for AES-256-GCM (the only cipher we track) the key is 32 readable bytes.
+    unsafe { std::ptr::copy_nonoverlapping(key, k.as_mut_ptr(), 32) };
+    Some(k)
+}
+
+fn read_iv(iv: *const u8) -> Option<[u8; 12]> {
+    if iv.is_null() {
+        return None;
+    }
+    let mut v = [0u8; 12];
+    // SAFETY: with the default (12-byte) IV length, which a tracked context has, the IV
+    // argument is 12 readable bytes.
+    unsafe { std::ptr::copy_nonoverlapping(iv, v.as_mut_ptr(), 12) };
+    Some(v)
+}
+
+/// Common part of every init hook, after the real call succeeded.
+fn after_init(
+    r: &Real,
+    ctx: Ctx,
+    cipher: Cipher,
+    impl_: EngineHandle,
+    key: *const u8,
+    iv: *const u8,
+    encrypt: bool,
+) {
+    guarded(|| {
+        let ok = cipher_ok(r, cipher, impl_);
+        let tracked_cipher = ok.unwrap_or(true);
+        // Key and IV are only read for AES-256-GCM (their lengths depend on the cipher).
+        let mut k = if tracked_cipher { read_key(key) } else { None };
+        let v = if tracked_cipher { read_iv(iv) } else { None };
+        engine().on_init(
+            ctx as usize,
+            InitChange {
+                cipher_ok: ok,
+                key: k.as_ref(),
+                iv: v,
+                encrypt,
+            },
+        );
+        k.zeroize();
+    });
+}
+
+// ---- init ---------------------------------------------------------------------------------
+
+/// # Safety
+/// OpenSSL's contract for `EVP_EncryptInit_ex`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_EncryptInit_ex(
+    ctx: Ctx,
+    cipher: Cipher,
+    impl_: EngineHandle,
+    key: *const u8,
+    iv: *const u8,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.encrypt_init_ex)(ctx, cipher, impl_, key, iv) });
+    if passthrough() {
+        return call();
+    }
+    resync(r, ctx);
+    let rc = call();
+    if rc == 1 {
+        after_init(r, ctx, cipher, impl_, key, iv, true);
+    } else {
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    rc
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_EncryptInit`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_EncryptInit(
+    ctx: Ctx,
+    cipher: Cipher,
+    key: *const u8,
+    iv: *const u8,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.encrypt_init)(ctx, cipher, key, iv) });
+    if passthrough() {
+        return call();
+    }
+    resync(r, ctx);
+    let rc = call();
+    if rc == 1 {
+        after_init(r, ctx, cipher, std::ptr::null_mut(), key, iv, true);
+    } else {
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    rc
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_EncryptInit_ex2`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_EncryptInit_ex2(
+    ctx: Ctx,
+    cipher: Cipher,
+    key: *const u8,
+    iv: *const u8,
+    params: *const c_void,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.encrypt_init_ex2)(ctx, cipher, key, iv, params) });
+    if passthrough() {
+        return call();
+    }
+    resync(r, ctx);
+    let rc = call();
+    if rc == 1 && params.is_null() {
+        after_init(r, ctx, cipher, std::ptr::null_mut(), key, iv, true);
+    } else {
+        // Parameters may change IV or tag length: not a context we model.
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    rc
+}
+
+macro_rules! decrypt_side_init {
+    ($name:ident, $field:ident, ($($arg:ident: $ty:ty),*)) => {
+        /// # Safety
+        /// OpenSSL's contract for the function of the same name without the prefix.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(ctx: Ctx, $($arg: $ty),*) -> c_int {
+            let Some(r) = with_real() else { return 0 };
+            if !passthrough() {
+                resync(r, ctx);
+            }
+            // SAFETY: forwarding the caller's arguments unchanged.
+            let rc = forward(|| unsafe { (r.$field)(ctx, $($arg),*) });
+            if !passthrough() {
+                // A decrypting context (D2H) is forwarded: decryption stays synchronous.
+                guarded(|| engine().untrack(ctx as usize));
+            }
+            rc
+        }
+    };
+}
+
+decrypt_side_init!(pipellm_EVP_DecryptInit_ex, decrypt_init_ex,
+    (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8));
+decrypt_side_init!(pipellm_EVP_DecryptInit, decrypt_init,
+    (cipher: Cipher, key: *const u8, iv: *const u8));
+decrypt_side_init!(pipellm_EVP_DecryptInit_ex2, decrypt_init_ex2,
+    (cipher: Cipher, key: *const u8, iv: *const u8, params: *const c_void));
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CipherInit_ex`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CipherInit_ex(
+    ctx: Ctx,
+    cipher: Cipher,
+    impl_: EngineHandle,
+    key: *const u8,
+    iv: *const u8,
+    enc: c_int,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.cipher_init_ex)(ctx, cipher, impl_, key, iv, enc) });
+    if passthrough() {
+        return call();
+    }
+    resync(r, ctx);
+    let rc = call();
+    if rc == 1 && enc == 1 {
+        after_init(r, ctx, cipher, impl_, key, iv, true);
+    } else {
+        // enc = -1 keeps a direction we may not know; 0 decrypts: forwarded only.
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    rc
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CipherInit`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CipherInit(
+    ctx: Ctx,
+    cipher: Cipher,
+    key: *const u8,
+    iv: *const u8,
+    enc: c_int,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.cipher_init)(ctx, cipher, key, iv, enc) });
+    if passthrough() {
+        return call();
+    }
+    resync(r, ctx);
+    let rc = call();
+    if rc == 1 && enc == 1 {
+        after_init(r, ctx, cipher, std::ptr::null_mut(), key, iv, true);
+    } else {
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    rc
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CipherInit_ex2`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CipherInit_ex2(
+    ctx: Ctx,
+    cipher: Cipher,
+    key: *const u8,
+    iv: *const u8,
+    enc: c_int,
+    params: *const c_void,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.cipher_init_ex2)(ctx, cipher, key, iv, enc, params) });
+    if passthrough() {
+        return call();
+    }
+    resync(r, ctx);
+    let rc = call();
+    if rc == 1 && enc == 1 && params.is_null() {
+        after_init(r, ctx, cipher, std::ptr::null_mut(), key, iv, true);
+    } else {
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    rc
+}
+
+// ---- update -------------------------------------------------------------------------------
+
+/// The hit path.
+///
+/// # Safety
+/// OpenSSL's contract for `EVP_EncryptUpdate`: `in` readable and `out` writable for `inl`
+/// bytes, `outl` writable.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_EncryptUpdate(
+    ctx: Ctx,
+    out: *mut u8,
+    outl: *mut c_int,
+    input: *const u8,
+    inl: c_int,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.encrypt_update)(ctx, out, outl, input, inl) });
+    if passthrough() || inl <= 0 || outl.is_null() || input.is_null() {
+        return call();
+    }
+    resync(r, ctx);
+    // SAFETY: the caller's EVP_EncryptUpdate contract is try_hit's contract.
+    let decision = guarded(|| unsafe { engine().try_hit(ctx as usize, out, input, inl as usize) });
+    match decision {
+        Some(Decision::Served) => {
+            // SAFETY: outl is non-null (checked above) and writable per the contract.
+            unsafe { *outl = inl };
+            1
+        }
+        _ => call(),
+    }
+}
+
+macro_rules! forwarded_update {
+    ($name:ident, $field:ident) => {
+        /// # Safety
+        /// OpenSSL's contract for the function of the same name without the prefix.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            ctx: Ctx,
+            out: *mut u8,
+            outl: *mut c_int,
+            input: *const u8,
+            inl: c_int,
+        ) -> c_int {
+            let Some(r) = with_real() else { return 0 };
+            if !passthrough() {
+                resync(r, ctx);
+                guarded(|| engine().untrack_message(ctx as usize));
+            }
+            // SAFETY: forwarding the caller's arguments unchanged.
+            forward(|| unsafe { (r.$field)(ctx, out, outl, input, inl) })
+        }
+    };
+}
+
+forwarded_update!(pipellm_EVP_DecryptUpdate, decrypt_update);
+forwarded_update!(pipellm_EVP_CipherUpdate, cipher_update);
+
+// ---- final --------------------------------------------------------------------------------
+
+macro_rules! encrypt_final {
+    ($name:ident, $field:ident) => {
+        /// # Safety
+        /// OpenSSL's contract for the function of the same name without the prefix.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(ctx: Ctx, out: *mut u8, outl: *mut c_int) -> c_int {
+            let Some(r) = with_real() else { return 0 };
+            if !passthrough() && !outl.is_null() {
+                if let Some(true) = guarded(|| engine().on_final(ctx as usize)) {
+                    // GCM emits nothing at final; the tag is kept for GET_TAG.
+                    // SAFETY: outl is non-null and writable per the contract.
+                    unsafe { *outl = 0 };
+                    return 1;
+                }
+                resync(r, ctx);
+            }
+            // SAFETY: forwarding the caller's arguments unchanged.
+            forward(|| unsafe { (r.$field)(ctx, out, outl) })
+        }
+    };
+}
+
+encrypt_final!(pipellm_EVP_EncryptFinal_ex, encrypt_final_ex);
+encrypt_final!(pipellm_EVP_EncryptFinal, encrypt_final);
+encrypt_final!(pipellm_EVP_CipherFinal_ex, cipher_final_ex);
+encrypt_final!(pipellm_EVP_CipherFinal, cipher_final);
+
+macro_rules! decrypt_final {
+    ($name:ident, $field:ident) => {
+        /// # Safety
+        /// OpenSSL's contract for the function of the same name without the prefix.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(ctx: Ctx, out: *mut u8, outl: *mut c_int) -> c_int {
+            let Some(r) = with_real() else { return 0 };
+            if !passthrough() {
+                resync(r, ctx);
+            }
+            // SAFETY: forwarding the caller's arguments unchanged.
+            forward(|| unsafe { (r.$field)(ctx, out, outl) })
+        }
+    };
+}
+
+decrypt_final!(pipellm_EVP_DecryptFinal_ex, decrypt_final_ex);
+decrypt_final!(pipellm_EVP_DecryptFinal, decrypt_final);
+
+// ---- ctrl and context life ----------------------------------------------------------------
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CIPHER_CTX_ctrl`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_ctrl(
+    ctx: Ctx,
+    type_: c_int,
+    arg: c_int,
+    ptr: *mut c_void,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.ctx_ctrl)(ctx, type_, arg, ptr) });
+    if passthrough() {
+        return call();
+    }
+    if type_ == CTRL_GET_TAG && arg == TAG_LEN as c_int && !ptr.is_null() {
+        if let Some(Some(tag)) = guarded(|| engine().hit_tag(ctx as usize)) {
+            // SAFETY: GET_TAG with arg 16 means ptr is 16 writable bytes.
+            unsafe { std::ptr::copy_nonoverlapping(tag.as_ptr(), ptr.cast::<u8>(), TAG_LEN) };
+            return 1;
+        }
+        resync(r, ctx);
+        let rc = call();
+        if rc == 1 {
+            let mut tag = [0u8; TAG_LEN];
+            // SAFETY: the real call just wrote 16 bytes at ptr.
+            unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), tag.as_mut_ptr(), TAG_LEN) };
+            // SAFETY: the message's input and output are the driver's live buffers, read
+            // right after its GET_TAG (see `after_real_tag`).
+            guarded(|| unsafe { engine().after_real_tag(ctx as usize, &tag) });
+        }
+        return rc;
+    }
+    resync(r, ctx);
+    let rc = call();
+    let harmless =
+        matches!(type_, CTRL_GET_IVLEN | CTRL_GET_TAGLEN) || (type_ == CTRL_SET_IVLEN && arg == 12);
+    if !harmless {
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    rc
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CIPHER_CTX_free`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_free(ctx: Ctx) {
+    let Some(r) = with_real() else { return };
+    if !passthrough() {
+        guarded(|| engine().forget(ctx as usize));
+    }
+    // SAFETY: forwarding the caller's argument unchanged.
+    forward(|| unsafe { (r.ctx_free)(ctx) })
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CIPHER_CTX_reset`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_reset(ctx: Ctx) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    if !passthrough() {
+        guarded(|| engine().forget(ctx as usize));
+    }
+    // SAFETY: forwarding the caller's argument unchanged.
+    forward(|| unsafe { (r.ctx_reset)(ctx) })
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CIPHER_CTX_copy`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_copy(out: Ctx, input: Ctx) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    if !passthrough() {
+        resync(r, input);
+        // The copy is not followed (it has no key we saw being set).
+        guarded(|| engine().forget(out as usize));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    forward(|| unsafe { (r.ctx_copy)(out, input) })
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CIPHER_CTX_set_params`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_set_params(
+    ctx: Ctx,
+    params: *const c_void,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    if !passthrough() {
+        resync(r, ctx);
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    forward(|| unsafe { (r.ctx_set_params)(ctx, params) })
+}
+
+/// # Safety
+/// OpenSSL's contract for `EVP_CIPHER_CTX_set_key_length`.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_set_key_length(ctx: Ctx, len: c_int) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    if !passthrough() {
+        resync(r, ctx);
+        guarded(|| engine().untrack(ctx as usize));
+    }
+    // SAFETY: forwarding the caller's arguments unchanged.
+    forward(|| unsafe { (r.ctx_set_key_length)(ctx, len) })
+}
+
+// ---- our own API --------------------------------------------------------------------------
+
+/// 1: the interposer is loaded and will act; 0: loaded but inert (disabled, or the real
+/// libcrypto is missing). For `pipellm doctor` and `pipellm.cc.status()`.
+#[no_mangle]
+pub extern "C" fn pipellm_cc_active() -> c_int {
+    (!config().disabled && real().is_ok()) as c_int
+}
+
+/// Copies up to `n` counters into `out` (names: `pipellm_cc_stat_name`); returns how many
+/// counters exist.
+///
+/// # Safety
+/// `out` must be writable for `n` u64 values (or null with n = 0).
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_cc_stats(out: *mut u64, n: usize) -> usize {
+    let snap = engine().stats.snapshot();
+    if !out.is_null() {
+        for (i, v) in snap.iter().take(n).enumerate() {
+            // SAFETY: i < n, and the caller guarantees n writable values.
+            unsafe { *out.add(i) = *v };
+        }
+    }
+    snap.len()
+}
+
+/// The name of counter `i` (a static NUL-terminated string), or null.
+#[no_mangle]
+pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
+    static NAMES: std::sync::OnceLock<Vec<std::ffi::CString>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        crate::stats::NAMES
+            .iter()
+            .map(|s| std::ffi::CString::new(*s).expect("no NUL"))
+            .collect()
+    });
+    names.get(i).map_or(std::ptr::null(), |c| c.as_ptr())
+}
+
+/// Path of the real libcrypto in use (static string), or null if none could be loaded.
+#[no_mangle]
+pub extern "C" fn pipellm_cc_real_path() -> *const c_char {
+    static PATH: std::sync::OnceLock<Option<std::ffi::CString>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        real()
+            .ok()
+            .and_then(|r| std::ffi::CString::new(r.path.clone()).ok())
+    })
+    .as_ref()
+    .map_or(std::ptr::null(), |c| c.as_ptr())
+}

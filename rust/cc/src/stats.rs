@@ -1,0 +1,40 @@
+//! Counters, readable from C (`pipellm_cc_stats`) and so from Python through ctypes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($name:ident: $doc:literal),* $(,)?) => {
+        #[derive(Default)]
+        pub struct Stats { $(#[doc = $doc] pub $name: AtomicU64,)* }
+        /// The counters' names, in the order `snapshot` returns them.
+        pub const NAMES: &[&str] = &[$(stringify!($name)),*];
+        impl Stats {
+            pub fn snapshot(&self) -> Vec<u64> {
+                vec![$(self.$name.load(Ordering::Relaxed)),*]
+            }
+        }
+    };
+}
+
+counters! {
+    hits: "EncryptUpdate calls served from a pre-encrypted chunk",
+    hit_bytes: "bytes served from pre-encrypted chunks",
+    misses: "EncryptUpdate calls on tracked contexts encrypted by the real library",
+    mispredicted: "a chunk was ready for the IV but for other memory or length",
+    stale: "a chunk was ready but its source changed since it was encrypted",
+    late: "the chunk for the IV was still being encrypted",
+    resyncs: "calls after a hit that needed the real context brought up to date",
+    keys_confirmed: "keys whose real ciphertext and tag we reproduced",
+    keys_refused: "keys whose real output we could not reproduce (context left alone)",
+    models_rejected: "contexts whose IVs follow no known layout (left in pass-through)",
+    jobs_done: "chunks pre-encrypted",
+    jobs_unreadable: "predicted sources that could not be read (unmapped): skipped",
+    jobs_dropped: "pre-encrypted chunks thrown away unused (prediction passed them)",
+    panics: "internal panics caught (the interposer then forwards everything)",
+}
+
+impl Stats {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
