@@ -103,9 +103,30 @@ pub struct CtxState {
     spans: Vec<(usize, usize)>,
     pub prepared: HashMap<Iv, Prepared>,
     pub inflight: HashSet<Iv>,
+    /// Outcomes of the last 32 messages that had a prediction (bit set: served), newest in
+    /// bit 0; `outcomes_seen` counts them up to 32.
+    outcomes: u32,
+    outcomes_seen: u32,
 }
 
+/// A context whose recent predictions mostly failed is only probed one message ahead: on
+/// this path the workers' wasted encryptions compete with the caller for the CPU.
+const PROBE_BELOW_HITS: u32 = 8;
+
 impl CtxState {
+    fn record(&mut self, served: bool) {
+        self.outcomes = (self.outcomes << 1) | served as u32;
+        self.outcomes_seen = (self.outcomes_seen + 1).min(32);
+    }
+
+    fn lookahead(&self, depth: usize) -> usize {
+        if self.outcomes_seen >= 32 && self.outcomes.count_ones() < PROBE_BELOW_HITS {
+            1
+        } else {
+            depth
+        }
+    }
+
     fn new(gen: u64) -> Self {
         Self {
             tracked: false,
@@ -122,6 +143,8 @@ impl CtxState {
             spans: Vec::new(),
             prepared: HashMap::new(),
             inflight: HashSet::new(),
+            outcomes: 0,
+            outcomes_seen: 0,
         }
     }
 
@@ -339,6 +362,7 @@ impl Engine {
             let p = st.prepared.remove(&iv);
             if p.is_none() && st.inflight.contains(&iv) {
                 Stats::add(&self.stats.late, 1);
+                st.record(false);
             }
             // Until the outcome is known the message counts as missed (the fallback).
             st.msg = Msg::Missed {
@@ -361,6 +385,7 @@ impl Engine {
         if taken.input != input as usize || taken.len != len {
             Stats::add(&self.stats.mispredicted, 1);
             self.recycle(taken.ct);
+            self.record_outcome(ctx, false);
             return Decision::Forward;
         }
         // SAFETY: the caller guarantees `input` is readable for `len` bytes.
@@ -368,6 +393,7 @@ impl Engine {
         if fingerprint(src) != taken.fp {
             Stats::add(&self.stats.stale, 1);
             self.recycle(taken.ct);
+            self.record_outcome(ctx, false);
             return Decision::Forward;
         }
         // SAFETY: the caller guarantees `out` is writable for `len` bytes; `taken.ct` is our
@@ -382,6 +408,7 @@ impl Engine {
                     prepared: taken,
                     finalized: false,
                 };
+                st.record(true);
                 Decision::Served
             }
             None => {
@@ -390,6 +417,12 @@ impl Engine {
                 self.recycle(taken.ct);
                 Decision::Forward
             }
+        }
+    }
+
+    fn record_outcome(&self, ctx: usize, served: bool) {
+        if let Some(st) = lock(&self.ctxs).get_mut(&ctx) {
+            st.record(served);
         }
     }
 
@@ -512,7 +545,8 @@ impl Engine {
             return jobs;
         }
         let mut wanted = HashSet::new();
-        for (j, k) in st.history.predict(cfg.depth).into_iter().enumerate() {
+        let depth = st.lookahead(cfg.depth);
+        for (j, k) in st.history.predict(depth).into_iter().enumerate() {
             let Some(iv) = st.model.predict(j as u64 + 1) else {
                 break;
             };
@@ -700,6 +734,20 @@ mod tests {
         b[4095] ^= 1;
         assert_ne!(fingerprint(&a), fingerprint(&b));
         assert_ne!(fingerprint(&a[..4095]), fingerprint(&a));
+    }
+
+    #[test]
+    fn failing_predictions_shrink_the_lookahead_and_hits_restore_it() {
+        let mut st = CtxState::new(1);
+        assert_eq!(st.lookahead(8), 8, "no evidence yet");
+        for _ in 0..32 {
+            st.record(false);
+        }
+        assert_eq!(st.lookahead(8), 1);
+        for _ in 0..PROBE_BELOW_HITS {
+            st.record(true);
+        }
+        assert_eq!(st.lookahead(8), 8);
     }
 
     #[test]

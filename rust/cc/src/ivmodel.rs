@@ -293,7 +293,11 @@ mod tests {
             m.observe(iv);
         }
         assert_eq!(m.state(), ModelState::Bound);
-        assert_eq!(m.predict(1), None, "a 32-bit counter at its end has no next IV");
+        assert_eq!(
+            m.predict(1),
+            None,
+            "a 32-bit counter at its end has no next IV"
+        );
     }
 
     proptest! {
