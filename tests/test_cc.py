@@ -26,9 +26,9 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     assert compiler, "a C compiler is needed to build the driver emulator"
     out = tmp_path_factory.mktemp("emu") / "driver_emulator"
+    flags = ["-O2", "-Wall", "-Werror"]
     subprocess.run(
-        [compiler, "-O2", "-Wall", "-Werror", "-o", str(out), str(EMULATOR_SRC), "-l:libcrypto.so.3"],
-        check=True,
+        [compiler, *flags, "-o", str(out), str(EMULATOR_SRC), "-l:libcrypto.so.3"], check=True
     )
     return out
 
