@@ -9,6 +9,11 @@ replays a serving workload through the secure channel on a simulated device in f
 
 runs CMD with the libcrypto interposer loaded (the driver backend for Hopper CC GPUs).
 
+    pipellm soak [--seconds 60] [--threads 4] [--json]
+
+runs mixed serving patterns on threads with mispredictions, source changes, key rotations
+and restarts, every byte checked; reports operations, errors (must be 0) and RSS.
+
     pipellm doctor [--json]
 
 says whether CC mode is on, which libcrypto the driver would load, whether the interposer
@@ -216,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--depth", type=int, default=None, help="chunks pre-encrypted ahead")
     r.add_argument("--log", action="store_true", help="log events and counters to stderr")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    so = sub.add_parser("soak", help="mixed workloads on threads for a while; errors must be 0")
+    so.add_argument("--seconds", type=float, default=60.0, help="how long (default 60)")
+    so.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
+    so.add_argument("--seed", type=int, default=0)
+    so.add_argument("--json", action="store_true", help="print one JSON document at the end")
     d = sub.add_parser("doctor", help="what this machine offers pipellm")
     d.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args(argv)
@@ -233,6 +243,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pipellm run: {e}", file=sys.stderr)
             return 2
         return 0  # not reached: run() replaces this process
+    if args.command == "soak":
+        from . import soak
+
+        if args.seconds <= 0 or args.threads < 1:
+            print("pipellm soak: --seconds must be > 0 and --threads >= 1", file=sys.stderr)
+            return 2
+        rep = soak.soak(args.seconds, args.threads, args.seed)
+        print(soak.to_json(rep) if args.json else soak.render(rep))
+        return 0 if rep["errors"] == 0 else 1
     if args.command == "doctor":
         from . import doctor
 

@@ -41,6 +41,9 @@ pub enum Error {
     /// The pipeline was closed.
     #[error("the pipeline is closed")]
     Closed,
+    /// Memory could not be allocated or mapped (staging buffers).
+    #[error("{0}")]
+    OutOfMemory(String),
     /// The cryptographic library reported a failure it should never report (out of memory).
     #[error("crypto backend failure: {0}")]
     Backend(&'static str),

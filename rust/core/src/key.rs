@@ -103,6 +103,29 @@ impl fmt::Debug for EpochKey {
 mod tests {
     use super::*;
 
+    /// Drops `value` in place inside memory the test owns, then returns that memory's bytes:
+    /// whatever the value's destructor left behind.
+    fn bytes_after_drop<T>(value: T) -> Vec<u8> {
+        let mut slot = std::mem::MaybeUninit::new(value);
+        // SAFETY: `slot` holds an initialised T, dropped exactly once here and never used as
+        // a T again; its storage stays ours (MaybeUninit does not drop), so reading it back
+        // as bytes is reading memory we own.
+        unsafe {
+            std::ptr::drop_in_place(slot.as_mut_ptr());
+            std::slice::from_raw_parts(slot.as_ptr().cast::<u8>(), std::mem::size_of::<T>())
+                .to_vec()
+        }
+    }
+
+    #[test]
+    fn session_key_is_zeroized_on_drop() {
+        let raw = [0xA7u8; KEY_LEN];
+        let k = SessionKey::from_bytes(&raw).unwrap();
+        assert_eq!(k.expose_secret(), &raw);
+        let left = bytes_after_drop(k);
+        assert!(left.iter().all(|&b| b == 0), "key bytes survived the drop: {left:?}");
+    }
+
     #[test]
     fn wrong_length_is_typed_error() {
         assert!(matches!(

@@ -40,7 +40,7 @@ impl StagingBuf {
         // SAFETY: `layout` has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).ok_or_else(|| {
-            Error::InvalidArgument(format!(
+            Error::OutOfMemory(format!(
                 "could not allocate a staging buffer of {size} bytes"
             ))
         })?;

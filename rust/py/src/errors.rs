@@ -1,7 +1,7 @@
 //! Python exception classes and the one place core errors become them.
 
 use pipellm_core::{Error, OrderViolation};
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::{PyException, PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 
 pyo3::create_exception!(
@@ -66,6 +66,7 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::InvalidLength(_) | Error::InvalidArgument(_) => PyValueError::new_err(msg),
         Error::Backend(_) => PipeLLMError::new_err(msg),
         Error::Closed => PipelineClosedError::new_err(msg),
+        Error::OutOfMemory(_) => PyMemoryError::new_err(msg),
     }
 }
 

@@ -15,8 +15,8 @@ use super::source::Chunk;
 use crate::fingerprint::Fingerprint;
 use crate::sequencer::{Fallback, Reservation, Sealed};
 use crate::staging::StagingBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use crate::sync::{AtomicU8, Mutex, MutexGuard, Ordering};
+use std::sync::PoisonError;
 
 pub(crate) const QUEUED: u8 = 0;
 pub(crate) const ENCRYPTING: u8 = 1;
@@ -94,5 +94,66 @@ impl Entry {
     /// not an error here.
     pub fn lock(&self) -> MutexGuard<'_, EntryData> {
         self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! The worker's claim against the request path's, over every interleaving: the real
+    //! worker routine (`run_speculative`) races the request path's steps (`cancel`, then
+    //! `lock` and the settled-state check of `Inner::settle`/`take_position`).
+    use super::*;
+    use crate::header::{data_charge, Direction};
+    use crate::key::SessionKey;
+    use crate::pipeline::jobs::{run_speculative, Faults, Signal};
+    use crate::pipeline::source::{split, Source};
+    use crate::pipeline::stats::Stats;
+    use crate::pipeline::Validation;
+    use crate::schedule::KeyPolicy;
+    use crate::sequencer::Sequencer;
+    use std::sync::Arc;
+
+    /// Exactly one side owns the position: either the worker sealed it (speculated, READY)
+    /// or the request path cancelled it and took the reservation; the request path never
+    /// sees ENCRYPTING after taking the lock, and never finds the entry without a position.
+    #[test]
+    fn worker_and_request_path_claim_exactly_once() {
+        loom::model(|| {
+            let key = SessionKey::from_bytes(&[1u8; 32]).unwrap();
+            let seq = Sequencer::new(
+                key.channel_key(0, Direction::HostToDevice).unwrap(),
+                0,
+                Direction::HostToDevice,
+                KeyPolicy::default(),
+            )
+            .unwrap();
+            let src: Source = Arc::new(vec![7u8; 64]);
+            let chunk = split(&src, 0, None, 64).unwrap().remove(0);
+            let r = seq.reserve(2 * data_charge(64)).unwrap();
+            let staging = crate::staging::StagingBuf::alloc(64).unwrap();
+            let entry = Arc::new(Entry::new(chunk, staging, r));
+            let e2 = entry.clone();
+            let worker = loom::thread::spawn(move || {
+                let (stats, faults, signal) = (Stats::default(), Faults::default(), Signal::default());
+                run_speculative(&e2, Validation::Fingerprint, &stats, &faults, &signal);
+            });
+            // The request path.
+            let cancelled = entry.cancel();
+            let mut data = entry.lock();
+            let state = entry.state();
+            assert_ne!(state, ENCRYPTING, "settled before the lock is released");
+            let took_reservation = data.reservation.take().is_some();
+            let took_speculated = data.speculated.take().is_some();
+            drop(data);
+            worker.join().unwrap();
+            if cancelled {
+                assert!(took_reservation && !took_speculated);
+                assert_eq!(state, CANCELLED);
+            } else {
+                // The worker claimed it first: it sealed (READY) before we got the lock.
+                assert_eq!(state, READY);
+                assert!(took_speculated && !took_reservation);
+            }
+        });
     }
 }

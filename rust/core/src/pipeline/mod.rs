@@ -403,7 +403,7 @@ impl Inner {
     }
 
     /// Waits (if a worker is encrypting it) until `entry` is settled, and locks its data.
-    fn settle<'e>(&self, entry: &'e Entry) -> MutexGuard<'e, entry::EntryData> {
+    fn settle<'e>(&self, entry: &'e Entry) -> crate::sync::MutexGuard<'e, entry::EntryData> {
         let t0 = Instant::now();
         let data = entry.lock();
         if entry.state() == entry::ENCRYPTING {
