@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from ._core import Pipeline, Transfer
@@ -60,6 +60,17 @@ class Speculator:
         arrivals), so their transfers are encrypted before they are requested. Hints alone do
         not, which keeps a batch of n hints O(n) instead of O(n * depth)."""
         self._top_up()
+
+    def expect(self, keys: Iterable[Hashable]) -> None:
+        """The caller knows the next transfers, in order (each registered before): they are
+        pre-encrypted now, ahead of whatever the predictor would have said."""
+        keys = list(keys)
+        missing = [k for k in keys if k not in self._specs]
+        if missing:
+            raise KeyError(f"expect: not registered: {missing[:3]!r}")
+        if keys:
+            self.pipe.predict([self._specs[k] for k in keys])
+            self._issued.extend(keys)
 
     def request(
         self, key: Hashable, buf: Any, offset: int = 0, length: int | None = None

@@ -180,6 +180,10 @@ pub struct Engine {
     next_gen: std::sync::atomic::AtomicU64,
     jobs: Mutex<VecDeque<Job>>,
     job_ready: Condvar,
+    /// Workers blocked on `job_ready` (changed under the `jobs` lock): a submission wakes
+    /// at most that many, and none when all are busy (a wake-up is a syscall on the
+    /// driver's critical path).
+    idle: std::sync::atomic::AtomicUsize,
     workers_started: std::sync::Once,
     spare: Mutex<Vec<Vec<u8>>>,
     pub stats: Stats,
@@ -192,6 +196,7 @@ pub fn engine() -> &'static Engine {
         next_gen: std::sync::atomic::AtomicU64::new(1),
         jobs: Mutex::new(VecDeque::new()),
         job_ready: Condvar::new(),
+        idle: std::sync::atomic::AtomicUsize::new(0),
         workers_started: std::sync::Once::new(),
         spare: Mutex::new(Vec::new()),
         stats: Stats::default(),
@@ -599,8 +604,14 @@ impl Engine {
                 }
             }
         });
-        lock(&self.jobs).extend(jobs);
-        self.job_ready.notify_all();
+        let n = jobs.len();
+        let mut q = lock(&self.jobs);
+        q.extend(jobs);
+        let wake = n.min(self.idle.load(std::sync::atomic::Ordering::Relaxed));
+        drop(q);
+        for _ in 0..wake {
+            self.job_ready.notify_one();
+        }
     }
 
     fn worker_loop(&self) {
@@ -611,10 +622,14 @@ impl Engine {
                     if let Some(j) = q.pop_front() {
                         break j;
                     }
+                    // `idle` changes only under the `jobs` lock, so a submitter that
+                    // reads 0 knows every worker will look at the queue before sleeping.
+                    self.idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     q = self
                         .job_ready
                         .wait(q)
                         .unwrap_or_else(PoisonError::into_inner);
+                    self.idle.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 }
             };
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(job)));

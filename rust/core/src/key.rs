@@ -123,7 +123,10 @@ mod tests {
         let k = SessionKey::from_bytes(&raw).unwrap();
         assert_eq!(k.expose_secret(), &raw);
         let left = bytes_after_drop(k);
-        assert!(left.iter().all(|&b| b == 0), "key bytes survived the drop: {left:?}");
+        assert!(
+            left.iter().all(|&b| b == 0),
+            "key bytes survived the drop: {left:?}"
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ use std::sync::{Mutex, Once};
 
 /// Regions watched at once, process-wide.
 pub const MAX_REGIONS: usize = 4096;
-const _: () = assert!(MAX_REGIONS % 64 == 0, "release_pages keeps a bitmap of held locks");
+const _: () = assert!(
+    MAX_REGIONS.is_multiple_of(64),
+    "release_pages keeps a bitmap of held locks"
+);
 
 struct Region {
     /// Spin flag guarding `protected` transitions and the mprotect calls that go with them.
@@ -479,7 +482,10 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let done: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        assert!(done.iter().all(|&n| n > 0), "every thread made progress: {done:?}");
+        assert!(
+            done.iter().all(|&n| n > 0),
+            "every thread made progress: {done:?}"
+        );
         buf.as_mut_slice()[0] = 1; // all pages writable again
     }
 }

@@ -134,7 +134,8 @@ mod loom_tests {
             let entry = Arc::new(Entry::new(chunk, staging, r));
             let e2 = entry.clone();
             let worker = loom::thread::spawn(move || {
-                let (stats, faults, signal) = (Stats::default(), Faults::default(), Signal::default());
+                let (stats, faults, signal) =
+                    (Stats::default(), Faults::default(), Signal::default());
                 run_speculative(&e2, Validation::Fingerprint, &stats, &faults, &signal);
             });
             // The request path.
