@@ -151,3 +151,20 @@ def test_doctor_reports_this_machine() -> None:
     assert r["interposer_loaded"] is False
     if shutil.which("nvidia-smi") is None:
         assert r["cc_mode"] == "unknown" and r["backend"] == "channel"
+
+
+def test_enable_restarts_the_interpreter_with_the_interposer(tmp_path: Path) -> None:
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import sys, pipellm.cc as c\n"
+        "c.enable()\n"  # restarts this process once, with the same arguments
+        "import ssl\n"
+        "print('active', c.status()['active'], 'args', sys.argv[1:])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELLM_CC", "LD_"))}
+    p = subprocess.run(
+        [sys.executable, str(script), "--flag", "x"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "active True args ['--flag', 'x']"

@@ -282,7 +282,7 @@ static int check(int rounds) {
             if (r == 9 && i == 2) {
                 /* a source modified after its chunk was pre-encrypted (the pause lets the
                  * interposer's workers get there first): must not be served stale */
-                usleep(5000);
+                usleep(20000);
                 memset(layer[2] + 12345, r, 777);
             }
             if (r == 11 && i == 5) {                  /* freed and mapped again */
@@ -290,7 +290,9 @@ static int check(int rounds) {
                 layer[5] = map(LAYER_BYTES);
                 fill(layer[5], LAYER_BYTES);
             }
-            transfer(&weights, layer[i], LAYER_BYTES, r == 6 && i == 1);
+            int split = (r == 5 || r == 6 || r == 7) && i == 1;
+            if (split) usleep(20000); /* let the workers have its first chunk ready: a hit */
+            transfer(&weights, layer[i], LAYER_BYTES, split);
             encrypt_chunk(&weights, meta, sizeof meta, 0); /* interleaved small copy */
             if (i % 3 == 2) encrypt_chunk(&weights, &nop, 1, 0); /* a 1-byte NOP copy */
         }

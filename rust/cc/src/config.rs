@@ -13,6 +13,12 @@ pub struct Config {
     /// `PIPELLM_CC_MIN_BYTES`: smaller messages are observed but not pre-encrypted (default
     /// 64 KiB): handling a tiny prediction costs more than encrypting it.
     pub min_bytes: usize,
+    /// `PIPELLM_CC_HELPERS`: threads that serve a hit's pieces beside the caller (default:
+    /// one less than the CPUs, at most 3).
+    pub helpers: usize,
+    /// `PIPELLM_CC_SPLIT_BYTES`: a hit is served in one piece per this many bytes (default
+    /// 256 KiB; 0: never split).
+    pub split_bytes: usize,
     /// `PIPELLM_CC_LOG=1`: one line on stderr per notable event (library found, a context's
     /// IV model rejected, a key that failed confirmation).
     pub log: bool,
@@ -39,6 +45,15 @@ pub fn config() -> &'static Config {
         workers: env_usize("PIPELLM_CC_WORKERS", 2).clamp(1, 64),
         depth: env_usize("PIPELLM_CC_DEPTH", 8).clamp(1, 256),
         min_bytes: env_usize("PIPELLM_CC_MIN_BYTES", 64 << 10),
+        helpers: env_usize(
+            "PIPELLM_CC_HELPERS",
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .saturating_sub(1)
+                .min(3),
+        )
+        .min(64),
+        split_bytes: env_usize("PIPELLM_CC_SPLIT_BYTES", 256 << 10),
         log: env_flag("PIPELLM_CC_LOG"),
     })
 }

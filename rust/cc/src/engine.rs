@@ -62,7 +62,9 @@ pub struct Prepared {
     pub len: usize,
     pub ct: Vec<u8>,
     pub tag: Tag,
-    pub fp: Fingerprint,
+    /// The message cut into pieces, and each piece's fingerprint at encryption time.
+    pub ranges: Vec<(usize, usize)>,
+    pub fps: Vec<Fingerprint>,
 }
 
 /// Where the current message of a context stands.
@@ -81,6 +83,9 @@ pub enum Msg {
     },
     /// Something else (AAD, several updates, other calls): forwarded only.
     Untracked,
+    /// A message that started as the driver's pattern (its first Update is known) and then
+    /// took an extra Update: forwarded, but still learned, so the history keeps every message.
+    Diverted { input: usize, len: usize },
 }
 
 pub struct CtxState {
@@ -351,9 +356,14 @@ impl Engine {
             };
             match st.msg {
                 Msg::Fresh => {}
-                Msg::Hit { .. } | Msg::Missed { .. } => {
-                    // A second Update in one message (the caller resynced a hit first):
-                    // not the driver's pattern, follow this message no further.
+                Msg::Missed { input, len, .. } | Msg::Diverted { input, len } => {
+                    // A second Update in one message: not the driver's pattern, follow this
+                    // message no further (but learn it at its tag).
+                    st.msg = Msg::Diverted { input, len };
+                    return Decision::Forward;
+                }
+                Msg::Hit { .. } => {
+                    // The caller resyncs a hit before any other call: not reached.
                     st.msg = Msg::Untracked;
                     return Decision::Forward;
                 }
@@ -393,17 +403,28 @@ impl Engine {
             self.record_outcome(ctx, false);
             return Decision::Forward;
         }
-        // SAFETY: the caller guarantees `input` is readable for `len` bytes.
-        let src = unsafe { std::slice::from_raw_parts(input, len) };
-        if fingerprint(src) != taken.fp {
+        // Each piece's source bytes are checked against their fingerprint and its ciphertext
+        // copied, in parallel for a large message.
+        // SAFETY: the caller guarantees `input` readable and `out` writable for `len` bytes
+        // until we return; `taken.ct` is our own buffer of exactly `len` bytes (so it cannot
+        // overlap `out`), alive until we return.
+        let fresh = unsafe {
+            crate::helpers::serve(
+                input,
+                taken.ct.as_ptr(),
+                out,
+                taken.ranges.clone(),
+                taken.fps.clone(),
+                config().helpers,
+            )
+        };
+        if !fresh {
+            // `out` may hold part of the old ciphertext: the real encryption rewrites it all.
             Stats::add(&self.stats.stale, 1);
             self.recycle(taken.ct);
             self.record_outcome(ctx, false);
             return Decision::Forward;
         }
-        // SAFETY: the caller guarantees `out` is writable for `len` bytes; `taken.ct` is our
-        // own buffer of exactly `len` bytes, so the two cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(taken.ct.as_ptr(), out, len) };
         Stats::add(&self.stats.hits, 1);
         Stats::add(&self.stats.hit_bytes, len as u64);
         let mut m = lock(&self.ctxs);
@@ -445,6 +466,10 @@ impl Engine {
         } = std::mem::replace(&mut st.msg, Msg::Untracked)
         else {
             unreachable!()
+        };
+        st.msg = Msg::Diverted {
+            input: prepared.input,
+            len: prepared.len,
         };
         Stats::add(&self.stats.resyncs, 1);
         Some(Resync {
@@ -500,8 +525,16 @@ impl Engine {
     pub unsafe fn after_real_tag(&self, ctx: usize, tag: &Tag) {
         let mut m = lock(&self.ctxs);
         let Some(st) = m.get_mut(&ctx) else { return };
-        let Msg::Missed { input, len, out } = std::mem::replace(&mut st.msg, Msg::Idle) else {
-            return;
+        let (input, len, out) = match std::mem::replace(&mut st.msg, Msg::Idle) {
+            Msg::Missed { input, len, out } => (input, len, out),
+            Msg::Diverted { input, len } => {
+                // Learned so the history stays whole; never used to confirm a key.
+                let jobs = self.complete(ctx, st, (input, len));
+                drop(m);
+                self.submit(jobs);
+                return;
+            }
+            _ => return,
         };
         Stats::add(&self.stats.misses, 1);
         if !st.confirmed && !st.refused {
@@ -648,7 +681,12 @@ impl Engine {
             self.settle(&job, None);
             return;
         }
-        let fp = fingerprint(&buf);
+        let cfg = config();
+        let ranges = crate::helpers::pieces(
+            job.len,
+            crate::helpers::piece_count(job.len, cfg.split_bytes, cfg.helpers),
+        );
+        let fps = crate::helpers::piece_fingerprints(&buf, &ranges);
         match job.key.seal_in_place(&job.iv, &[], &mut buf) {
             Ok(tag) => {
                 Stats::add(&self.stats.jobs_done, 1);
@@ -659,7 +697,8 @@ impl Engine {
                         len: job.len,
                         ct: buf,
                         tag,
-                        fp,
+                        ranges,
+                        fps,
                     }),
                 );
             }

@@ -208,85 +208,58 @@ fn after_init(
 
 // ---- init ---------------------------------------------------------------------------------
 
-/// # Safety
-/// OpenSSL's contract for `EVP_EncryptInit_ex`.
-#[no_mangle]
-pub unsafe extern "C" fn pipellm_EVP_EncryptInit_ex(
-    ctx: Ctx,
-    cipher: Cipher,
-    impl_: EngineHandle,
-    key: *const u8,
-    iv: *const u8,
-) -> c_int {
-    let Some(r) = with_real() else { return 0 };
-    // SAFETY: forwarding the caller's arguments unchanged.
-    let call = || forward(|| unsafe { (r.encrypt_init_ex)(ctx, cipher, impl_, key, iv) });
-    if passthrough() {
-        return call();
-    }
-    resync(r, ctx);
-    let rc = call();
-    if rc == 1 {
-        after_init(r, ctx, cipher, impl_, key, iv, true);
-    } else {
-        guarded(|| engine().untrack(ctx as usize));
-    }
-    rc
+/// An init hook: forward, then (on success, if `$follow` holds: an encrypting init we can
+/// model) record what changed (cipher, ENGINE or null, key, IV), else stop following the
+/// context.
+macro_rules! init_hook {
+    ($name:ident, $field:ident, ($($arg:ident: $ty:ty),*), follow: $follow:expr,
+     record: ($cipher:expr, $impl_:expr, $key:expr, $iv:expr)) => {
+        /// # Safety
+        /// OpenSSL's contract for the function of the same name without the prefix.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(ctx: Ctx, $($arg: $ty),*) -> c_int {
+            let Some(r) = with_real() else { return 0 };
+            // SAFETY: forwarding the caller's arguments unchanged.
+            let call = || forward(|| unsafe { (r.$field)(ctx, $($arg),*) });
+            if passthrough() {
+                return call();
+            }
+            resync(r, ctx);
+            let rc = call();
+            if rc == 1 && $follow {
+                after_init(r, ctx, $cipher, $impl_, $key, $iv, true);
+            } else {
+                guarded(|| engine().untrack(ctx as usize));
+            }
+            rc
+        }
+    };
 }
 
-/// # Safety
-/// OpenSSL's contract for `EVP_EncryptInit`.
-#[no_mangle]
-pub unsafe extern "C" fn pipellm_EVP_EncryptInit(
-    ctx: Ctx,
-    cipher: Cipher,
-    key: *const u8,
-    iv: *const u8,
-) -> c_int {
-    let Some(r) = with_real() else { return 0 };
-    // SAFETY: forwarding the caller's arguments unchanged.
-    let call = || forward(|| unsafe { (r.encrypt_init)(ctx, cipher, key, iv) });
-    if passthrough() {
-        return call();
-    }
-    resync(r, ctx);
-    let rc = call();
-    if rc == 1 {
-        after_init(r, ctx, cipher, std::ptr::null_mut(), key, iv, true);
-    } else {
-        guarded(|| engine().untrack(ctx as usize));
-    }
-    rc
-}
+init_hook!(pipellm_EVP_EncryptInit_ex, encrypt_init_ex,
+    (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8),
+    follow: true, record: (cipher, impl_, key, iv));
+init_hook!(pipellm_EVP_EncryptInit, encrypt_init,
+    (cipher: Cipher, key: *const u8, iv: *const u8),
+    follow: true, record: (cipher, std::ptr::null_mut(), key, iv));
+// Parameters may change IV or tag length: a context initialised with some is not modelled.
+init_hook!(pipellm_EVP_EncryptInit_ex2, encrypt_init_ex2,
+    (cipher: Cipher, key: *const u8, iv: *const u8, params: *const c_void),
+    follow: params.is_null(), record: (cipher, std::ptr::null_mut(), key, iv));
+// enc = 1 encrypts; 0 decrypts and -1 keeps a direction we may not know: forwarded only.
+init_hook!(pipellm_EVP_CipherInit_ex, cipher_init_ex,
+    (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8, enc: c_int),
+    follow: enc == 1, record: (cipher, impl_, key, iv));
+init_hook!(pipellm_EVP_CipherInit, cipher_init,
+    (cipher: Cipher, key: *const u8, iv: *const u8, enc: c_int),
+    follow: enc == 1, record: (cipher, std::ptr::null_mut(), key, iv));
+init_hook!(pipellm_EVP_CipherInit_ex2, cipher_init_ex2,
+    (cipher: Cipher, key: *const u8, iv: *const u8, enc: c_int, params: *const c_void),
+    follow: enc == 1 && params.is_null(), record: (cipher, std::ptr::null_mut(), key, iv));
 
-/// # Safety
-/// OpenSSL's contract for `EVP_EncryptInit_ex2`.
-#[no_mangle]
-pub unsafe extern "C" fn pipellm_EVP_EncryptInit_ex2(
-    ctx: Ctx,
-    cipher: Cipher,
-    key: *const u8,
-    iv: *const u8,
-    params: *const c_void,
-) -> c_int {
-    let Some(r) = with_real() else { return 0 };
-    // SAFETY: forwarding the caller's arguments unchanged.
-    let call = || forward(|| unsafe { (r.encrypt_init_ex2)(ctx, cipher, key, iv, params) });
-    if passthrough() {
-        return call();
-    }
-    resync(r, ctx);
-    let rc = call();
-    if rc == 1 && params.is_null() {
-        after_init(r, ctx, cipher, std::ptr::null_mut(), key, iv, true);
-    } else {
-        // Parameters may change IV or tag length: not a context we model.
-        guarded(|| engine().untrack(ctx as usize));
-    }
-    rc
-}
-
-macro_rules! decrypt_side_init {
+/// A hook for calls that put a context outside what we model (decrypt-side inits, parameter
+/// and key-length changes): bring the real context up to date, forward, stop following it.
+macro_rules! untracking_hook {
     ($name:ident, $field:ident, ($($arg:ident: $ty:ty),*)) => {
         /// # Safety
         /// OpenSSL's contract for the function of the same name without the prefix.
@@ -299,7 +272,7 @@ macro_rules! decrypt_side_init {
             // SAFETY: forwarding the caller's arguments unchanged.
             let rc = forward(|| unsafe { (r.$field)(ctx, $($arg),*) });
             if !passthrough() {
-                // A decrypting context (D2H) is forwarded: decryption stays synchronous.
+                // E.g. a decrypting context (D2H): forwarded, decryption stays synchronous.
                 guarded(|| engine().untrack(ctx as usize));
             }
             rc
@@ -307,93 +280,12 @@ macro_rules! decrypt_side_init {
     };
 }
 
-decrypt_side_init!(pipellm_EVP_DecryptInit_ex, decrypt_init_ex,
+untracking_hook!(pipellm_EVP_DecryptInit_ex, decrypt_init_ex,
     (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8));
-decrypt_side_init!(pipellm_EVP_DecryptInit, decrypt_init,
+untracking_hook!(pipellm_EVP_DecryptInit, decrypt_init,
     (cipher: Cipher, key: *const u8, iv: *const u8));
-decrypt_side_init!(pipellm_EVP_DecryptInit_ex2, decrypt_init_ex2,
+untracking_hook!(pipellm_EVP_DecryptInit_ex2, decrypt_init_ex2,
     (cipher: Cipher, key: *const u8, iv: *const u8, params: *const c_void));
-
-/// # Safety
-/// OpenSSL's contract for `EVP_CipherInit_ex`.
-#[no_mangle]
-pub unsafe extern "C" fn pipellm_EVP_CipherInit_ex(
-    ctx: Ctx,
-    cipher: Cipher,
-    impl_: EngineHandle,
-    key: *const u8,
-    iv: *const u8,
-    enc: c_int,
-) -> c_int {
-    let Some(r) = with_real() else { return 0 };
-    // SAFETY: forwarding the caller's arguments unchanged.
-    let call = || forward(|| unsafe { (r.cipher_init_ex)(ctx, cipher, impl_, key, iv, enc) });
-    if passthrough() {
-        return call();
-    }
-    resync(r, ctx);
-    let rc = call();
-    if rc == 1 && enc == 1 {
-        after_init(r, ctx, cipher, impl_, key, iv, true);
-    } else {
-        // enc = -1 keeps a direction we may not know; 0 decrypts: forwarded only.
-        guarded(|| engine().untrack(ctx as usize));
-    }
-    rc
-}
-
-/// # Safety
-/// OpenSSL's contract for `EVP_CipherInit`.
-#[no_mangle]
-pub unsafe extern "C" fn pipellm_EVP_CipherInit(
-    ctx: Ctx,
-    cipher: Cipher,
-    key: *const u8,
-    iv: *const u8,
-    enc: c_int,
-) -> c_int {
-    let Some(r) = with_real() else { return 0 };
-    // SAFETY: forwarding the caller's arguments unchanged.
-    let call = || forward(|| unsafe { (r.cipher_init)(ctx, cipher, key, iv, enc) });
-    if passthrough() {
-        return call();
-    }
-    resync(r, ctx);
-    let rc = call();
-    if rc == 1 && enc == 1 {
-        after_init(r, ctx, cipher, std::ptr::null_mut(), key, iv, true);
-    } else {
-        guarded(|| engine().untrack(ctx as usize));
-    }
-    rc
-}
-
-/// # Safety
-/// OpenSSL's contract for `EVP_CipherInit_ex2`.
-#[no_mangle]
-pub unsafe extern "C" fn pipellm_EVP_CipherInit_ex2(
-    ctx: Ctx,
-    cipher: Cipher,
-    key: *const u8,
-    iv: *const u8,
-    enc: c_int,
-    params: *const c_void,
-) -> c_int {
-    let Some(r) = with_real() else { return 0 };
-    // SAFETY: forwarding the caller's arguments unchanged.
-    let call = || forward(|| unsafe { (r.cipher_init_ex2)(ctx, cipher, key, iv, enc, params) });
-    if passthrough() {
-        return call();
-    }
-    resync(r, ctx);
-    let rc = call();
-    if rc == 1 && enc == 1 && params.is_null() {
-        after_init(r, ctx, cipher, std::ptr::null_mut(), key, iv, true);
-    } else {
-        guarded(|| engine().untrack(ctx as usize));
-    }
-    rc
-}
 
 // ---- update -------------------------------------------------------------------------------
 
@@ -586,34 +478,8 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_copy(out: Ctx, input: Ctx) -> c_
     forward(|| unsafe { (r.ctx_copy)(out, input) })
 }
 
-/// # Safety
-/// OpenSSL's contract for `EVP_CIPHER_CTX_set_params`.
-#[no_mangle]
-pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_set_params(
-    ctx: Ctx,
-    params: *const c_void,
-) -> c_int {
-    let Some(r) = with_real() else { return 0 };
-    if !passthrough() {
-        resync(r, ctx);
-        guarded(|| engine().untrack(ctx as usize));
-    }
-    // SAFETY: forwarding the caller's arguments unchanged.
-    forward(|| unsafe { (r.ctx_set_params)(ctx, params) })
-}
-
-/// # Safety
-/// OpenSSL's contract for `EVP_CIPHER_CTX_set_key_length`.
-#[no_mangle]
-pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_set_key_length(ctx: Ctx, len: c_int) -> c_int {
-    let Some(r) = with_real() else { return 0 };
-    if !passthrough() {
-        resync(r, ctx);
-        guarded(|| engine().untrack(ctx as usize));
-    }
-    // SAFETY: forwarding the caller's arguments unchanged.
-    forward(|| unsafe { (r.ctx_set_key_length)(ctx, len) })
-}
+untracking_hook!(pipellm_EVP_CIPHER_CTX_set_params, ctx_set_params, (params: *const c_void));
+untracking_hook!(pipellm_EVP_CIPHER_CTX_set_key_length, ctx_set_key_length, (len: c_int));
 
 // ---- our own API --------------------------------------------------------------------------
 

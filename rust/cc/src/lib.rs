@@ -19,6 +19,7 @@ pub mod config;
 pub mod engine;
 #[cfg(target_os = "linux")]
 pub mod exports;
+pub mod helpers;
 pub mod ivmodel;
 #[cfg(target_os = "linux")]
 pub mod real;

@@ -1,0 +1,219 @@
+//! Serving a hit in pieces on several threads: each piece's source bytes are fingerprinted
+//! and compared with the piece's fingerprint from encryption time, and its stored ciphertext
+//! copied to the driver's output. Both are memory-bound, so on a host with spare cores the
+//! pieces run in parallel (the "parallel helper threads for large chunks").
+//!
+//! The calling thread takes pieces too, so a helper that wakes late costs nothing: the caller
+//! may do every piece itself. The caller returns only when every piece that was started has
+//! finished, which is what keeps the raw pointers below valid for the helpers.
+
+use crate::engine::{fingerprint, Fingerprint};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+
+/// Byte ranges of a message cut into `n` pieces (page multiples, the last one shorter).
+pub fn pieces(len: usize, n: usize) -> Vec<(usize, usize)> {
+    let n = n.max(1);
+    let step = len.div_ceil(n).div_ceil(4096) * 4096;
+    let mut out = Vec::with_capacity(n);
+    let mut at = 0;
+    while at < len || out.is_empty() {
+        let end = (at + step.max(1)).min(len);
+        out.push((at, end));
+        at = end;
+        if step == 0 {
+            break;
+        }
+    }
+    out
+}
+
+/// How many pieces a message of `len` bytes is served in: one per `split_bytes`, at most
+/// one per helper plus the caller.
+pub fn piece_count(len: usize, split_bytes: usize, helpers: usize) -> usize {
+    if split_bytes == 0 {
+        return 1;
+    }
+    (len / split_bytes).clamp(1, helpers + 1)
+}
+
+/// Fingerprints of each piece of `bytes`.
+pub fn piece_fingerprints(bytes: &[u8], ranges: &[(usize, usize)]) -> Vec<Fingerprint> {
+    ranges
+        .iter()
+        .map(|&(a, b)| fingerprint(&bytes[a..b]))
+        .collect()
+}
+
+struct Task {
+    src: usize,
+    ct: usize,
+    out: usize,
+    ranges: Vec<(usize, usize)>,
+    fps: Vec<Fingerprint>,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    ok: AtomicBool,
+}
+
+impl Task {
+    /// Runs pieces until none is left; returns how many this thread ran.
+    fn work(&self) -> usize {
+        let mut ran = 0;
+        loop {
+            let i = self.next.fetch_add(1, Ordering::AcqRel);
+            if i >= self.ranges.len() {
+                return ran;
+            }
+            let (a, b) = self.ranges[i];
+            // SAFETY: the caller of `serve` keeps src (readable), ct (readable) and out
+            // (writable) valid for the whole message until every started piece is done,
+            // and pieces are disjoint, so no two threads write the same output bytes; ct is
+            // the engine's own buffer, never the output.
+            unsafe {
+                let src = std::slice::from_raw_parts((self.src + a) as *const u8, b - a);
+                if fingerprint(src) == self.fps[i] {
+                    std::ptr::copy_nonoverlapping(
+                        (self.ct + a) as *const u8,
+                        (self.out + a) as *mut u8,
+                        b - a,
+                    );
+                } else {
+                    self.ok.store(false, Ordering::Release);
+                }
+            }
+            self.done.fetch_add(1, Ordering::AcqRel);
+            ran += 1;
+        }
+    }
+}
+
+struct Pool {
+    task: Mutex<Option<Arc<Task>>>,
+    ready: Condvar,
+}
+
+static POOL: OnceLock<Pool> = OnceLock::new();
+static STARTED: std::sync::Once = std::sync::Once::new();
+
+fn pool(helpers: usize) -> &'static Pool {
+    let p = POOL.get_or_init(|| Pool {
+        task: Mutex::new(None),
+        ready: Condvar::new(),
+    });
+    STARTED.call_once(|| {
+        for i in 0..helpers {
+            let _ = std::thread::Builder::new()
+                .name(format!("pipellm-cc-hit-{i}"))
+                .spawn(move || helper_loop(p));
+        }
+    });
+    p
+}
+
+fn helper_loop(p: &'static Pool) {
+    // The last task this helper worked on (a task is shared by pointer; seeing the same
+    // pointer again means nothing new, at worst a missed wake-up the caller absorbs).
+    let mut seen: usize = 0;
+    loop {
+        let task = {
+            let mut g = p.task.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                match g.as_ref() {
+                    Some(t) if Arc::as_ptr(t) as usize != seen => break t.clone(),
+                    _ => g = p.ready.wait(g).unwrap_or_else(PoisonError::into_inner),
+                }
+            }
+        };
+        seen = Arc::as_ptr(&task) as usize;
+        task.work();
+    }
+}
+
+/// Validates and copies a message in `ranges.len()` pieces with up to `helpers` helper
+/// threads. Returns true if every piece's source still has its fingerprint (then `out`
+/// holds the whole ciphertext); false if any changed (then `out` is partly written and the
+/// caller must have it rewritten, e.g. by encrypting for real).
+///
+/// # Safety
+/// `src` and `ct` must be readable and `out` writable for the message's length, `ct` must
+/// not overlap `out`, and none may be freed or written by others until this returns.
+pub unsafe fn serve(
+    src: *const u8,
+    ct: *const u8,
+    out: *mut u8,
+    ranges: Vec<(usize, usize)>,
+    fps: Vec<Fingerprint>,
+    helpers: usize,
+) -> bool {
+    let n = ranges.len();
+    let task = Arc::new(Task {
+        src: src as usize,
+        ct: ct as usize,
+        out: out as usize,
+        ranges,
+        fps,
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        ok: AtomicBool::new(true),
+    });
+    if n > 1 && helpers > 0 {
+        let p = pool(helpers);
+        *p.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
+        for _ in 0..(n - 1).min(helpers) {
+            p.ready.notify_one();
+        }
+    }
+    task.work();
+    // Pieces a helper started are finishing now: wait for them (they are short).
+    while task.done.load(Ordering::Acquire) < n {
+        std::hint::spin_loop();
+    }
+    task.ok.load(Ordering::Acquire)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_message_exactly() {
+        for len in [1usize, 4095, 4096, 100_000, 1 << 20, (1 << 20) + 17] {
+            for n in 1..5 {
+                let p = pieces(len, n);
+                assert!(p.len() <= n, "{len} {n} {p:?}");
+                assert_eq!(p.first().unwrap().0, 0);
+                assert_eq!(p.last().unwrap().1, len);
+                assert!(p.windows(2).all(|w| w[0].1 == w[1].0));
+            }
+        }
+    }
+
+    #[test]
+    fn serve_copies_when_unchanged_and_reports_a_changed_piece() {
+        let len = 1 << 20;
+        let mut src = vec![3u8; len];
+        let ct: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let ranges = pieces(len, 3);
+        let fps = piece_fingerprints(&src, &ranges);
+        let mut out = vec![0u8; len];
+        // SAFETY: all three buffers are ours, live across the call, of `len` bytes.
+        let ok = unsafe {
+            serve(
+                src.as_ptr(),
+                ct.as_ptr(),
+                out.as_mut_ptr(),
+                ranges.clone(),
+                fps.clone(),
+                2,
+            )
+        };
+        assert!(ok);
+        assert_eq!(out, ct);
+        src[len - 1] ^= 1; // the last piece changed
+        let mut out2 = vec![0u8; len];
+        // SAFETY: as above.
+        let ok = unsafe { serve(src.as_ptr(), ct.as_ptr(), out2.as_mut_ptr(), ranges, fps, 2) };
+        assert!(!ok, "a changed piece must fail the whole message");
+    }
+}
