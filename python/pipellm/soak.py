@@ -108,7 +108,7 @@ class _Client:
                     if m.is_nop:
                         rx.open_into(m, bytearray(0))
                     else:
-                        rx.open_into(m, memoryview(got)[m.offset : m.offset + len(m)])
+                        rx.open_into(m, got.data[m.offset : m.offset + len(m)])
                 if not np.array_equal(got, expected):
                     self.c.errors.append(f"thread {self.idx}: bytes differ for source {k}")
                 self.c.ops += 1

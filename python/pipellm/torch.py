@@ -95,7 +95,11 @@ class SecureCopyEngine:
 
     def _mark_on_device(self, t: torch.Tensor) -> None:
         k = id(t)
-        self._on_device[k] = weakref.ref(t, lambda _r, k=k: self._on_device.pop(k, None))
+
+        def forget(_r: object) -> None:
+            self._on_device.pop(k, None)
+
+        self._on_device[k] = weakref.ref(t, forget)
 
     def to_device(
         self, tensor: torch.Tensor, out: torch.Tensor | None = None, non_blocking: bool = False
