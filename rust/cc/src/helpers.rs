@@ -66,21 +66,27 @@ impl Task {
                 return ran;
             }
             let (a, b) = self.ranges[i];
-            // SAFETY: the caller of `serve` keeps src (readable), ct (readable) and out
-            // (writable) valid for the whole message until every started piece is done,
-            // and pieces are disjoint, so no two threads write the same output bytes; ct is
-            // the engine's own buffer, never the output.
-            unsafe {
-                let src = std::slice::from_raw_parts((self.src + a) as *const u8, b - a);
-                if fingerprint(src) == self.fps[i] {
-                    std::ptr::copy_nonoverlapping(
-                        (self.ct + a) as *const u8,
-                        (self.out + a) as *mut u8,
-                        b - a,
-                    );
-                } else {
-                    self.ok.store(false, Ordering::Release);
+            // A piece that panics counts as changed (and as done: the caller waits for it).
+            let fresh = std::panic::catch_unwind(|| {
+                // SAFETY: the caller of `serve` keeps src (readable), ct (readable) and out
+                // (writable) valid for the whole message until every started piece is done,
+                // and pieces are disjoint, so no two threads write the same output bytes; ct
+                // is the engine's own buffer, never the output.
+                unsafe {
+                    let src = std::slice::from_raw_parts((self.src + a) as *const u8, b - a);
+                    let same = fingerprint(src) == self.fps[i];
+                    if same {
+                        std::ptr::copy_nonoverlapping(
+                            (self.ct + a) as *const u8,
+                            (self.out + a) as *mut u8,
+                            b - a,
+                        );
+                    }
+                    same
                 }
+            });
+            if !matches!(fresh, Ok(true)) {
+                self.ok.store(false, Ordering::Release);
             }
             self.done.fetch_add(1, Ordering::AcqRel);
             ran += 1;
