@@ -1,5 +1,6 @@
-"""pipellm.torch: SecureCopyEngine and secure_transfers, on the CPU model (no GPU needed).
-GPU runs of the same API are marked `gpu` (none yet: the CUDA device layer is not built)."""
+"""pipellm.torch: SecureCopyEngine and secure_transfers, on the CPU receiver model (asked for
+explicitly, so these also hold on a machine with a GPU). No GPU tests yet: the CUDA device
+layer is not built."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def pt(torch: Any) -> Any:
 
 @pytest.fixture
 def engine(pt: Any) -> Any:
-    eng = pt.SecureCopyEngine(chunk_bytes=4096, slots=32, workers=1)
+    eng = pt.SecureCopyEngine(chunk_bytes=4096, slots=32, workers=1, device_kind="cpu-model")
     yield eng
     eng.close()
 
@@ -125,7 +126,7 @@ def test_device_rejects_a_tampered_chunk(torch: Any, pt: Any) -> None:
 
 def test_secure_transfers_routes_every_copy(torch: Any, pt: Any) -> None:
     x = torch.randn(300, 70)
-    with pt.secure_transfers(chunk_bytes=4096, workers=1) as eng:
+    with pt.secure_transfers(chunk_bytes=4096, workers=1, device_kind="cpu-model") as eng:
         y = x.to("cuda")
         assert eng.copies_to_device == 1 and eng.is_device_tensor(y) and torch.equal(y, x)
         assert y.to("cuda") is y, "already on the device: no copy"
@@ -159,3 +160,20 @@ def test_offloaded_model_example_gives_the_same_logits(torch: Any) -> None:
     assert "logits identical: True" in p.stdout
     assert "no CUDA" in p.stderr or "not built yet" in p.stderr, "the CPU model says so once"
     assert p.stderr.count("CPU receiver model") == 1
+
+
+def test_a_usable_gpu_without_the_cuda_layer_is_refused_not_faked(
+    pt: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipellm.device as dev
+
+    key = pipellm.SessionKey.generate()
+    monkeypatch.setattr(dev, "_cuda_unavailable_reason", lambda: None)  # "a GPU is usable"
+    with pytest.raises(dev.DeviceUnavailable, match="not built yet"):
+        dev.open_device(key)
+    with pytest.raises(dev.DeviceUnavailable):
+        pt.SecureCopyEngine(key)
+    eng = pt.SecureCopyEngine(key, device_kind="cpu-model")  # explicit: allowed
+    eng.close()
+    with pytest.raises(ValueError, match="kind"):
+        dev.open_device(key, kind="tpu")

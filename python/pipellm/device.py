@@ -1,16 +1,16 @@
 """The device end of the channel.
 
 `open_device()` returns the device pipellm's transfers land on:
-- on a machine with a CUDA GPU, the CUDA device layer (cuda-python: pinned staging, copies
-  in IV order on a dedicated stream, decryption by a kernel): **not built yet**, so today
-  every machine gets the CPU model, and says so;
+- on a machine with a usable CUDA GPU, the CUDA device layer (cuda-python: pinned staging,
+  copies in IV order on a dedicated stream, decryption by a kernel). It is **not built yet**:
+  there `open_device()` raises `DeviceUnavailable` rather than hand out host tensors where
+  the program expects CUDA tensors; `kind="cpu-model"` asks for the model explicitly;
 - everywhere else, `CpuDevice`: the receiver model plays the GPU. It checks order and tags
   exactly as the device would (DESIGN.md §1), decrypts into "device memory" (host memory
   owned by the model), and encrypts in the device-to-host direction as the device would.
 
 The choice is logged once (logger "pipellm", level WARNING so it shows by default), with the
-reason; importing pipellm never fails
-for lack of a GPU.
+reason; importing pipellm never fails for lack of a GPU.
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ class CpuDevice:
         return self._h2d.expected_counter
 
 
-def _cuda_unavailable_reason() -> str:
-    """Why the CUDA device layer cannot be used here (never raises)."""
+class DeviceUnavailable(RuntimeError):
+    """The device pipellm would use cannot be used here (see `open_device`)."""
+
+
+def _cuda_unavailable_reason() -> str | None:
+    """Why no CUDA device can be used here, or None if one can (never raises)."""
     try:
         from cuda.bindings import driver  # type: ignore[import-not-found]
     except Exception as e:  # not installed, or its native library is missing
@@ -83,16 +87,35 @@ def _cuda_unavailable_reason() -> str:
     err, n = driver.cuDeviceGetCount()
     if int(err) != 0 or n == 0:
         return "no CUDA device"
-    return "the CUDA device layer (kernels, pinned staging) is not built yet"
+    return None
 
 
-def open_device(key: SessionKey, channel: int = 0, usage_limit: int | None = None) -> CpuDevice:
-    """The device transfers land on (see the module docstring)."""
+def open_device(
+    key: SessionKey,
+    channel: int = 0,
+    usage_limit: int | None = None,
+    kind: str = "auto",
+) -> CpuDevice:
+    """The device transfers land on (see the module docstring). `kind`: "auto" or
+    "cpu-model"."""
     global _announced
+    if kind not in ("auto", "cpu-model"):
+        raise ValueError(f"kind: expected 'auto' or 'cpu-model', got {kind!r}")
+    if kind == "auto":
+        reason = _cuda_unavailable_reason()
+        if reason is None:
+            raise DeviceUnavailable(
+                "a CUDA device is present, but pipellm's CUDA device layer is not built yet;"
+                " the CPU receiver model would return host tensors where CUDA tensors are"
+                " expected. Use kind='cpu-model' (SecureCopyEngine(device_kind='cpu-model'))"
+                " to run on the model explicitly."
+            )
+    else:
+        reason = "the CPU receiver model was requested"
     if not _announced:
         _announced = True
         log.warning(
             "pipellm: %s; transfers are checked and decrypted by the CPU receiver model",
-            _cuda_unavailable_reason(),
+            reason,
         )
     return CpuDevice(key, channel, usage_limit)

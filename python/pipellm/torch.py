@@ -46,7 +46,8 @@ def _byte_view(t: torch.Tensor) -> Any:
 class SecureCopyEngine:
     """Host↔device tensor copies through the secure channel.
 
-    Usable with no arguments: it makes its own session key and picks the device. `workers`
+    Usable with no arguments: it makes its own session key and picks the device
+    (`device_kind="cpu-model"` asks for the CPU receiver model; see `pipellm.device`). `workers`
     threads pre-encrypt predicted host→device copies (chunks of `chunk_bytes`, up to
     `slots` in flight) and decrypt device→host copies."""
 
@@ -60,9 +61,12 @@ class SecureCopyEngine:
         slots: int = 64,
         depth: int = 8,
         device: CpuDevice | None = None,
+        device_kind: str = "auto",
     ) -> None:
         self.key = key if key is not None else SessionKey.generate()
-        self.device = device if device is not None else open_device(self.key, channel)
+        self.device = (
+            device if device is not None else open_device(self.key, channel, kind=device_kind)
+        )
         self.chunk_bytes = chunk_bytes
         self.pipe = Pipeline(
             self.key,
