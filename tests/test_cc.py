@@ -21,6 +21,11 @@ EMULATOR_SRC = ROOT / "tests" / "driver_emulator" / "driver_emulator.c"
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
 
+def plain_env() -> dict[str, str]:
+    """This process's environment without loader settings or interposer options."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PIPELLM_CC", "LD_"))}
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -41,7 +46,7 @@ def cc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_emulator(
     exe: Path, args: list[str], interposed: bool, cc_dir: Path, **extra: str
 ) -> tuple[str, dict[str, int]]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELLM_CC", "LD_"))}
+    base = plain_env()
     base.update(extra)
     env = cc.environment(base, log=True, directory=cc_dir) if interposed else base
     p = subprocess.run(
@@ -117,7 +122,7 @@ def test_not_loaded_in_a_plain_process() -> None:
 
 
 def test_run_command_and_clear_errors(cc_dir: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELLM_CC", "LD_"))}
+    env = plain_env()
     p = subprocess.run(
         [sys.executable, "-m", "pipellm.cli", "run", "--", sys.executable, "-c",
          "import pipellm.cc as c; print(c.status()['active'])"],
@@ -161,7 +166,7 @@ def test_enable_restarts_the_interpreter_with_the_interposer(tmp_path: Path) -> 
         "import ssl\n"
         "print('active', c.status()['active'], 'args', sys.argv[1:])\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELLM_CC", "LD_"))}
+    env = plain_env()
     p = subprocess.run(
         [sys.executable, str(script), "--flag", "x"],
         env=env, capture_output=True, text=True, timeout=120, check=False,

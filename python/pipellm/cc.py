@@ -78,7 +78,7 @@ def real_libcrypto() -> Path:
         pass
     for c in [*found, *_SYSTEM_LIBCRYPTO]:
         p = Path(c)
-        if p.is_file() and p.name != SHIM_NAME and Path(c).resolve().name != SHIM_NAME:
+        if p.is_file() and p.resolve().name != SHIM_NAME:
             return p.resolve()
     raise InterposerError(
         "no libcrypto.so.3 (OpenSSL 3) found; set PIPELLM_REAL_LIBCRYPTO to its path"

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ._core import Pipeline, Receiver, SessionKey
+from ._core import Pipeline, SessionKey
+from .device import CpuDevice
 from .speculator import Speculator
 
 PATTERNS = ("layer-cycle", "swap-fifo", "adapter-queue", "random")
@@ -56,7 +57,7 @@ class _Client:
         self.step = 0
         self.order = list(range(n))
 
-    def _open(self) -> tuple[Pipeline, Receiver, Speculator]:
+    def _open(self) -> tuple[Pipeline, CpuDevice, Speculator]:
         # A small usage limit: keys rotate every few MiB, so rotation runs all the time.
         limit = 1 << 20
         pipe = Pipeline(
@@ -69,11 +70,12 @@ class _Client:
             validation=self.validation,  # type: ignore[arg-type]
             max_staging_bytes=24 * (64 << 10),
         )
-        rx = Receiver(self.key, channel=self.idx, usage_limit=limit)
+        # The receiver model checks every message as the device would.
+        dev = CpuDevice(self.key, self.idx, usage_limit=limit)
         spec = Speculator(pipe, depth=4)
         for k, s in enumerate(self.sources):
             spec.register(k, s)
-        return pipe, rx, spec
+        return pipe, dev, spec
 
     def _next(self) -> int:
         n = len(self.sources)
@@ -93,7 +95,7 @@ class _Client:
         return self.rng.randrange(n)
 
     def run(self, stop: threading.Event) -> None:
-        pipe, rx, spec = self._open()
+        pipe, dev, spec = self._open()
         try:
             while not stop.is_set():
                 k = self._next()
@@ -104,21 +106,16 @@ class _Client:
                     src[self.rng.randrange(src.nbytes)] ^= 0x5A
                 expected = src.copy()
                 got = np.empty_like(src)
-                for m in spec.request(k, src):
-                    if m.is_nop:
-                        rx.open_into(m, bytearray(0))
-                    else:
-                        rx.open_into(m, got.data[m.offset : m.offset + len(m)])
+                dev.receive(spec.request(k, src), got)
                 if not np.array_equal(got, expected):
                     self.c.errors.append(f"thread {self.idx}: bytes differ for source {k}")
                 self.c.ops += 1
                 self.c.bytes_verified += expected.nbytes
                 if self.rng.random() < 0.002:  # restart: relinquish, close, open again
-                    for m in pipe.relinquish():
-                        rx.open_into(m, bytearray(0))
+                    dev.receive(pipe.relinquish(), bytearray(0))  # NOPs only
                     self.c.hits += pipe.stats()["hits"]
                     pipe.close()
-                    pipe, rx, spec = self._open()
+                    pipe, dev, spec = self._open()
                     self.c.restarts += 1
         except Exception as e:  # any failure is an error of the soak, reported
             self.c.errors.append(f"thread {self.idx}: {type(e).__name__}: {e}")

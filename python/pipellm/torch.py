@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ._buffers import _tensor_bytes
 from ._core import Pipeline, Receiver, SessionKey
 from .device import CpuDevice, open_device
 from .predictors import Learned
@@ -37,10 +38,7 @@ from .speculator import Speculator
 
 def _byte_view(t: torch.Tensor) -> Any:
     """A writable numpy uint8 view of a contiguous CPU tensor's bytes (no copy)."""
-    flat = t.detach().reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
-    return flat.numpy()
+    return _tensor_bytes(t, "tensor")
 
 
 class SecureCopyEngine:

@@ -349,7 +349,7 @@ impl Engine {
         input: *const u8,
         len: usize,
     ) -> Decision {
-        let taken = {
+        let mut taken = {
             let mut m = lock(&self.ctxs);
             let Some(st) = m.get_mut(&ctx) else {
                 return Decision::Forward;
@@ -413,8 +413,9 @@ impl Engine {
                 input,
                 taken.ct.as_ptr(),
                 out,
-                taken.ranges.clone(),
-                taken.fps.clone(),
+                // Moved, not copied: after the hit only the ciphertext, tag and span are used.
+                std::mem::take(&mut taken.ranges),
+                std::mem::take(&mut taken.fps),
                 config().helpers,
             )
         };

@@ -16,7 +16,7 @@
 //! it is not done here, where tests and examples link this crate into executables).
 
 use crate::config::{config, log};
-use crate::engine::{engine, Decision, InitChange, TAG_LEN};
+use crate::engine::{engine, Decision, Engine, InitChange, TAG_LEN};
 use crate::real::{real, Cipher, Ctx, Engine as EngineHandle, Real};
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void};
@@ -257,35 +257,45 @@ init_hook!(pipellm_EVP_CipherInit_ex2, cipher_init_ex2,
     (cipher: Cipher, key: *const u8, iv: *const u8, enc: c_int, params: *const c_void),
     follow: enc == 1 && params.is_null(), record: (cipher, std::ptr::null_mut(), key, iv));
 
-/// A hook for calls that put a context outside what we model (decrypt-side inits, parameter
-/// and key-length changes): bring the real context up to date, forward, stop following it.
-macro_rules! untracking_hook {
-    ($name:ident, $field:ident, ($($arg:ident: $ty:ty),*)) => {
+/// A hook for calls we only forward: bring the real context up to date with a message we
+/// served (`resync`), forward, then tell the engine what the call did (`after`: stop following
+/// the context, stop following its current message, or nothing).
+macro_rules! forwarding_hook {
+    ($name:ident, $field:ident, ($($arg:ident: $ty:ty),*), after: $after:expr) => {
         /// # Safety
         /// OpenSSL's contract for the function of the same name without the prefix.
         #[no_mangle]
         pub unsafe extern "C" fn $name(ctx: Ctx, $($arg: $ty),*) -> c_int {
             let Some(r) = with_real() else { return 0 };
-            if !passthrough() {
+            let follow = !passthrough();
+            if follow {
                 resync(r, ctx);
             }
             // SAFETY: forwarding the caller's arguments unchanged.
             let rc = forward(|| unsafe { (r.$field)(ctx, $($arg),*) });
-            if !passthrough() {
-                // E.g. a decrypting context (D2H): forwarded, decryption stays synchronous.
-                guarded(|| engine().untrack(ctx as usize));
+            if follow {
+                let after: fn(&Engine, usize) = $after;
+                guarded(|| after(engine(), ctx as usize));
             }
             rc
         }
     };
 }
 
-untracking_hook!(pipellm_EVP_DecryptInit_ex, decrypt_init_ex,
-    (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8));
-untracking_hook!(pipellm_EVP_DecryptInit, decrypt_init,
-    (cipher: Cipher, key: *const u8, iv: *const u8));
-untracking_hook!(pipellm_EVP_DecryptInit_ex2, decrypt_init_ex2,
-    (cipher: Cipher, key: *const u8, iv: *const u8, params: *const c_void));
+/// The context leaves what we model (a decrypting context: D2H stays synchronous; parameter
+/// or key-length changes): forwarded from now on.
+const UNTRACK: fn(&Engine, usize) = |e, ctx| e.untrack(ctx);
+/// Only the current message leaves the driver's pattern (CipherUpdate, DecryptUpdate).
+const UNTRACK_MESSAGE: fn(&Engine, usize) = |e, ctx| e.untrack_message(ctx);
+/// Nothing to record.
+const NOTHING: fn(&Engine, usize) = |_, _| {};
+
+forwarding_hook!(pipellm_EVP_DecryptInit_ex, decrypt_init_ex,
+    (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8), after: UNTRACK);
+forwarding_hook!(pipellm_EVP_DecryptInit, decrypt_init,
+    (cipher: Cipher, key: *const u8, iv: *const u8), after: UNTRACK);
+forwarding_hook!(pipellm_EVP_DecryptInit_ex2, decrypt_init_ex2,
+    (cipher: Cipher, key: *const u8, iv: *const u8, params: *const c_void), after: UNTRACK);
 
 // ---- update -------------------------------------------------------------------------------
 
@@ -321,31 +331,10 @@ pub unsafe extern "C" fn pipellm_EVP_EncryptUpdate(
     }
 }
 
-macro_rules! forwarded_update {
-    ($name:ident, $field:ident) => {
-        /// # Safety
-        /// OpenSSL's contract for the function of the same name without the prefix.
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(
-            ctx: Ctx,
-            out: *mut u8,
-            outl: *mut c_int,
-            input: *const u8,
-            inl: c_int,
-        ) -> c_int {
-            let Some(r) = with_real() else { return 0 };
-            if !passthrough() {
-                resync(r, ctx);
-                guarded(|| engine().untrack_message(ctx as usize));
-            }
-            // SAFETY: forwarding the caller's arguments unchanged.
-            forward(|| unsafe { (r.$field)(ctx, out, outl, input, inl) })
-        }
-    };
-}
-
-forwarded_update!(pipellm_EVP_DecryptUpdate, decrypt_update);
-forwarded_update!(pipellm_EVP_CipherUpdate, cipher_update);
+forwarding_hook!(pipellm_EVP_DecryptUpdate, decrypt_update,
+    (out: *mut u8, outl: *mut c_int, input: *const u8, inl: c_int), after: UNTRACK_MESSAGE);
+forwarding_hook!(pipellm_EVP_CipherUpdate, cipher_update,
+    (out: *mut u8, outl: *mut c_int, input: *const u8, inl: c_int), after: UNTRACK_MESSAGE);
 
 // ---- final --------------------------------------------------------------------------------
 
@@ -376,24 +365,10 @@ encrypt_final!(pipellm_EVP_EncryptFinal, encrypt_final);
 encrypt_final!(pipellm_EVP_CipherFinal_ex, cipher_final_ex);
 encrypt_final!(pipellm_EVP_CipherFinal, cipher_final);
 
-macro_rules! decrypt_final {
-    ($name:ident, $field:ident) => {
-        /// # Safety
-        /// OpenSSL's contract for the function of the same name without the prefix.
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(ctx: Ctx, out: *mut u8, outl: *mut c_int) -> c_int {
-            let Some(r) = with_real() else { return 0 };
-            if !passthrough() {
-                resync(r, ctx);
-            }
-            // SAFETY: forwarding the caller's arguments unchanged.
-            forward(|| unsafe { (r.$field)(ctx, out, outl) })
-        }
-    };
-}
-
-decrypt_final!(pipellm_EVP_DecryptFinal_ex, decrypt_final_ex);
-decrypt_final!(pipellm_EVP_DecryptFinal, decrypt_final);
+forwarding_hook!(pipellm_EVP_DecryptFinal_ex, decrypt_final_ex,
+    (out: *mut u8, outl: *mut c_int), after: NOTHING);
+forwarding_hook!(pipellm_EVP_DecryptFinal, decrypt_final,
+    (out: *mut u8, outl: *mut c_int), after: NOTHING);
 
 // ---- ctrl and context life ----------------------------------------------------------------
 
@@ -478,8 +453,10 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_copy(out: Ctx, input: Ctx) -> c_
     forward(|| unsafe { (r.ctx_copy)(out, input) })
 }
 
-untracking_hook!(pipellm_EVP_CIPHER_CTX_set_params, ctx_set_params, (params: *const c_void));
-untracking_hook!(pipellm_EVP_CIPHER_CTX_set_key_length, ctx_set_key_length, (len: c_int));
+forwarding_hook!(pipellm_EVP_CIPHER_CTX_set_params, ctx_set_params,
+    (params: *const c_void), after: UNTRACK);
+forwarding_hook!(pipellm_EVP_CIPHER_CTX_set_key_length, ctx_set_key_length,
+    (len: c_int), after: UNTRACK);
 
 // ---- our own API --------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 //! 1. `PIPELLM_REAL_LIBCRYPTO` (a path), if set;
 //! 2. `libpipellm-real-crypto.so.3`, our DT_NEEDED alias (the launcher points it at the real
 //!    library), already loaded with us;
-//! 3. the usual system paths of `libcrypto.so.3`.
+//! 3. `libcrypto.so.3` as the dynamic loader finds it (outside the interposer, e.g. in this
+//!    crate's examples; inside it, that name is the interposer itself and is refused).
 //!
 //! Every function pointer is checked to lie outside our own object (`dladdr`), so a
 //! misconfiguration can never make a hook call itself.
@@ -77,17 +78,6 @@ pub fn real() -> Result<&'static Real, &'static LoadError> {
     REAL.get_or_init(load).as_ref()
 }
 
-const SYSTEM_PATHS: &[&str] = &[
-    "/lib/x86_64-linux-gnu/libcrypto.so.3",
-    "/usr/lib/x86_64-linux-gnu/libcrypto.so.3",
-    "/usr/lib64/libcrypto.so.3",
-    "/lib64/libcrypto.so.3",
-    "/usr/lib/aarch64-linux-gnu/libcrypto.so.3",
-    "/usr/lib/libcrypto.so.3",
-    "/usr/local/lib64/libcrypto.so.3",
-    "/usr/local/lib/libcrypto.so.3",
-];
-
 fn dlerror_string() -> String {
     // SAFETY: dlerror returns null or a pointer to a NUL-terminated string owned by libdl,
     // valid until the next dl* call on this thread; we copy it at once.
@@ -133,7 +123,9 @@ fn load() -> Result<Real, LoadError> {
         candidates.push((p, false));
     }
     candidates.push(("libpipellm-real-crypto.so.3".into(), true));
-    candidates.extend(SYSTEM_PATHS.iter().map(|p| (p.to_string(), false)));
+    // Last, the loader's own search (only reached without the alias, e.g. in our examples):
+    // inside the interposer this name is the interposer itself, which `resolve` refuses.
+    candidates.push(("libcrypto.so.3".into(), false));
     let ours = our_base();
     for (path, noload) in candidates {
         let Some(h) = open(&path, noload) else {
