@@ -89,12 +89,14 @@ proptest! {
 
     #[test]
     fn receiver_gets_the_bytes_at_request_time(steps in proptest::collection::vec(step(3), 1..25),
-                                               slots in 1usize..6, workers in 0usize..3, protect in any::<bool>()) {
+                                               slots in 1usize..6, workers in 0usize..3, protect in 0u8..3) {
         let srcs: Vec<Arc<Mutable>> = (0..3).map(|i| Mutable::new((0..3000u32).map(|j| (j * 7 + i) as u8).collect())).collect();
         let as_source = |i: usize| -> Source { srcs[i].clone() };
         let key = SessionKey::from_bytes(&KEY).unwrap();
-        let validation = if protect { Validation::PageProtection } else { Validation::Fingerprint };
-        let pipe = Pipeline::new(&key, PipelineConfig { validation, ..cfg(slots, 512, workers) }).unwrap();
+        // 0: fingerprints; 1: page protection; 2: page protection, watches kept between uses.
+        let validation = if protect > 0 { Validation::PageProtection } else { Validation::Fingerprint };
+        let keep_armed = if protect == 2 { 4 } else { 0 };
+        let pipe = Pipeline::new(&key, PipelineConfig { validation, keep_armed, ..cfg(slots, 512, workers) }).unwrap();
         let mut rx = receiver();
         for st in steps {
             match st {
@@ -129,7 +131,11 @@ proptest! {
 fn wait_ready(pipe: &Pipeline, n: u64) {
     let t0 = std::time::Instant::now();
     while pipe.stats().chunks_pre_encrypted < n {
-        assert!(t0.elapsed().as_secs() < 20, "workers did not pre-encrypt");
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "workers did not pre-encrypt: {:?}",
+            pipe.stats()
+        );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
@@ -258,6 +264,96 @@ fn page_protection_tracks_writes_per_page_and_costs_no_hashing() {
     drop(m);
     pipe.close();
     src.set(0, 1); // writable again once the pipeline let go
+}
+
+#[test]
+fn kept_watches_skip_rearming_and_still_catch_writes_between_uses() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let chunk = 16 << 10;
+    let pipe = Pipeline::new(
+        &key,
+        PipelineConfig {
+            validation: Validation::PageProtection,
+            keep_armed: 8,
+            ..cfg(4, chunk, 1)
+        },
+    )
+    .unwrap();
+    // Page-aligned chunks, so that no page is shared with other heap data (whose writes
+    // would count as writes to the chunk sharing the page).
+    let src = Mutable::new(vec![9u8; 4 * chunk + 4096]);
+    let base = (4096 - src.bytes().as_ptr() as usize % 4096) % 4096;
+    let s: Source = src.clone();
+    let mut rx = receiver();
+    let mut round = |modify: Option<usize>| {
+        let before = pipe.stats();
+        pipe.predict(&[(s.clone(), base, Some(4 * chunk))]).unwrap();
+        wait_ready(&pipe, before.chunks_pre_encrypted + 4);
+        if let Some(at) = modify {
+            src.set(base + at, src.bytes()[base + at].wrapping_add(1));
+        }
+        let m = pipe
+            .request(&s, base, Some(4 * chunk))
+            .unwrap()
+            .collect_all()
+            .unwrap();
+        let expected = src.bytes()[base..base + 4 * chunk].to_vec();
+        assert_eq!(deliver(&mut rx, &m, 4 * chunk), expected);
+        drop(m);
+        let after = pipe.stats();
+        (after.hits - before.hits, after.stale - before.stale)
+    };
+    assert_eq!(round(None), (4, 0));
+    // Consumed entries are retired by the planner thread; wait until their watches are kept.
+    let t0 = std::time::Instant::now();
+    while pipe.stats().watches_kept < 4 {
+        assert!(t0.elapsed().as_secs() < 20, "{:?}", pipe.stats());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(round(None), (4, 0));
+    assert_eq!(
+        pipe.stats().watches_reused,
+        4,
+        "second round re-armed nothing"
+    );
+    // A write while the chunks are kept (between uses): the chunk is armed afresh and the new
+    // bytes are encrypted, not the old ciphertext delivered.
+    while pipe.stats().watches_kept < 4 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    src.set(base + 2 * chunk + 5, 1);
+    assert_eq!(round(None), (4, 0));
+    assert_eq!(
+        pipe.stats().watches_reused,
+        7,
+        "all but the written chunk reused"
+    );
+    // A write after the kept watch was re-armed for the next use is caught as stale.
+    assert_eq!(round(Some(chunk + 3)), (3, 1));
+    while pipe.stats().watches_kept < 4 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(pipe.unwatch(&s), 4);
+    assert_eq!(pipe.stats().watches_kept, 0);
+    pipe.close();
+    assert_eq!(pipe.stats().watches_kept, 0);
+    src.set(0, 1);
+}
+
+#[test]
+fn keep_armed_needs_page_protection_and_a_bound() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let no_protect = PipelineConfig {
+        keep_armed: 4,
+        ..cfg(4, 1024, 1)
+    };
+    assert!(Pipeline::new(&key, no_protect).is_err());
+    let too_many = PipelineConfig {
+        validation: Validation::PageProtection,
+        keep_armed: pipellm_core::pipeline::MAX_KEEP_ARMED + 1,
+        ..cfg(4, 1024, 1)
+    };
+    assert!(Pipeline::new(&key, too_many).is_err());
 }
 
 #[test]

@@ -146,7 +146,7 @@ pub struct PyPipeline {
 #[pymethods]
 impl PyPipeline {
     #[new]
-    #[pyo3(signature = (key, channel = 0, slots = 64, chunk_bytes = 4 << 20, workers = 2, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true, max_staging_bytes = 1 << 30, validation = "fingerprint", staging = None))]
+    #[pyo3(signature = (key, channel = 0, slots = 64, chunk_bytes = 4 << 20, workers = 2, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true, max_staging_bytes = 1 << 30, validation = "fingerprint", staging = None, keep_armed = 0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -161,6 +161,7 @@ impl PyPipeline {
         max_staging_bytes: i64,
         validation: &str,
         staging: Option<&Bound<'_, PyAny>>,
+        keep_armed: i64,
     ) -> PyResult<Self> {
         let validation = match validation {
             "fingerprint" => Validation::Fingerprint,
@@ -185,6 +186,7 @@ impl PyPipeline {
             workers: nonneg(workers, "workers")?,
             max_staging_bytes: nonneg(max_staging_bytes, "max_staging_bytes")?,
             validation,
+            keep_armed: nonneg(keep_armed, "keep_armed")?,
         };
         let session = key.inner.clone();
         let inner = match staging {
@@ -253,7 +255,8 @@ impl PyPipeline {
 
     /// Counters: hits, misses, late, stale, nops, chunks_pre_encrypted, bytes_pre_encrypted,
     /// chunks_on_demand, bytes_on_demand, wasted_bytes, stall_seconds, validation_seconds,
-    /// positions_reserved, worker_failures, requests, bytes_requested.
+    /// positions_reserved, worker_failures, requests, bytes_requested, watches_reused,
+    /// watches_kept.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);
@@ -273,6 +276,8 @@ impl PyPipeline {
         d.set_item("worker_failures", s.worker_failures)?;
         d.set_item("requests", s.requests)?;
         d.set_item("bytes_requested", s.bytes_requested)?;
+        d.set_item("watches_reused", s.watches_reused)?;
+        d.set_item("watches_kept", s.watches_kept)?;
         Ok(d)
     }
 
@@ -280,6 +285,17 @@ impl PyPipeline {
     /// hand and start nothing new. For simulations that stop their clock.
     fn hold_workers(&self, held: bool) {
         self.inner.hold_workers(held);
+    }
+
+    /// Releases the chunks of `buf` kept write-protected between uses (`keep_armed`): its
+    /// pages become writable again and the pipeline drops its reference to the buffer.
+    /// Returns how many chunks were released.
+    fn unwatch(&self, py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let src = source_of(buf, "buf")?;
+        let n = detached(py, || Ok(self.inner.unwatch(&src)))?;
+        drop(src);
+        release_dead_views(py);
+        Ok(n)
     }
 
     /// Forgets predictions not yet in the ring; returns how many.

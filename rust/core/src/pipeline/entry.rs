@@ -39,7 +39,7 @@ pub(crate) enum Check {
     None,
     Fingerprint(Fingerprint),
     #[cfg(target_os = "linux")]
-    Watch(crate::writeguard::WriteWatch, crate::writeguard::Stamp),
+    Watch(super::watches::HeldWatch, crate::writeguard::Stamp),
 }
 
 pub(crate) struct EntryData {
@@ -136,7 +136,7 @@ mod loom_tests {
             let worker = loom::thread::spawn(move || {
                 let (stats, faults, signal) =
                     (Stats::default(), Faults::default(), Signal::default());
-                run_speculative(&e2, Validation::Fingerprint, &stats, &faults, &signal);
+                run_speculative(&e2, None, &stats, &faults, &signal);
             });
             // The request path.
             let cancelled = entry.cancel();

@@ -4,7 +4,8 @@
 use super::entry::{Check, Entry, FAILED, READY};
 use super::source::Chunk;
 use super::stats::Stats;
-use super::{Inner, Lease, Payload, Validation};
+use super::watches::Watches;
+use super::{Inner, Lease, Payload};
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
 use crate::message::Message;
@@ -276,7 +277,7 @@ impl JobQueue {
 /// from the source (one pass less); a write during the encryption bumps the generation.
 pub(crate) fn run_speculative(
     entry: &Entry,
-    validation: Validation,
+    watches: Option<&Arc<Watches>>,
     stats: &Stats,
     faults: &Faults,
     signal: &Signal,
@@ -299,10 +300,7 @@ pub(crate) fn run_speculative(
         // Page protection is armed before the source is read, so a write racing with the
         // encryption is caught, and the chunk can be sealed straight from the source. Without
         // it, the chunk is sealed from a snapshot whose fingerprint is exact.
-        let watched = match validation {
-            Validation::PageProtection => watch(&entry.chunk),
-            Validation::Fingerprint => None,
-        };
+        let watched = watches.and_then(|w| watch(w, &entry.chunk));
         if take_fault(&faults.panic_speculative) {
             panic!("injected fault: speculative job");
         }
@@ -350,18 +348,14 @@ pub(crate) fn run_speculative(
 }
 
 #[cfg(target_os = "linux")]
-fn watch(chunk: &Chunk) -> Option<(crate::writeguard::WriteWatch, crate::writeguard::Stamp)> {
-    let b = chunk.bytes();
-    // SAFETY: the entry holding this watch also holds `chunk.source`, and drops the watch
-    // first (see `Entry`'s field order), so the memory stays mapped while it is watched. The
-    // pipeline's documentation of `Validation::PageProtection` makes the caller promise that
-    // only user-space code writes its sources.
-    let w = unsafe { crate::writeguard::WriteWatch::register(b.as_ptr(), b.len()) }.ok()?;
-    let stamp = w.arm().ok()?;
-    Some((w, stamp))
+fn watch(
+    watches: &Arc<Watches>,
+    chunk: &Chunk,
+) -> Option<(super::watches::HeldWatch, crate::writeguard::Stamp)> {
+    watches.arm(&chunk.source, chunk.key)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn watch(_chunk: &Chunk) -> Option<()> {
+fn watch(_watches: &Arc<Watches>, _chunk: &Chunk) -> Option<()> {
     None
 }

@@ -23,6 +23,30 @@ mod entry;
 mod jobs;
 pub mod source;
 mod stats;
+#[cfg(target_os = "linux")]
+mod watches;
+/// Page protection is Linux-only: elsewhere there is nothing to keep armed.
+#[cfg(not(target_os = "linux"))]
+mod watches {
+    pub(crate) struct Watches;
+    pub const MAX_KEEP_ARMED: usize = 0;
+    impl Watches {
+        pub fn new(_keep: usize) -> std::sync::Arc<Self> {
+            std::sync::Arc::new(Self)
+        }
+        pub fn reused(&self) -> u64 {
+            0
+        }
+        pub fn kept(&self) -> usize {
+            0
+        }
+        pub fn forget(&self, _addr: usize, _len: usize) -> usize {
+            0
+        }
+        pub fn close(&self) {}
+    }
+}
+pub use watches::MAX_KEEP_ARMED;
 
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
@@ -63,6 +87,10 @@ pub struct PipelineConfig {
     pub max_staging_bytes: usize,
     /// How a hit is checked against writes to its source since its snapshot.
     pub validation: Validation,
+    /// With page protection: how many source chunks stay write-protected between uses, so
+    /// that predicting them again costs no `mprotect` (see `watches`). 0: every chunk's
+    /// protection is released once its entry is consumed.
+    pub keep_armed: usize,
 }
 
 /// How the request path knows a source is unchanged since its chunk was encrypted.
@@ -90,6 +118,7 @@ impl Default for PipelineConfig {
             workers: 2,
             max_staging_bytes: 1 << 30,
             validation: Validation::Fingerprint,
+            keep_armed: 0,
         }
     }
 }
@@ -125,6 +154,15 @@ impl PipelineConfig {
                     self.slots, self.chunk_bytes, self.max_staging_bytes
                 ))
             }
+        }
+        if self.keep_armed > MAX_KEEP_ARMED {
+            return bad(format!(
+                "keep_armed must be at most {MAX_KEEP_ARMED}, got {}",
+                self.keep_armed
+            ));
+        }
+        if self.keep_armed > 0 && self.validation != Validation::PageProtection {
+            return bad("keep_armed needs validation by page protection".into());
         }
         self.policy.validate()?;
         if self.speculative_charge() > self.policy.usage_limit {
@@ -285,6 +323,8 @@ struct Inner {
     /// Consumed entries whose write watch (an unregister costs an mprotect and a scan) is
     /// released by the planner thread, off the request path.
     retired: Mutex<Vec<Arc<Entry>>>,
+    /// With page protection: the write watches (and those kept armed between uses).
+    watches: Option<Arc<watches::Watches>>,
 }
 
 impl Inner {
@@ -360,7 +400,7 @@ impl Inner {
             match job {
                 Job::Speculative(e) => jobs::run_speculative(
                     &e,
-                    self.cfg.validation,
+                    self.watches.as_ref(),
                     &self.stats,
                     &self.faults,
                     &self.signal,
@@ -642,6 +682,8 @@ impl Pipeline {
             closed: AtomicBool::new(false),
             me: me.clone(),
             retired: Mutex::new(Vec::new()),
+            watches: (cfg.validation == Validation::PageProtection)
+                .then(|| watches::Watches::new(cfg.keep_armed)),
         });
         let mut threads = Vec::with_capacity(cfg.workers + 1);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
@@ -771,7 +813,23 @@ impl Pipeline {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.inner.stats.snapshot()
+        let mut s = self.inner.stats.snapshot();
+        if let Some(w) = &self.inner.watches {
+            s.watches_reused = w.reused();
+            s.watches_kept = w.kept() as u64;
+        }
+        s
+    }
+
+    /// Releases the chunks of `source` kept write-protected between uses (`keep_armed`):
+    /// their pages become writable and the pipeline lets go of the memory. Chunks in the
+    /// ring keep their watches until consumed. Returns how many were released.
+    pub fn unwatch(&self, source: &Source) -> usize {
+        let b = source.bytes();
+        self.inner
+            .watches
+            .as_ref()
+            .map_or(0, |w| w.forget(b.as_ptr() as usize, b.len()))
     }
 
     /// Entries in the ring and predictions waiting for one.
@@ -830,6 +888,9 @@ impl Pipeline {
         }
         lock(&inner.plan).clear();
         lock(&inner.retired).clear();
+        if let Some(w) = &inner.watches {
+            w.close();
+        }
         inner.pool.clear();
     }
 }

@@ -52,6 +52,10 @@ pub struct StatsSnapshot {
     pub worker_failures: u64,
     pub requests: u64,
     pub bytes_requested: u64,
+    /// Arms that found a kept chunk still write-protected (no `mprotect` needed).
+    pub watches_reused: u64,
+    /// Chunks kept write-protected between uses now.
+    pub watches_kept: u64,
 }
 
 impl Stats {
@@ -82,6 +86,8 @@ impl Stats {
             worker_failures: g(&self.worker_failures),
             requests: g(&self.requests),
             bytes_requested: g(&self.bytes_requested),
+            watches_reused: 0,
+            watches_kept: 0,
         }
     }
 }
