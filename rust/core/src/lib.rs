@@ -15,6 +15,8 @@ pub mod crypto;
 pub mod error;
 pub mod fingerprint;
 pub mod header;
+#[cfg(target_os = "linux")]
+pub mod hostpool;
 pub mod key;
 pub mod message;
 pub mod pipeline;

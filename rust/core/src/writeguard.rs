@@ -38,6 +38,8 @@ struct Region {
     /// Bumped on every detected write (and on unregistering).
     generation: AtomicU64,
     protected: AtomicBool,
+    /// Writes through another mapping (`begin_alias_write`) in progress over the region.
+    writing: AtomicU32,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -48,6 +50,7 @@ const EMPTY: Region = Region {
     end: AtomicUsize::new(0),
     generation: AtomicU64::new(0),
     protected: AtomicBool::new(false),
+    writing: AtomicU32::new(0),
 };
 
 static REGIONS: [Region; MAX_REGIONS] = [EMPTY; MAX_REGIONS];
@@ -62,8 +65,9 @@ const UNCLAIMED_RETRIES: u32 = 64;
 /// SEGV_ACCERR; the libc crate does not export it).
 const SEGV_ACCERR: libc::c_int = 2;
 
-/// Serialises registration, arming and unregistering; never taken in the handler.
-static REGISTRY: Mutex<()> = Mutex::new(());
+/// Serialises registration, arming, unregistering and alias writes; holds the ranges of the
+/// alias writes in progress. Never taken in the handler.
+static REGISTRY: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 static INSTALL: Once = Once::new();
 static INSTALLED_OK: AtomicBool = AtomicBool::new(false);
 /// The SIGSEGV action that was in place before ours (written once, inside INSTALL).
@@ -291,6 +295,68 @@ fn install() -> Result<()> {
 }
 
 /// A watched range of memory (rounded out to whole pages).
+/// A write to `[start, start + len)` through another mapping of the same memory (a
+/// [`crate::hostpool::HostPool`]'s write alias), in progress until dropped. While it lasts,
+/// no stamp over the range validates; when it ends, every watched region overlapping the
+/// range gets a new generation, so stamps taken before or during the write no longer
+/// validate either. The regions' pages keep their protection: they were not written through
+/// this mapping, so no fault happened and none is needed, and the next `arm` costs no
+/// `mprotect`. Not for signal context.
+pub struct AliasWrite {
+    start: usize,
+    end: usize,
+}
+
+fn registry() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
+    REGISTRY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts an alias write (see [`AliasWrite`]); the caller writes after this returns.
+pub fn begin_alias_write(start: usize, len: usize) -> AliasWrite {
+    let end = start.saturating_add(len.max(1));
+    let mut writes = registry();
+    writes.push((start, end));
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    for (j, r) in REGIONS.iter().enumerate().take(high) {
+        if overlapping(j, start, end) {
+            lock_region(r);
+            r.writing.fetch_add(1, Ordering::AcqRel);
+            r.generation.fetch_add(1, Ordering::AcqRel);
+            unlock_region(r);
+        }
+    }
+    drop(writes);
+    // The marks above are ordered before the caller's data stores: a reader that sees any
+    // new byte then sees the write in progress (or its end's new generation); it pairs with
+    // the fence in `unchanged_since`.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    AliasWrite { start, end }
+}
+
+impl Drop for AliasWrite {
+    fn drop(&mut self) {
+        // The caller's data stores are ordered before the end marks.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let mut writes = registry();
+        if let Some(i) = writes.iter().position(|&w| w == (self.start, self.end)) {
+            writes.swap_remove(i);
+        }
+        let high = HIGH_WATER.load(Ordering::Acquire);
+        for (j, r) in REGIONS.iter().enumerate().take(high) {
+            if overlapping(j, self.start, self.end) {
+                lock_region(r);
+                // Every in-use region overlapping the range counted this write once: at its
+                // start, or at its registration (which reads the list under this mutex).
+                r.generation.fetch_add(1, Ordering::AcqRel);
+                r.writing.fetch_sub(1, Ordering::AcqRel);
+                unlock_region(r);
+            }
+        }
+    }
+}
+
 pub struct WriteWatch {
     slot: usize,
 }
@@ -313,9 +379,7 @@ impl WriteWatch {
         let p = page();
         let start = (ptr as usize) / p * p;
         let end = (ptr as usize + len.max(1)).div_ceil(p) * p;
-        let _g = REGISTRY
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let writes = registry();
         let slot = REGIONS
             .iter()
             .position(|r| !r.in_use.load(Ordering::Acquire))
@@ -327,6 +391,11 @@ impl WriteWatch {
         r.start.store(start, Ordering::Relaxed);
         r.end.store(end, Ordering::Relaxed);
         r.protected.store(false, Ordering::Relaxed);
+        let in_progress = writes
+            .iter()
+            .filter(|&&(s0, e0)| s0 < end && start < e0)
+            .count();
+        r.writing.store(in_progress as u32, Ordering::Relaxed);
         unlock_region(r);
         HIGH_WATER.fetch_max(slot + 1, Ordering::AcqRel);
         r.in_use.store(true, Ordering::Release);
@@ -336,9 +405,7 @@ impl WriteWatch {
     /// Write-protects the pages (if not already) and returns the current stamp. Take the
     /// snapshot *after* this: a write between the two is then caught.
     pub fn arm(&self) -> Result<Stamp> {
-        let _g = REGISTRY
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _g = registry();
         let r = &REGIONS[self.slot];
         lock_region(r);
         let mut rc = 0;
@@ -356,6 +423,9 @@ impl WriteWatch {
         }
         let g = r.generation.load(Ordering::Acquire);
         unlock_region(r);
+        // Orders the registration (and the stamp) before the caller's reads of the bytes,
+        // against an alias writer's marks (see `begin_alias_write`).
+        std::sync::atomic::fence(Ordering::SeqCst);
         if rc != 0 {
             return Err(Error::InvalidArgument(format!(
                 "cannot write-protect the source pages: {}",
@@ -365,10 +435,20 @@ impl WriteWatch {
         Ok(Stamp(g))
     }
 
+    /// Whether the region's pages are write-protected now (armed and not written since).
+    pub fn is_protected(&self) -> bool {
+        REGIONS[self.slot].protected.load(Ordering::Acquire)
+    }
+
     /// True if no write reached the pages since `stamp` was taken.
     pub fn unchanged_since(&self, stamp: Stamp) -> bool {
+        // Orders the caller's earlier reads of the bytes before the loads below (pairs with
+        // the fence in `begin_alias_write`).
+        std::sync::atomic::fence(Ordering::SeqCst);
         let r = &REGIONS[self.slot];
-        r.protected.load(Ordering::Acquire) && r.generation.load(Ordering::Acquire) == stamp.0
+        r.protected.load(Ordering::Acquire)
+            && r.writing.load(Ordering::Acquire) == 0
+            && r.generation.load(Ordering::Acquire) == stamp.0
     }
 }
 
@@ -376,9 +456,7 @@ impl Drop for WriteWatch {
     fn drop(&mut self) {
         // Serialised with `arm` (same lock): no neighbour protects a page between the scan
         // and the mprotect in `release_pages`.
-        let _g = REGISTRY
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _g = registry();
         mark_written(self.slot);
         // Pages a neighbour still protects stay read-only for it; the others become
         // writable. Only then do we stop claiming faults in this range.

@@ -322,7 +322,7 @@ pub struct PyReceiver {
 }
 
 impl PyReceiver {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Receiver> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Receiver> {
         // Receiver methods commit state only after every check passed, so a poisoned lock
         // still guards a consistent receiver.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)

@@ -6,6 +6,8 @@
 mod buffers;
 mod channel;
 mod errors;
+#[cfg(target_os = "linux")]
+mod hostpool;
 mod pipeline;
 mod predict;
 
@@ -19,6 +21,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channel::PyReceiver>()?;
     m.add_class::<channel::PyMessage>()?;
     m.add_class::<pipeline::PyPipeline>()?;
+    #[cfg(target_os = "linux")]
+    m.add_class::<hostpool::PyHostPool>()?;
     m.add_class::<pipeline::PyTransfer>()?;
     m.add_class::<predict::PyLearned>()?;
     m.add(
@@ -27,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("MAX_CHANNEL", pipellm_core::header::MAX_CHANNEL)?;
     m.add("HEADER_LEN", pipellm_core::header::HEADER_LEN)?;
+    m.add("MAX_KEEP_ARMED", pipellm_core::pipeline::MAX_KEEP_ARMED)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,282 @@
+//! Host memory with a second, writable mapping for the writes the application expects (a
+//! KV block swapped out, a weight shard loaded), so that page-protection validation costs no
+//! fault and no `mprotect` per rewrite.
+//!
+//! With page protection, a pre-encrypted chunk is valid while its pages stay write-protected;
+//! a source that is rewritten between uses (vLLM's CPU KV blocks, rewritten by every
+//! swap-out) pays a fault, an `mprotect` to unprotect and another (with a TLB shootdown) to
+//! arm it again, every time. A `HostPool` is one `memfd` mapped twice: the *view*, which is
+//! what transfers read (watched as usual, and kept armed between uses), and the *alias*,
+//! through which [`HostPool::write`] and [`HostPool::write_with`] write. Those writes are
+//! announced to the write-detection registry (`writeguard::begin_alias_write`), which
+//! invalidates every stamp over the range without touching the view's protection. Writes
+//! through the view itself still work and are still caught (a fault, as for any watched
+//! source).
+
+use crate::error::{Error, Result};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Host memory mapped twice: a view that transfers read, an alias that writes go through.
+pub struct HostPool {
+    view: *mut u8,
+    alias: *mut u8,
+    len: usize,
+    _fd: OwnedFd,
+}
+
+// SAFETY: the pool owns its two mappings (like a Box<[u8]> owns its allocation); moving it
+// between threads moves that ownership. Shared access only reads through the view or writes
+// through the alias announced to the write-detection registry (callers of the unsafe `write_with`
+// promise no overlapping concurrent writes, see there).
+unsafe impl Send for HostPool {}
+// SAFETY: see Send; `&HostPool` gives reads of the view and bracketed writes.
+unsafe impl Sync for HostPool {}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+impl HostPool {
+    /// A zeroed pool of `len` bytes (rounded up to whole pages in memory).
+    pub fn new(len: usize) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::InvalidLength(
+                "a host pool needs at least 1 byte".into(),
+            ));
+        }
+        let page = crate::staging::PAGE;
+        let size = len
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| Error::InvalidLength(format!("host pool of {len} bytes")))?;
+        // SAFETY: memfd_create reads the NUL-terminated name; a negative result is an error.
+        let fd = unsafe { libc::memfd_create(c"pipellm-host-pool".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::OutOfMemory(os_err("memfd_create")));
+        }
+        // SAFETY: `fd` is a fresh descriptor we own; OwnedFd closes it exactly once.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our own descriptor.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+            return Err(Error::OutOfMemory(os_err("sizing the host pool")));
+        }
+        let map = || {
+            // SAFETY: a new shared mapping of our memfd at an address the kernel picks; it
+            // overlaps nothing, and a failure is reported as MAP_FAILED.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                Err(Error::OutOfMemory(os_err("mapping the host pool")))
+            } else {
+                Ok(p as *mut u8)
+            }
+        };
+        let view = map()?;
+        let alias = match map() {
+            Ok(a) => a,
+            Err(e) => {
+                // SAFETY: unmapping the view we just mapped, which nothing else knows of.
+                unsafe { libc::munmap(view.cast(), size) };
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            view,
+            alias,
+            len,
+            _fd: fd,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The view's first byte: what transfers read.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.view
+    }
+
+    /// The pool's bytes, through the view.
+    pub fn view(&self) -> &[u8] {
+        // SAFETY: the view maps `len` bytes for the life of `self`. Writes through the alias
+        // may change them meanwhile, as any source may change under a transfer; readers of a
+        // source treat its bytes as foreign memory whose changes validation detects.
+        unsafe { std::slice::from_raw_parts(self.view, self.len) }
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::InvalidLength(format!(
+                "range {offset}+{len} is beyond the host pool ({} bytes)",
+                self.len
+            ))),
+        }
+    }
+
+    /// Copies `data` into the pool at `offset`, through the alias: chunks pre-encrypted from
+    /// the old bytes are invalidated, the view's protection is left as it is.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.check_range(offset, data.len())?;
+        // SAFETY: the range is in bounds; `copy_nonoverlapping` needs no exclusive borrow of
+        // the pool, so concurrent writers of the same range race only on the bytes (as two
+        // memcpys into shared memory would), never on Rust references.
+        unsafe {
+            self.write_with(offset, data.len(), |dst| {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_mut_ptr(), data.len())
+            })
+        }
+    }
+
+    /// Lets `f` write `len` bytes of the pool at `offset` through the alias (for example a
+    /// receiver decrypting a device-to-host message straight into the pool).
+    ///
+    /// # Safety
+    /// No other `write_with` over an overlapping range may run at the same time (the slice
+    /// handed to `f` is exclusive for its duration).
+    // SAFETY: an `unsafe fn` for the contract in `# Safety` above.
+    pub unsafe fn write_with<T>(
+        &self,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> T,
+    ) -> Result<T> {
+        self.check_range(offset, len)?;
+        let marks = crate::writeguard::begin_alias_write(self.view as usize + offset, len);
+        // SAFETY: in bounds (checked); exclusive by the caller's promise; the alias maps the
+        // same pages as the view for the life of `self`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.alias.add(offset), len) };
+        let out = f(dst);
+        drop(marks); // also if `f` panicked: the unwind drops it
+        Ok(out)
+    }
+}
+
+impl crate::pipeline::SourceBytes for HostPool {
+    fn bytes(&self) -> &[u8] {
+        self.view()
+    }
+}
+
+impl Drop for HostPool {
+    fn drop(&mut self) {
+        let size = self.len.next_multiple_of(crate::staging::PAGE);
+        // SAFETY: both mappings were made in `new` with this size and are unmapped once;
+        // nothing borrows them past `self` (sources holding the pool keep it alive).
+        unsafe {
+            libc::munmap(self.view.cast(), size);
+            libc::munmap(self.alias.cast(), size);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writeguard::WriteWatch;
+
+    #[test]
+    fn alias_writes_show_in_the_view_and_invalidate_stamps_without_faults() {
+        let pool = HostPool::new(3 * 4096).unwrap();
+        let p = pool.as_ptr();
+        // SAFETY: the pool outlives the watch (dropped first, at the end of scope).
+        let w = unsafe { WriteWatch::register(p.wrapping_add(4096), 4096) }.unwrap();
+        let s = w.arm().unwrap();
+        assert!(w.is_protected());
+        pool.write(4096 + 10, &[1, 2, 3]).unwrap();
+        assert_eq!(&pool.view()[4096 + 10..4096 + 13], &[1, 2, 3]);
+        assert!(
+            !w.unchanged_since(s),
+            "an alias write invalidates the stamp"
+        );
+        assert!(
+            w.is_protected(),
+            "and leaves the view protected: no fault happened"
+        );
+        let s2 = w.arm().unwrap();
+        assert!(w.unchanged_since(s2));
+        // Writes elsewhere in the pool leave the watched range valid.
+        pool.write(0, &[9; 100]).unwrap();
+        pool.write(2 * 4096, &[9; 100]).unwrap();
+        assert!(w.unchanged_since(s2));
+        drop(w);
+    }
+
+    #[test]
+    fn a_region_registered_during_a_write_validates_only_after_it() {
+        let pool = HostPool::new(4096).unwrap();
+        let p = pool.as_ptr();
+        let write = crate::writeguard::begin_alias_write(p as usize, 4096);
+        // SAFETY: the pool outlives the watch.
+        let w = unsafe { WriteWatch::register(p, 4096) }.unwrap();
+        let s = w.arm().unwrap();
+        assert!(!w.unchanged_since(s), "a write is in progress");
+        drop(write);
+        assert!(!w.unchanged_since(s), "the write ended after the stamp");
+        let s2 = w.arm().unwrap();
+        assert!(w.unchanged_since(s2));
+        drop(w);
+    }
+
+    #[test]
+    fn out_of_range_writes_are_typed_errors() {
+        let pool = HostPool::new(1000).unwrap();
+        assert!(matches!(
+            pool.write(999, &[1, 2]),
+            Err(Error::InvalidLength(_))
+        ));
+        assert!(pool.write(usize::MAX, &[1]).is_err());
+        assert!(HostPool::new(0).is_err());
+        pool.write(998, &[1, 2]).unwrap();
+        assert_eq!(&pool.view()[998..], &[1, 2]);
+    }
+
+    #[test]
+    fn a_write_racing_an_arm_never_validates_old_bytes() {
+        // A reader arms, snapshots and checks while a writer rewrites the range through the
+        // alias with a new byte value each time: whenever the check passes, the snapshot
+        // must be uniform (never half old, half new).
+        let pool = std::sync::Arc::new(HostPool::new(64 << 10).unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut v = 0u8;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    v = v.wrapping_add(1);
+                    pool.write(0, &vec![v; 64 << 10]).unwrap();
+                }
+            })
+        };
+        // SAFETY: the pool outlives the watch.
+        let w = unsafe { WriteWatch::register(pool.as_ptr(), 64 << 10) }.unwrap();
+        let mut validated = 0;
+        for _ in 0..2000 {
+            let s = w.arm().unwrap();
+            let snap = pool.view().to_vec();
+            if w.unchanged_since(s) {
+                validated += 1;
+                assert!(
+                    snap.iter().all(|&b| b == snap[0]),
+                    "a torn snapshot validated"
+                );
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        drop(w);
+        let _ = validated; // may be 0 on a busy machine: the property is about the others
+    }
+}
