@@ -78,7 +78,7 @@ def bench(args: argparse.Namespace) -> int:
         )
         return 2
     chunk = (args.chunk_mib << 20) if args.chunk_mib else w.chunk_bytes
-    capacity = replay.encryption_capacity(w, args.workers, chunk)
+    capacity = replay.encryption_capacity(w, args.workers, chunk, keep_armed=args.keep_armed)
     results: dict[str, Any] = {}
     if not args.json:
         print(f"pipellm {__version__} bench: {w.name}\n  {w.note}")
@@ -97,6 +97,7 @@ def bench(args: argparse.Namespace) -> int:
             chunk_bytes=chunk,
             depth=args.depth or None,
             progress=None if args.json else _progress(mode),
+            keep_armed=args.keep_armed,
         )
     plain = results.get("plain")
     demand = w.bytes_total / plain["elapsed_s"] if plain else None
@@ -201,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="chunk size in MiB (default: the workload's, 4 for flexgen)",
     )
-    b.add_argument("--rounds", type=int, default=8, help="vllm-swap: preemption rounds")
+    b.add_argument("--rounds", type=int, default=32, help="vllm-swap: preemption rounds")
+    b.add_argument(
+        "--keep-armed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pipellm mode: keep sources write-protected between uses (default: on)",
+    )
     b.add_argument("--iterations", type=int, default=40, help="lora: decode iterations")
     b.add_argument("--rank", type=int, default=16, help="lora: adapter rank (8-64)")
     b.add_argument(

@@ -92,12 +92,17 @@ def vllm_swap_stream(
 ) -> Iterator[Event]:
     """vLLM V0-style KV swapping under memory pressure. Each round, the `preempted` most
     recently admitted sequences are swapped out (one copy per layer, K/V, block, into CPU
-    blocks from a free list) and, when memory frees, swapped back in first come, first served
-    (vLLM's FCFS policy). CPU blocks are reused from the allocator's free list, so the same
-    CPU addresses recur, as they do in vLLM. Keys are (cpu block, layer, "k"|"v")."""
+    blocks from a free list), and the sequences swapped out in the previous round come back
+    in, first come, first served (vLLM's FCFS policy); a decode step of the batch follows.
+    A sequence therefore stays swapped out for one decode step: vLLM's scheduler does not
+    swap a sequence back in on the step that preempted it (the memory that forced the
+    preemption is still in use then). CPU blocks are reused from the allocator's free list,
+    so the same CPU addresses recur, as they do in vLLM. Keys are (cpu block, layer,
+    "k"|"v")."""
     rng = random.Random(seed)
     free = list(range(running * blocks_per_seq))  # CPU block ids
     order = list(range(running))
+    waiting: list[tuple[int, list[int]]] = []  # swapped out, in swap-out order
     for _ in range(rounds):
         victims = order[-preempted:]
         swapped: list[tuple[int, list[int]]] = []
@@ -108,12 +113,13 @@ def vllm_swap_stream(
                 for layer in range(layers):
                     for kv in ("k", "v"):
                         yield ("hint", "swap_out", (b, layer, kv))
-        for _seq, cpu in swapped:  # FCFS: first swapped out, first back
+        for _seq, cpu in waiting:  # FCFS: first swapped out, first back
             for b in cpu:
                 for layer in range(layers):
                     for kv in ("k", "v"):
                         yield ("h2d", (b, layer, kv))
             free.extend(reversed(cpu))
+        waiting = swapped
         if rng.random() < 0.05:  # now and then the admission order changes
             rng.shuffle(order)
 
@@ -129,7 +135,9 @@ def multi_lora_stream(
     """Multi-LoRA serving (S-LoRA/PEFT-style): each decode iteration loads the adapters of the
     running batch, layer by layer, from host memory. The batch changes when requests finish
     (every `change_every` iterations one request leaves and the next queued one joins); the
-    queue is known ahead (hints). Keys are (adapter, layer)."""
+    queue is known ahead: the scheduler composes the next iteration's batch while the
+    current one runs, so the hints for iteration i + 1's adapters come before iteration i's
+    loads. Keys are (adapter, layer)."""
     rng = random.Random(seed)
     popularity = [1.0 / (i + 1) for i in range(adapters)]  # Zipf-like
 
@@ -138,13 +146,23 @@ def multi_lora_stream(
 
     current = [draw() for _ in range(batch)]
     queue = [draw() for _ in range(iterations // change_every + batch)]
+    batches: list[list[int]] = []
     for it in range(iterations):
         if it and it % change_every == 0 and queue:
             current = [*current[1:], queue.pop(0)]
-        for a in sorted(set(current)):
+        batches.append(sorted(set(current)))
+
+    def hints(adapters_: list[int]) -> Iterator[Event]:
+        for a in adapters_:
             for layer in range(layers):
                 yield ("hint", "enqueue", (a, layer))
-        for a in sorted(set(current)):
+
+    if batches:
+        yield from hints(batches[0])
+    for it, loads in enumerate(batches):
+        if it + 1 < len(batches):
+            yield from hints(batches[it + 1])
+        for a in loads:
             for layer in range(layers):
                 yield ("h2d", (a, layer))
 
