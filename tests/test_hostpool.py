@@ -160,3 +160,23 @@ def test_receive_into_writes_only_verified_plaintext() -> None:
     assert bytes(view[:800]) == b"\x01" * 800
     with pytest.raises(ValueError, match="beyond"):
         pool.receive_into(rx, tx.seal(b"x" * 10), pool.nbytes - 5)
+
+
+def test_a_forked_child_does_not_inherit_the_pool() -> None:
+    import os
+    import signal
+
+    pool = HostPool(4096)
+    pool.write(0, b"secret")
+    pid = os.fork()
+    if pid == 0:  # the child: the pool's pages are not mapped here
+        import faulthandler
+
+        faulthandler.disable()  # the expected crash needs no traceback on stderr
+        try:
+            bytes(memoryview(pool)[:6])
+        finally:
+            os._exit(0)  # reached only if the read did not fault
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, status
+    assert bytes(memoryview(pool)[:6]) == b"secret"

@@ -11,7 +11,8 @@
 //! announced to the write-detection registry (`writeguard::begin_alias_write`), which
 //! invalidates every stamp over the range without touching the view's protection. Writes
 //! through the view itself still work and are still caught (a fault, as for any watched
-//! source).
+//! source). A forked child does not inherit the pool (`MADV_DONTFORK`): shared mappings
+//! would otherwise let it write the parent's bytes.
 
 use crate::error::{Error, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -87,12 +88,23 @@ impl HostPool {
                 return Err(e);
             }
         };
-        Ok(Self {
+        let pool = Self {
             view,
             alias,
             len,
             _fd: fd,
-        })
+        };
+        // Shared mappings would be shared with a forked child (private memory is copied on
+        // write): a child writing the pool would change the parent's bytes behind its
+        // validation, and the pool's plaintext would outlive the parent's control. Children
+        // do not inherit the mappings at all.
+        for p in [view, alias] {
+            // SAFETY: `p` is one of the two mappings of `size` bytes made above.
+            if unsafe { libc::madvise(p.cast(), size, libc::MADV_DONTFORK) } != 0 {
+                return Err(Error::OutOfMemory(os_err("madvise(MADV_DONTFORK)")));
+            }
+        }
+        Ok(pool)
     }
 
     pub fn len(&self) -> usize {
