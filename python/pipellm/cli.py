@@ -63,7 +63,7 @@ def make_workload(args: argparse.Namespace) -> replay.Workload | None:
                     max_layers=args.max_layers,
                 )
             if kind == "vllm-swap":
-                return replay.vllm_swap(shape, rounds=args.rounds)
+                return replay.vllm_swap(shape, rounds=args.rounds, host_pool=args.host_pool)
             return replay.multi_lora(shape, iterations=args.iterations, rank=args.rank)
     return None
 
@@ -203,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         help="chunk size in MiB (default: the workload's, 4 for flexgen)",
     )
     b.add_argument("--rounds", type=int, default=32, help="vllm-swap: preemption rounds")
+    b.add_argument(
+        "--host-pool",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vllm-swap: CPU blocks in a HostPool, rewritten through its alias (default: on;"
+        " off: numpy arrays rewritten in place)",
+    )
     b.add_argument(
         "--keep-armed",
         action=argparse.BooleanOptionalAction,
