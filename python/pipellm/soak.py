@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._core import Pipeline, SessionKey
+from ._core import HostPool, Pipeline, SessionKey
 from .device import CpuDevice
 from .speculator import Speculator
 
@@ -52,8 +52,25 @@ class _Client:
         n = 12
         sizes = [self.rng.choice([4 << 10, 60 << 10, 256 << 10, 1 << 20]) for _ in range(n)]
         gen = np.random.default_rng(seed)
-        self.sources = [gen.integers(0, 256, s, dtype=np.uint8) for s in sizes]
+        # Thread kinds, by index mod 4: fingerprints; page protection; fingerprints; page
+        # protection with chunks kept armed between uses and sources in a HostPool (written
+        # through the pool, never in place).
         self.validation = "protect" if idx % 2 else "fingerprint"
+        self.keep_armed = 64 if idx % 4 == 3 else 0
+        self.pool: HostPool | None = None
+        self.offsets: list[int] = []
+        if self.keep_armed:
+            self.pool = HostPool(sum(sizes))
+            self.sources = []
+            off = 0
+            for sz in sizes:
+                self.pool.write(off, gen.integers(0, 256, sz, dtype=np.uint8))
+                view = np.frombuffer(memoryview(self.pool), dtype=np.uint8, count=sz, offset=off)
+                self.sources.append(view)
+                self.offsets.append(off)
+                off += sz
+        else:
+            self.sources = [gen.integers(0, 256, sz, dtype=np.uint8) for sz in sizes]
         self.step = 0
         self.order = list(range(n))
 
@@ -69,6 +86,7 @@ class _Client:
             usage_limit=limit,
             validation=self.validation,  # type: ignore[arg-type]
             max_staging_bytes=24 * (64 << 10),
+            keep_armed=self.keep_armed,
         )
         # The receiver model checks every message as the device would.
         dev = CpuDevice(self.key, self.idx, usage_limit=limit)
@@ -103,7 +121,11 @@ class _Client:
                     k = self.rng.randrange(len(self.sources))
                 src = self.sources[k]
                 if self.rng.random() < 0.05:  # the source changed since it was predicted
-                    src[self.rng.randrange(src.nbytes)] ^= 0x5A
+                    i = self.rng.randrange(src.nbytes)
+                    if self.pool is None:
+                        src[i] ^= 0x5A
+                    else:
+                        self.pool.write(self.offsets[k] + i, bytes([int(src[i]) ^ 0x5A]))
                 expected = src.copy()
                 got = np.empty_like(src)
                 dev.receive(spec.request(k, src), got)
