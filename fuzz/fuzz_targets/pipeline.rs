@@ -1,6 +1,7 @@
 //! The speculative pipeline under arbitrary sequences of predictions, requests (in range or
 //! not), relinquishing, plan clearing and source replacement, with a worker thread racing
-//! the request path and a small key-usage limit forcing rotations.
+//! the request path and a small key-usage limit forcing rotations, validated by fingerprints
+//! or page protection (with or without chunks kept armed between uses).
 //!
 //! Invariants: every message the pipeline emits is accepted by the receiver model in the
 //! order emitted and decrypts to the requested bytes; bad requests are typed errors; the
@@ -26,6 +27,8 @@ enum Op {
 struct Input {
     usage_limit: u16,
     workers: bool,
+    /// 0: fingerprints; 1: page protection; 2: page protection, chunks kept armed.
+    validation: u8,
     ops: Vec<Op>,
 }
 
@@ -53,7 +56,11 @@ fuzz_target!(|input: Input| {
         chunk_bytes: CHUNK,
         workers: input.workers as usize,
         max_staging_bytes: 4 * CHUNK,
-        validation: Validation::Fingerprint,
+        validation: match input.validation % 3 {
+            0 => Validation::Fingerprint,
+            _ => Validation::PageProtection,
+        },
+        keep_armed: if input.validation % 3 == 2 { 4 } else { 0 },
     };
     let Ok(pipe) = Pipeline::new(&key, cfg) else {
         return;
