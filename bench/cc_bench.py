@@ -4,6 +4,8 @@ Builds the driver emulator (tests/driver_emulator) and runs, side by side in one
 - `openssl`: the emulator on the real libcrypto (what the CUDA driver pays per 1 MiB chunk);
 - `hits`: under the interposer, a layer cycle it learns (after warm-up nearly every chunk
   is served from a pre-encrypted one);
+- `watched`: as `hits`, with the sources registered (`pipellm_cc_watch`): chunks are
+  validated by page protection, so a hit copies the ciphertext without reading the source;
 - `misses`: under the interposer, a random chunk order it cannot predict.
 Each run also times a plain memcpy of the same 1 MiB from the same (cold) source: the floor.
 The emulator waits GAP_US of "device time" after each chunk, as the driver waits for its
@@ -61,6 +63,7 @@ def main() -> None:
         for name, env, order in (
             ("openssl", base, "cycle"),
             ("hits", shim_env, "cycle"),
+            ("watched", {**shim_env, "PIPELLM_EMU_WATCH": "1"}, "cycle"),
             ("misses", shim_env, "random"),
         ):
             args = [a.mode, "bench", str(a.chunks), str(a.gap_us), order]
@@ -72,7 +75,12 @@ def main() -> None:
     out = {}
     for name, (fig, st) in rows.items():
         c, m = fig["chunk_us"], fig["memcpy_us"]
-        served = f"hits {st.get('hits', 0)}, misses {st.get('misses', 0)}" if st else "-"
+        served = (
+            f"hits {st.get('hits', 0)} ({st.get('hits_watched', 0)} watched),"
+            f" misses {st.get('misses', 0)}"
+            if st
+            else "-"
+        )
         print(f"{name:10} {c:9.1f} {m:10.1f} {c / m:8.2f}x {c / ossl:9.2f}x  {served}")
         out[name] = {**fig, "vs_memcpy": c / m, "vs_openssl": c / ossl, "stats": st}
     if a.json:

@@ -80,6 +80,26 @@ def test_ciphertexts_identical_with_and_without_interposer(
     assert stats["panics"] == 0 and stats["keys_refused"] == 0, stats
 
 
+@pytest.mark.parametrize("mode", ["link", "dlopen"])
+def test_watched_sources_are_served_without_reading_them_and_stay_exact(
+    emulator: Path, cc_dir: Path, mode: str
+) -> None:
+    # The emulator registers its layers and KV blocks (pipellm_cc_watch), unregisters the
+    # layer it unmaps and registers the new mapping; its in-place write to a layer must be
+    # caught by page protection instead of fingerprints.
+    plain, _ = run_emulator(emulator, [mode, "check", "14"], False, cc_dir)
+    watched, stats = run_emulator(
+        emulator, [mode, "check", "14"], True, cc_dir, PIPELLM_EMU_WATCH="1"
+    )
+    assert plain == watched
+    assert stats["hits_watched"] > 20, stats
+    assert stats["stale"] >= 1, stats  # the modified layer
+    assert stats["panics"] == 0 and stats["keys_refused"] == 0, stats
+    # Without the interposer the variable changes nothing (the API is not there).
+    again, _ = run_emulator(emulator, [mode, "check", "14"], False, cc_dir, PIPELLM_EMU_WATCH="1")
+    assert again == plain
+
+
 def test_disabled_interposer_is_inert(emulator: Path, cc_dir: Path) -> None:
     plain, _ = run_emulator(emulator, ["dlopen", "check", "6"], False, cc_dir)
     shimmed, stats = run_emulator(
@@ -173,3 +193,40 @@ def test_enable_restarts_the_interpreter_with_the_interposer(tmp_path: Path) -> 
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "active True args ['--flag', 'x']"
+
+
+def test_watch_from_python_under_the_interposer(cc_dir: Path) -> None:
+    code = (
+        "import numpy as np, pipellm, pipellm.cc as c\n"
+        "a = np.zeros(1 << 20, dtype=np.uint8)\n"
+        "c.watch(a)\n"
+        "try:\n"
+        "    c.watch(a[4096:])\n"
+        "except ValueError as e:\n"
+        "    print('overlap', e)\n"
+        "pool = pipellm.HostPool(1 << 16)\n"
+        "c.watch(pool)\n"
+        "c.unwatch(pool)\n"
+        "c.unwatch(a)\n"
+        "try:\n"
+        "    c.unwatch(a)\n"
+        "except ValueError as e:\n"
+        "    print('again', e)\n"
+        "a[0] = 1\n"
+        "print('ok')\n"
+    )
+    env = cc.environment(plain_env(), directory=cc_dir)
+    p = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [
+        "overlap buf overlaps memory that is already watched",
+        "again buf is not watched",
+        "ok",
+    ]
+
+
+def test_watch_needs_the_interposer() -> None:
+    with pytest.raises(RuntimeError, match="not loaded"):
+        cc.watch(bytearray(10))

@@ -195,3 +195,87 @@ def status() -> dict[str, object]:
         "real_libcrypto": real.decode() if real else None,
         "stats": dict(zip(names, (int(v) for v in buf), strict=True)),
     }
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer, to read a buffer's address without copying it (read-only buffers
+    such as a HostPool's view included)."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+def _span(obj: object) -> tuple[int, int]:
+    """(address, length) of a C-contiguous buffer (or a contiguous CPU torch tensor)."""
+    from ._buffers import as_buffer
+
+    try:
+        memoryview(obj)  # type: ignore[arg-type]
+    except TypeError:
+        obj = as_buffer(obj, "buf")
+    view = _PyBuffer()
+    get = ctypes.pythonapi.PyObject_GetBuffer
+    get.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+    get.restype = ctypes.c_int
+    release = ctypes.pythonapi.PyBuffer_Release
+    release.argtypes = [ctypes.POINTER(_PyBuffer)]
+    release.restype = None
+    if get(obj, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous bytes
+        raise ValueError("buf: expected a C-contiguous buffer")
+    try:
+        return int(view.buf or 0), int(view.len)
+    finally:
+        release(ctypes.byref(view))
+
+
+# Buffers registered with the interposer, kept alive until unwatched: their memory must stay
+# mapped while its pages may be write-protected.
+_watched: dict[int, object] = {}
+
+
+def watch(buf: object) -> None:
+    """Registers the memory of `buf` with the interposer (this process must run under it:
+    `pipellm run`, `enable()`): chunks the driver encrypts from it are then validated by page
+    protection, so a hit copies the ciphertext without reading the source. Until
+    `unwatch(buf)`, only this process's own code may write `buf` (not `read(2)`, not a
+    device), and its pages are read-only between uses (a write takes one fault, handled, and
+    goes through). pipellm keeps `buf` alive until then. For memory allocated once and reused:
+    offloaded weights, KV swap space, adapters."""
+    fn = _process_symbol("pipellm_cc_watch")
+    if fn is None:
+        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    addr, n = _span(buf)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    rc = fn(addr, n)
+    if rc == -1:
+        raise ValueError("buf: empty buffer")
+    if rc == -2:
+        raise ValueError("buf overlaps memory that is already watched")
+    if rc != 0:
+        raise RuntimeError(f"the interposer refused to watch buf (code {rc})")
+    _watched[addr] = buf
+
+
+def unwatch(buf: object) -> None:
+    """Unregisters `buf` (see `watch`): its pages are writable again when this returns."""
+    fn = _process_symbol("pipellm_cc_unwatch")
+    if fn is None:
+        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    addr, _ = _span(buf)
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    if fn(addr) != 0:
+        raise ValueError("buf is not watched")
+    _watched.pop(addr, None)

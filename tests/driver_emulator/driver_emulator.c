@@ -16,6 +16,9 @@
  *        driver_emulator {link|dlopen} bench CHUNKS GAP_US {cycle|random}
  *          times the critical path (Update + Final + GET_TAG) of 1 MiB chunks, with GAP_US
  *          of busy "device time" after each, and a plain memcpy of the same bytes.
+ * With PIPELLM_EMU_WATCH=1 (and the interposer loaded) the source buffers are registered
+ * with pipellm_cc_watch, as an application that allocates its weights or KV swap space once
+ * would do; without the interposer the variable changes nothing.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -72,6 +75,36 @@ static void *need(void *h, const char *name) {
     return p;
 }
 
+static void *api_handle; /* dlopen mode: the handle the API came from */
+
+/* pipellm's own API (present only under the interposer) for registering watched sources. */
+static int (*cc_watch)(const void *, size_t);
+static int (*cc_unwatch)(const void *);
+
+static void bind_watch(void) {
+    const char *w = getenv("PIPELLM_EMU_WATCH");
+    if (!w || strcmp(w, "1") != 0) return;
+    void *h = api_handle ? api_handle : RTLD_DEFAULT;
+    cc_watch = (int (*)(const void *, size_t))dlsym(h, "pipellm_cc_watch");
+    cc_unwatch = (int (*)(const void *))dlsym(h, "pipellm_cc_unwatch");
+}
+
+static void watch_range(const void *p, size_t n) {
+    int rc = cc_watch ? cc_watch(p, n) : 0;
+    if (rc != 0) {
+        fprintf(stderr, "pipellm_cc_watch: %d\n", rc);
+        exit(2);
+    }
+}
+
+static void unwatch_range(const void *p) {
+    int rc = cc_unwatch ? cc_unwatch(p) : 0;
+    if (rc != 0) {
+        fprintf(stderr, "pipellm_cc_unwatch: %d\n", rc);
+        exit(2);
+    }
+}
+
 static void bind_api(const char *mode) {
     if (strcmp(mode, "link") == 0) {
         api.ctx_new = EVP_CIPHER_CTX_new;
@@ -91,6 +124,7 @@ static void bind_api(const char *mode) {
         fprintf(stderr, "dlopen libcrypto.so.3: %s\n", dlerror());
         exit(2);
     }
+    api_handle = h;
     api.ctx_new = need(h, "EVP_CIPHER_CTX_new");
     api.ctx_free = need(h, "EVP_CIPHER_CTX_free");
     api.aes_256_gcm = need(h, "EVP_aes_256_gcm");
@@ -269,10 +303,12 @@ static int check(int rounds) {
     for (int i = 0; i < LAYERS; i++) {
         layer[i] = map(LAYER_BYTES);
         fill(layer[i], LAYER_BYTES);
+        watch_range(layer[i], LAYER_BYTES);
     }
     for (int i = 0; i < BLOCKS; i++) {
         block[i] = map(BLOCK_BYTES);
         fill(block[i], BLOCK_BYTES);
+        watch_range(block[i], BLOCK_BYTES);
     }
     fill(meta, sizeof meta);
     int d2h_ok = 0, tamper_rejected = 0;
@@ -286,9 +322,11 @@ static int check(int rounds) {
                 memset(layer[2] + 12345, r, 777);
             }
             if (r == 11 && i == 5) {                  /* freed and mapped again */
+                unwatch_range(layer[5]); /* the registrant's side of the contract */
                 munmap(layer[5], LAYER_BYTES);
                 layer[5] = map(LAYER_BYTES);
                 fill(layer[5], LAYER_BYTES);
+                watch_range(layer[5], LAYER_BYTES);
             }
             int split = (r == 5 || r == 6 || r == 7) && i == 1;
             if (split) usleep(20000); /* let the workers have its first chunk ready: a hit */
@@ -322,6 +360,7 @@ static int bench(int chunks, double gap_us, int random_order) {
     for (int i = 0; i < SRC_LAYERS; i++) {
         src[i] = map((size_t)CHUNK * PER_LAYER);
         fill(src[i], (size_t)CHUNK * PER_LAYER);
+        watch_range(src[i], (size_t)CHUNK * PER_LAYER);
     }
     double *t = calloc((size_t)chunks, sizeof(double));
     double *tm = calloc((size_t)chunks, sizeof(double));
@@ -356,6 +395,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     bind_api(argv[1]);
+    bind_watch();
     bounce = map(1 << 21);
     if (strcmp(argv[2], "check") == 0) return check(argc > 3 ? atoi(argv[3]) : 10);
     if (strcmp(argv[2], "bench") == 0 && argc > 5)

@@ -62,9 +62,12 @@ pub struct Prepared {
     pub len: usize,
     pub ct: Vec<u8>,
     pub tag: Tag,
-    /// The message cut into pieces, and each piece's fingerprint at encryption time.
+    /// The message cut into pieces, and each piece's fingerprint at encryption time (empty
+    /// for a chunk of a watched range: `watched` validates it instead).
     pub ranges: Vec<(usize, usize)>,
     pub fps: Vec<Fingerprint>,
+    #[cfg(target_os = "linux")]
+    pub watched: Option<crate::watched::SpanStamp>,
 }
 
 /// Where the current message of a context stands.
@@ -403,12 +406,31 @@ impl Engine {
             self.record_outcome(ctx, false);
             return Decision::Forward;
         }
-        // Each piece's source bytes are checked against their fingerprint and its ciphertext
-        // copied, in parallel for a large message.
+        #[cfg(target_os = "linux")]
+        let watched = taken.watched;
+        #[cfg(not(target_os = "linux"))]
+        let watched: Option<()> = None;
+        // A chunk of a watched range: its pages were write-protected before it was read, so
+        // one check says whether anything wrote them since; the hit is then a plain copy.
+        // Otherwise each piece's source bytes are checked against their fingerprint and its
+        // ciphertext copied, in parallel for a large message.
+        #[cfg(target_os = "linux")]
+        let fresh_watched = watched.map(|w| {
+            let ok = crate::watched::unchanged(&w);
+            if ok {
+                // SAFETY: `out` is writable for `len` bytes (the caller's contract) and
+                // `taken.ct` is our own buffer of exactly `len` bytes, so they cannot overlap.
+                unsafe { std::ptr::copy_nonoverlapping(taken.ct.as_ptr(), out, len) };
+                Stats::add(&self.stats.hits_watched, 1);
+            }
+            ok
+        });
+        #[cfg(not(target_os = "linux"))]
+        let fresh_watched: Option<bool> = watched.map(|_| false);
         // SAFETY: the caller guarantees `input` readable and `out` writable for `len` bytes
         // until we return; `taken.ct` is our own buffer of exactly `len` bytes (so it cannot
         // overlap `out`), alive until we return.
-        let fresh = unsafe {
+        let fresh = fresh_watched.unwrap_or_else(|| unsafe {
             crate::helpers::serve(
                 input,
                 taken.ct.as_ptr(),
@@ -418,7 +440,7 @@ impl Engine {
                 std::mem::take(&mut taken.fps),
                 config().helpers,
             )
-        };
+        });
         if !fresh {
             // `out` may hold part of the old ciphertext: the real encryption rewrites it all.
             Stats::add(&self.stats.stale, 1);
@@ -675,6 +697,9 @@ impl Engine {
 
     fn run(&self, job: Job) {
         let mut buf = self.buffer(job.len);
+        // A chunk of a watched range is armed before it is read: a write from then on is seen.
+        #[cfg(target_os = "linux")]
+        let watched = crate::watched::arm(job.input, job.len);
         if !read_own_memory(job.input, &mut buf) {
             Stats::add(&self.stats.jobs_unreadable, 1);
             buf.zeroize();
@@ -683,11 +708,20 @@ impl Engine {
             return;
         }
         let cfg = config();
-        let ranges = crate::helpers::pieces(
-            job.len,
-            crate::helpers::piece_count(job.len, cfg.split_bytes, cfg.helpers),
-        );
-        let fps = crate::helpers::piece_fingerprints(&buf, &ranges);
+        #[cfg(target_os = "linux")]
+        let fingerprinted = watched.is_none();
+        #[cfg(not(target_os = "linux"))]
+        let fingerprinted = true;
+        let (ranges, fps) = if fingerprinted {
+            let ranges = crate::helpers::pieces(
+                job.len,
+                crate::helpers::piece_count(job.len, cfg.split_bytes, cfg.helpers),
+            );
+            let fps = crate::helpers::piece_fingerprints(&buf, &ranges);
+            (ranges, fps)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         match job.key.seal_in_place(&job.iv, &[], &mut buf) {
             Ok(tag) => {
                 Stats::add(&self.stats.jobs_done, 1);
@@ -700,6 +734,8 @@ impl Engine {
                         tag,
                         ranges,
                         fps,
+                        #[cfg(target_os = "linux")]
+                        watched,
                     }),
                 );
             }

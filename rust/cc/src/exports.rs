@@ -497,6 +497,40 @@ pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
     names.get(i).map_or(std::ptr::null(), |c| c.as_ptr())
 }
 
+/// Registers `[ptr, ptr + len)` as watched: chunks the driver encrypts from inside it are
+/// validated by page protection (a hit then only copies the ciphertext; see `watched`).
+/// Returns 0, or -1 (empty or wrapping range), -2 (overlaps a registered range), -3 (too
+/// many ranges), -4 (internal error).
+///
+/// # Safety
+/// The range must stay mapped, and be written only by this process's user-space code (not
+/// by `read(2)`, not by a device), until `pipellm_cc_unwatch(ptr)` returns. Its pages are
+/// read-only meanwhile: the first write to a chunk after it was encrypted takes one page
+/// fault (handled: the write goes through).
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_cc_watch(ptr: *const c_void, len: usize) -> c_int {
+    use crate::watched::WatchError;
+    // SAFETY: the caller's promise above is the one `watched::watch` needs.
+    match std::panic::catch_unwind(|| unsafe { crate::watched::watch(ptr as usize, len) }) {
+        Ok(Ok(())) => 0,
+        Ok(Err(WatchError::Empty)) => -1,
+        Ok(Err(WatchError::Overlaps)) => -2,
+        Ok(Err(WatchError::Full)) => -3,
+        Err(_) => -4,
+    }
+}
+
+/// Unregisters the watched range that starts at `ptr`; its pages are writable again when
+/// this returns. Returns 0, or -1 if no range starts there, -4 (internal error).
+#[no_mangle]
+pub extern "C" fn pipellm_cc_unwatch(ptr: *const c_void) -> c_int {
+    match std::panic::catch_unwind(|| crate::watched::unwatch(ptr as usize)) {
+        Ok(true) => 0,
+        Ok(false) => -1,
+        Err(_) => -4,
+    }
+}
+
 /// Path of the real libcrypto in use (static string), or null if none could be loaded.
 #[no_mangle]
 pub extern "C" fn pipellm_cc_real_path() -> *const c_char {

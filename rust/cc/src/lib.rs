@@ -24,3 +24,5 @@ pub mod ivmodel;
 #[cfg(target_os = "linux")]
 pub mod real;
 pub mod stats;
+#[cfg(target_os = "linux")]
+pub mod watched;

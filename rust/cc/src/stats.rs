@@ -31,6 +31,7 @@ counters! {
     jobs_unreadable: "predicted sources that could not be read (unmapped): skipped",
     jobs_dropped: "pre-encrypted chunks thrown away unused (prediction passed them)",
     panics: "internal panics caught (the interposer then forwards everything)",
+    hits_watched: "hits on chunks of watched ranges (validated by page protection, no read)",
 }
 
 impl Stats {

@@ -1,0 +1,220 @@
+//! Sources the application registered as watched (`pipellm_cc_watch`): their chunks are
+//! validated by page protection instead of fingerprints, so a hit no longer reads the
+//! source, it only copies the ciphertext.
+//!
+//! Why registration: a fingerprint works on any memory, but costs a pass over the source's
+//! bytes on the hit path. Page protection costs nothing there, but is only safe on memory
+//! whose lifetime is known (pages made read-only must not be freed and mapped again by
+//! someone else behind our back: glibc's `free` unmaps large blocks without any call we could
+//! see) and that only user-space code writes (a write by the kernel or a device would fail
+//! instead of faulting). The application promises both for a registered range, until it
+//! unregisters it (`pipellm_cc_unwatch`, which makes the pages writable again before it
+//! returns). Offloaded weights, KV swap space and adapters are such memory: allocated once,
+//! written by the application's own code.
+//!
+//! Each predicted chunk (input pointer, length) inside a registered range gets its own write
+//! watch, made on first use and kept armed between uses; a chunk's stamp names the range it
+//! came from, so a range unregistered and registered again never validates an old chunk.
+
+use pipellm_core::writeguard::{Stamp, WriteWatch};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Registered ranges at once.
+pub const MAX_RANGES: usize = 256;
+/// Chunk watches at once, over all ranges (a share of the process-wide region table).
+pub const MAX_SPANS: usize = 1024;
+
+struct Range {
+    id: u64,
+    start: usize,
+    len: usize,
+    spans: HashMap<(usize, usize), WriteWatch>,
+}
+
+#[derive(Default)]
+struct Registry {
+    ranges: Vec<Range>,
+    next_id: u64,
+    spans: usize,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    ranges: Vec::new(),
+    next_id: 1,
+    spans: 0,
+});
+
+fn registry() -> MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchError {
+    Empty,
+    Overlaps,
+    Full,
+}
+
+/// A chunk's validation: the range it came from and its watch's stamp when it was encrypted.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanStamp {
+    range: u64,
+    span: (usize, usize),
+    stamp: Stamp,
+}
+
+/// Registers `[start, start + len)`.
+///
+/// # Safety
+/// The range must stay mapped, and be written only by this process's user-space code, until
+/// [`unwatch`] returns for it.
+pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
+    if len == 0 || start.checked_add(len).is_none() {
+        return Err(WatchError::Empty);
+    }
+    let mut reg = registry();
+    if reg
+        .ranges
+        .iter()
+        .any(|r| r.start < start + len && start < r.start + r.len)
+    {
+        return Err(WatchError::Overlaps);
+    }
+    if reg.ranges.len() >= MAX_RANGES {
+        return Err(WatchError::Full);
+    }
+    let id = reg.next_id;
+    reg.next_id += 1;
+    reg.ranges.push(Range {
+        id,
+        start,
+        len,
+        spans: HashMap::new(),
+    });
+    Ok(())
+}
+
+/// Unregisters the range that starts at `start`: its chunks' watches are dropped (pages
+/// writable again) before this returns, and its chunks never validate again. False if no
+/// range starts there.
+pub fn unwatch(start: usize) -> bool {
+    let range = {
+        let mut reg = registry();
+        let Some(i) = reg.ranges.iter().position(|r| r.start == start) else {
+            return false;
+        };
+        let r = reg.ranges.swap_remove(i);
+        reg.spans -= r.spans.len();
+        r
+    };
+    drop(range); // the mprotect calls, outside the lock
+    true
+}
+
+/// For a chunk about to be read for encryption: if it lies inside a registered range, arms
+/// its watch (made on first use) and returns the stamp to validate it with later; None
+/// otherwise (the caller fingerprints instead).
+pub fn arm(input: usize, len: usize) -> Option<SpanStamp> {
+    let end = input.checked_add(len)?;
+    let mut reg = registry();
+    let full = reg.spans >= MAX_SPANS;
+    let r = reg
+        .ranges
+        .iter_mut()
+        .find(|r| r.start <= input && end <= r.start + r.len)?;
+    let (range, span) = (r.id, (input, len));
+    let mut made = false;
+    let watch = match r.spans.entry(span) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            if full {
+                return None;
+            }
+            // SAFETY: the range's registrant promised it stays mapped (and written only by
+            // user-space code) until unwatch, which drops this watch first.
+            let w = unsafe { WriteWatch::register(input as *const u8, len) }.ok()?;
+            made = true;
+            e.insert(w)
+        }
+    };
+    let stamp = watch.arm();
+    if made {
+        reg.spans += 1;
+    }
+    stamp.ok().map(|stamp| SpanStamp { range, span, stamp })
+}
+
+/// True if nothing wrote the chunk since `s` was taken (and its range is still registered).
+pub fn unchanged(s: &SpanStamp) -> bool {
+    let reg = registry();
+    reg.ranges
+        .iter()
+        .find(|r| r.id == s.range)
+        .and_then(|r| r.spans.get(&s.span))
+        .is_some_and(|w| w.unchanged_since(s.stamp))
+}
+
+/// Registered ranges and chunk watches now.
+pub fn counts() -> (usize, usize) {
+    let reg = registry();
+    (reg.ranges.len(), reg.spans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages(n: usize) -> (*mut u8, usize) {
+        // SAFETY: a fresh private anonymous mapping, unmapped by the test.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        (p.cast(), n * 4096)
+    }
+
+    #[test]
+    fn watched_chunks_validate_until_written_and_never_after_unwatch() {
+        let (p, len) = pages(4);
+        let base = p as usize;
+        // SAFETY: the mapping lives until the end of the test, after unwatch.
+        unsafe { watch(base, len) }.unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { watch(base + 4096, 10) }, Err(WatchError::Overlaps));
+        assert!(arm(base + len - 10, 20).is_none(), "not inside the range");
+        let s = arm(base, 8192).unwrap();
+        assert!(unchanged(&s));
+        // SAFETY: inside the mapping; the write faults once and goes through.
+        unsafe { std::ptr::write_volatile(p.add(100), 1) };
+        assert!(!unchanged(&s));
+        let s2 = arm(base, 8192).unwrap();
+        assert!(unchanged(&s2));
+        let other = arm(base + 8192, 8192).unwrap();
+        // SAFETY: as above, in the other chunk.
+        unsafe { std::ptr::write_volatile(p.add(9000), 1) };
+        assert!(unchanged(&s2), "a write to another chunk's pages");
+        assert!(!unchanged(&other));
+        assert!(unwatch(base));
+        assert!(!unwatch(base));
+        assert!(!unchanged(&s2), "its range is gone");
+        // Registered again: an old stamp still does not validate.
+        // SAFETY: as above.
+        unsafe { watch(base, len) }.unwrap();
+        assert!(!unchanged(&s2));
+        assert!(unwatch(base));
+        // SAFETY: our mapping, no longer watched.
+        unsafe {
+            std::ptr::write_volatile(p, 2);
+            libc::munmap(p.cast(), len);
+        }
+    }
+}
