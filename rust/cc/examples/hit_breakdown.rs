@@ -3,7 +3,7 @@
 //! layer cycle of 1 MiB chunks from 32 MiB of sources, and prints the median time of each
 //! call once the cycle is learned.
 //!
-//!     cargo run --release -p pipellm-cc --example hit_breakdown
+//!     cargo run --release -p pipellm-cc --example hit_breakdown [watch]
 use pipellm_cc::exports::*;
 use pipellm_cc::real::real;
 use std::ffi::c_void;
@@ -26,6 +26,15 @@ fn main() {
     let null = std::ptr::null_mut();
     // SAFETY: a fresh context, a 32-byte key (AES-256-GCM), no IV yet.
     unsafe { pipellm_EVP_EncryptInit_ex(ctx, aes, null, key.as_ptr(), std::ptr::null()) };
+    // With `watch` as the first argument the sources are registered (pipellm_cc_watch):
+    // hits are then validated by page protection instead of fingerprints.
+    if std::env::args().nth(1).as_deref() == Some("watch") {
+        for s in &sources {
+            // SAFETY: the sources live (and are written by nobody) until the end of main.
+            let rc = unsafe { pipellm_cc_watch(s.as_ptr().cast(), s.len()) };
+            assert_eq!(rc, 0, "pipellm_cc_watch");
+        }
+    }
     let mut samples: Vec<[f64; 4]> = Vec::new();
     for k in 0..800u32 {
         let src = sources[(k as usize / 4) % 8][(k as usize % 4) * CHUNK..].as_ptr();

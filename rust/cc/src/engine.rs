@@ -62,8 +62,8 @@ pub struct Prepared {
     pub len: usize,
     pub ct: Vec<u8>,
     pub tag: Tag,
-    /// The message cut into pieces, and each piece's fingerprint at encryption time (empty
-    /// for a chunk of a watched range: `watched` validates it instead).
+    /// The message cut into pieces, and each piece's fingerprint at encryption time (no
+    /// fingerprints for a chunk of a watched range: `watched` validates it instead).
     pub ranges: Vec<(usize, usize)>,
     pub fps: Vec<Fingerprint>,
     #[cfg(target_os = "linux")]
@@ -419,8 +419,16 @@ impl Engine {
             let ok = crate::watched::unchanged(&w);
             if ok {
                 // SAFETY: `out` is writable for `len` bytes (the caller's contract) and
-                // `taken.ct` is our own buffer of exactly `len` bytes, so they cannot overlap.
-                unsafe { std::ptr::copy_nonoverlapping(taken.ct.as_ptr(), out, len) };
+                // `taken.ct` is our own buffer of exactly `len` bytes, so they cannot overlap;
+                // both stay valid until copy_pieces returns.
+                unsafe {
+                    crate::helpers::copy_pieces(
+                        taken.ct.as_ptr(),
+                        out,
+                        std::mem::take(&mut taken.ranges),
+                        config().helpers,
+                    )
+                };
                 Stats::add(&self.stats.hits_watched, 1);
             }
             ok
@@ -712,15 +720,14 @@ impl Engine {
         let fingerprinted = watched.is_none();
         #[cfg(not(target_os = "linux"))]
         let fingerprinted = true;
-        let (ranges, fps) = if fingerprinted {
-            let ranges = crate::helpers::pieces(
-                job.len,
-                crate::helpers::piece_count(job.len, cfg.split_bytes, cfg.helpers),
-            );
-            let fps = crate::helpers::piece_fingerprints(&buf, &ranges);
-            (ranges, fps)
+        let ranges = crate::helpers::pieces(
+            job.len,
+            crate::helpers::piece_count(job.len, cfg.split_bytes, cfg.helpers),
+        );
+        let fps = if fingerprinted {
+            crate::helpers::piece_fingerprints(&buf, &ranges)
         } else {
-            (Vec::new(), Vec::new())
+            Vec::new() // validated by its watch; the pieces only split the hit's copy
         };
         match job.key.seal_in_place(&job.iv, &[], &mut buf) {
             Ok(tag) => {
@@ -770,18 +777,24 @@ impl Engine {
         let mut spare = lock(&self.spare);
         if let Some(i) = spare.iter().position(|b| b.capacity() >= len) {
             let mut b = spare.swap_remove(i);
-            b.resize(len, 0);
+            // Only bytes beyond the old length are zero-filled: whoever takes a buffer
+            // overwrites all of it (a snapshot of the source), so a recycled buffer keeps its
+            // length instead of being cleared and refilled (a 1 MiB memset per chunk).
+            if b.len() >= len {
+                b.truncate(len);
+            } else {
+                b.resize(len, 0);
+            }
             return b;
         }
         drop(spare);
         vec![0u8; len]
     }
 
-    fn recycle(&self, mut b: Vec<u8>) {
+    fn recycle(&self, b: Vec<u8>) {
         let mut spare = lock(&self.spare);
         if spare.len() < 4 * config().depth * config().workers.max(1) {
-            b.clear();
-            spare.push(b);
+            spare.push(b); // ciphertext or a zeroized snapshot: nothing secret stays in it
         }
     }
 
