@@ -180,3 +180,31 @@ def test_a_forked_child_does_not_inherit_the_pool() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, status
     assert bytes(memoryview(pool)[:6]) == b"secret"
+
+
+def test_speculator_forget_releases_kept_chunks() -> None:
+    from pipellm import LayerCycle, Speculator
+
+    rx = Receiver(KEY)
+    layers = [np.full(2 * CHUNK, i, dtype=np.uint8) for i in range(3)]
+    with Pipeline(
+        KEY, slots=8, chunk_bytes=CHUNK, workers=1, validation="protect", keep_armed=16
+    ) as pipe:
+        spec = Speculator(pipe, LayerCycle(list(range(3))), depth=2)
+        for i, layer in enumerate(layers):
+            spec.register(i, layer)
+        spec.prime()
+        for _ in range(2):
+            for i, layer in enumerate(layers):
+                time.sleep(0.05)  # the worker pre-encrypts the predicted layers meanwhile
+                assert deliver(rx, spec.request(i, layer), layer.nbytes) == layer.tobytes()
+        assert pipe.stats()["hits"] > 0
+        # Layers 0 and 1 are predicted again (their chunks' watches are in the ring); layer
+        # 2's two chunks are kept armed until it is predicted next.
+        wait_for(pipe, "watches_kept", 2)
+        time.sleep(0.3)  # consumed entries are retired by the planner (at least every 100 ms)
+        assert pipe.stats()["watches_kept"] == 2
+        spec.forget(2)
+        assert pipe.stats()["watches_kept"] == 0
+        spec.forget(2)  # unknown now: nothing happens
+        assert pipe.stats()["watches_kept"] == 0

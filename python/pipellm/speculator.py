@@ -37,6 +37,16 @@ class Speculator:
         pre-encrypt it from the start)."""
         self._specs[key] = (buf, offset, length)
 
+    def forget(self, key: Hashable) -> None:
+        """The transfer named `key` will not come again (an evicted adapter, a freed block):
+        its buffer is no longer predicted, and chunks of it kept write-protected between uses
+        (`Pipeline(keep_armed=...)`) are released, so the memory can be freed or reused.
+        Predictions already handed to the pipeline stay there until requested or
+        relinquished."""
+        spec = self._specs.pop(key, None)
+        if spec is not None:
+            self.pipe.unwatch(spec[0])
+
     def prime(self) -> None:
         """Asks the predictor for the first transfers before any request (hint-taking
         predictors know them: a layer cycle starts at its first layer)."""
