@@ -205,8 +205,11 @@ def test_watch_from_python_under_the_interposer(cc_dir: Path) -> None:
         "except ValueError as e:\n"
         "    print('overlap', e)\n"
         "pool = pipellm.HostPool(1 << 16)\n"
-        "c.watch(pool)\n"
-        "c.unwatch(pool)\n"
+        "for p in (pool, memoryview(pool)[4096:], np.frombuffer(memoryview(pool), np.uint8)):\n"
+        "    try:\n"
+        "        c.watch(p)\n"
+        "    except TypeError as e:\n"
+        "        print('pool', e)\n"
         "c.unwatch(a)\n"
         "try:\n"
         "    c.unwatch(a)\n"
@@ -222,6 +225,7 @@ def test_watch_from_python_under_the_interposer(cc_dir: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == [
         "overlap buf overlaps memory that is already watched",
+        *["pool a HostPool cannot be watched by the interposer (its writes bypass it)"] * 3,
         "again buf is not watched",
         "ok",
     ]

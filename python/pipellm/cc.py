@@ -251,11 +251,18 @@ def watch(buf: object) -> None:
     `unwatch(buf)`, only this process's own code may write `buf` (not `read(2)`, not a
     device), and its pages are read-only between uses (a write takes one fault, handled, and
     goes through). pipellm keeps `buf` alive until then. For memory allocated once and reused:
-    offloaded weights, KV swap space, adapters."""
+    offloaded weights, KV swap space, adapters. Not for a `HostPool` (or a view of one): its
+    writes go through a second mapping that the interposer's watches would not see."""
+    from ._core import _in_host_pool
+
     fn = _process_symbol("pipellm_cc_watch")
     if fn is None:
         raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
     addr, n = _span(buf)
+    if _in_host_pool(addr, n):
+        # Pool writes go through a second mapping the interposer does not see: a watched
+        # chunk would not notice them.
+        raise TypeError("a HostPool cannot be watched by the interposer (its writes bypass it)")
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     fn.restype = ctypes.c_int
     rc = fn(addr, n)

@@ -16,6 +16,21 @@
 
 use crate::error::{Error, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
+
+/// The views of the live pools, `(start, end)`: for callers that must refuse pool memory
+/// (a write watch elsewhere, such as the driver interposer's, would miss alias writes).
+static VIEWS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+/// True if any byte of `[addr, addr + len)` is in a live pool's view.
+pub fn overlaps_a_pool(addr: usize, len: usize) -> bool {
+    let end = addr.saturating_add(len.max(1));
+    VIEWS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .any(|&(s, e)| s < end && addr < e)
+}
 
 /// Host memory mapped twice: a view that transfers read, an alias that writes go through.
 pub struct HostPool {
@@ -104,6 +119,10 @@ impl HostPool {
                 return Err(Error::OutOfMemory(os_err("madvise(MADV_DONTFORK)")));
             }
         }
+        VIEWS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((view as usize, view as usize + size));
         Ok(pool)
     }
 
@@ -185,6 +204,11 @@ impl crate::pipeline::SourceBytes for HostPool {
 impl Drop for HostPool {
     fn drop(&mut self) {
         let size = self.len.next_multiple_of(crate::staging::PAGE);
+        let start = self.view as usize;
+        VIEWS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|&(s, _)| s != start);
         // SAFETY: both mappings were made in `new` with this size and are unmapped once;
         // nothing borrows them past `self` (sources holding the pool keep it alive).
         unsafe {
@@ -240,6 +264,17 @@ mod tests {
         let s2 = w.arm().unwrap();
         assert!(w.unchanged_since(s2));
         drop(w);
+    }
+
+    #[test]
+    fn live_pools_are_known_by_address() {
+        let pool = HostPool::new(5000).unwrap();
+        let a = pool.as_ptr() as usize;
+        assert!(overlaps_a_pool(a + 4999, 1));
+        assert!(overlaps_a_pool(a - 10, 11));
+        assert!(!overlaps_a_pool(a - 10, 10));
+        drop(pool);
+        assert!(!overlaps_a_pool(a, 1));
     }
 
     #[test]

@@ -122,3 +122,9 @@ impl PyHostPool {
     // to the owner is dropped by Python when the view is released.
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
+
+/// True if any byte of `[addr, addr + length)` is memory of a live `HostPool`.
+#[pyfunction]
+pub fn _in_host_pool(addr: usize, length: usize) -> bool {
+    pipellm_core::hostpool::overlaps_a_pool(addr, length)
+}
