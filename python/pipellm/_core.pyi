@@ -142,6 +142,7 @@ class Transfer:
     def messages(self) -> list[Message]: ...
 
 def _in_host_pool(addr: int, length: int) -> bool: ...
+
 @final
 class HostPool:
     """Host memory read as a (read-only) buffer by transfers, written through `write` and
