@@ -66,7 +66,6 @@ pub struct Prepared {
     /// fingerprints for a chunk of a watched range: `watched` validates it instead).
     pub ranges: Vec<(usize, usize)>,
     pub fps: Vec<Fingerprint>,
-    #[cfg(target_os = "linux")]
     pub watched: Option<crate::watched::SpanStamp>,
 }
 
@@ -406,49 +405,31 @@ impl Engine {
             self.record_outcome(ctx, false);
             return Decision::Forward;
         }
-        #[cfg(target_os = "linux")]
-        let watched = taken.watched;
-        #[cfg(not(target_os = "linux"))]
-        let watched: Option<()> = None;
-        // A chunk of a watched range: its pages were write-protected before it was read, so
-        // one check says whether anything wrote them since; the hit is then a plain copy.
-        // Otherwise each piece's source bytes are checked against their fingerprint and its
-        // ciphertext copied, in parallel for a large message.
-        #[cfg(target_os = "linux")]
-        let fresh_watched = watched.map(|w| {
-            let ok = crate::watched::unchanged(&w);
-            if ok {
-                // SAFETY: `out` is writable for `len` bytes (the caller's contract) and
-                // `taken.ct` is our own buffer of exactly `len` bytes, so they cannot overlap;
-                // both stay valid until copy_pieces returns.
-                unsafe {
-                    crate::helpers::copy_pieces(
-                        taken.ct.as_ptr(),
-                        out,
-                        std::mem::take(&mut taken.ranges),
-                        config().helpers,
-                    )
-                };
-                Stats::add(&self.stats.hits_watched, 1);
-            }
-            ok
-        });
-        #[cfg(not(target_os = "linux"))]
-        let fresh_watched: Option<bool> = watched.map(|_| false);
+        // A chunk of a watched range carries no fingerprints: its watch says whether anything
+        // wrote its pages since they were protected (before the worker read them), and `serve`
+        // then only copies. Otherwise each piece's source bytes are checked against their
+        // fingerprint. Either way the ciphertext is copied in pieces, in parallel for a large
+        // message.
+        let watched_ok = taken.watched.map(|w| crate::watched::unchanged(&w));
         // SAFETY: the caller guarantees `input` readable and `out` writable for `len` bytes
         // until we return; `taken.ct` is our own buffer of exactly `len` bytes (so it cannot
         // overlap `out`), alive until we return.
-        let fresh = fresh_watched.unwrap_or_else(|| unsafe {
-            crate::helpers::serve(
-                input,
-                taken.ct.as_ptr(),
-                out,
-                // Moved, not copied: after the hit only the ciphertext, tag and span are used.
-                std::mem::take(&mut taken.ranges),
-                std::mem::take(&mut taken.fps),
-                config().helpers,
-            )
-        });
+        let fresh = watched_ok != Some(false)
+            && unsafe {
+                crate::helpers::serve(
+                    input,
+                    taken.ct.as_ptr(),
+                    out,
+                    // Moved, not copied: after the hit only the ciphertext, tag and span are
+                    // used.
+                    std::mem::take(&mut taken.ranges),
+                    std::mem::take(&mut taken.fps),
+                    config().helpers,
+                )
+            };
+        if fresh && watched_ok.is_some() {
+            Stats::add(&self.stats.hits_watched, 1);
+        }
         if !fresh {
             // `out` may hold part of the old ciphertext: the real encryption rewrites it all.
             Stats::add(&self.stats.stale, 1);
@@ -706,7 +687,6 @@ impl Engine {
     fn run(&self, job: Job) {
         let mut buf = self.buffer(job.len);
         // A chunk of a watched range is armed before it is read: a write from then on is seen.
-        #[cfg(target_os = "linux")]
         let watched = crate::watched::arm(job.input, job.len);
         if !read_own_memory(job.input, &mut buf) {
             Stats::add(&self.stats.jobs_unreadable, 1);
@@ -716,15 +696,11 @@ impl Engine {
             return;
         }
         let cfg = config();
-        #[cfg(target_os = "linux")]
-        let fingerprinted = watched.is_none();
-        #[cfg(not(target_os = "linux"))]
-        let fingerprinted = true;
         let ranges = crate::helpers::pieces(
             job.len,
             crate::helpers::piece_count(job.len, cfg.split_bytes, cfg.helpers),
         );
-        let fps = if fingerprinted {
+        let fps = if watched.is_none() {
             crate::helpers::piece_fingerprints(&buf, &ranges)
         } else {
             Vec::new() // validated by its watch; the pieces only split the hit's copy
@@ -741,7 +717,6 @@ impl Engine {
                         tag,
                         ranges,
                         fps,
-                        #[cfg(target_os = "linux")]
                         watched,
                     }),
                 );

@@ -147,11 +147,14 @@ fn helper_loop(p: &'static Pool) {
 /// Validates and copies a message in `ranges.len()` pieces with up to `helpers` helper
 /// threads. Returns true if every piece's source still has its fingerprint (then `out`
 /// holds the whole ciphertext); false if any changed (then `out` is partly written and the
-/// caller must have it rewritten, e.g. by encrypting for real).
+/// caller must have it rewritten, e.g. by encrypting for real). With no fingerprints
+/// (`fps` empty: the caller validated the source another way) it only copies, and `src` is
+/// never read.
 ///
 /// # Safety
-/// `src` and `ct` must be readable and `out` writable for the message's length, `ct` must
-/// not overlap `out`, and none may be freed or written by others until this returns.
+/// `src` (unless `fps` is empty) and `ct` must be readable and `out` writable for the
+/// message's length, `ct` must not overlap `out`, and none may be freed or written by others
+/// until this returns.
 pub unsafe fn serve(
     src: *const u8,
     ct: *const u8,
@@ -184,24 +187,6 @@ pub unsafe fn serve(
         std::hint::spin_loop();
     }
     task.ok.load(Ordering::Acquire)
-}
-
-/// Copies `ct` to `out` in `ranges`' pieces, on helper threads and the caller, without
-/// checking any source (for chunks validated by page protection).
-///
-/// # Safety
-/// `ct` must be readable and `out` writable for the whole message until this returns, and
-/// they must not overlap.
-pub unsafe fn copy_pieces(
-    ct: *const u8,
-    out: *mut u8,
-    ranges: Vec<(usize, usize)>,
-    helpers: usize,
-) {
-    // SAFETY: with no fingerprints no source is read (src is never dereferenced); the
-    // caller's promise covers ct and out.
-    let ok = unsafe { serve(std::ptr::null(), ct, out, ranges, Vec::new(), helpers) };
-    debug_assert!(ok, "a copy-only piece cannot fail unless it panicked");
 }
 
 #[cfg(test)]
@@ -250,12 +235,23 @@ mod tests {
     }
 
     #[test]
-    fn copy_pieces_copies_every_piece() {
+    fn serve_without_fingerprints_only_copies() {
         let len = (1 << 20) + 5;
         let ct: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
         let mut out = vec![0u8; len];
-        // SAFETY: both buffers are ours, live across the call, of `len` bytes, distinct.
-        unsafe { copy_pieces(ct.as_ptr(), out.as_mut_ptr(), pieces(len, 3), 2) };
+        // SAFETY: both buffers are ours, live across the call, of `len` bytes, distinct; with
+        // no fingerprints the (null) source is never read.
+        let ok = unsafe {
+            serve(
+                std::ptr::null(),
+                ct.as_ptr(),
+                out.as_mut_ptr(),
+                pieces(len, 3),
+                Vec::new(),
+                2,
+            )
+        };
+        assert!(ok);
         assert_eq!(out, ct);
     }
 }
