@@ -294,7 +294,6 @@ fn install() -> Result<()> {
     }
 }
 
-/// A watched range of memory (rounded out to whole pages).
 /// A write to `[start, start + len)` through another mapping of the same memory (a
 /// [`crate::hostpool::HostPool`]'s write alias), in progress until dropped. While it lasts,
 /// no stamp over the range validates; when it ends, every watched region overlapping the
@@ -313,20 +312,33 @@ fn registry() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Marks the start (`starting`) or end of an alias write on every region overlapping
+/// `[start, end)`: a new generation either way, and one write more or less in progress.
+/// Callers hold the registry mutex. Every in-use region overlapping the range counts the
+/// write once: at its start, or at its registration (which reads the list of writes in
+/// progress under the same mutex).
+fn mark_alias_write(start: usize, end: usize, starting: bool) {
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    for (j, r) in REGIONS.iter().enumerate().take(high) {
+        if overlapping(j, start, end) {
+            lock_region(r);
+            r.generation.fetch_add(1, Ordering::AcqRel);
+            if starting {
+                r.writing.fetch_add(1, Ordering::AcqRel);
+            } else {
+                r.writing.fetch_sub(1, Ordering::AcqRel);
+            }
+            unlock_region(r);
+        }
+    }
+}
+
 /// Starts an alias write (see [`AliasWrite`]); the caller writes after this returns.
 pub fn begin_alias_write(start: usize, len: usize) -> AliasWrite {
     let end = start.saturating_add(len.max(1));
     let mut writes = registry();
     writes.push((start, end));
-    let high = HIGH_WATER.load(Ordering::Acquire);
-    for (j, r) in REGIONS.iter().enumerate().take(high) {
-        if overlapping(j, start, end) {
-            lock_region(r);
-            r.writing.fetch_add(1, Ordering::AcqRel);
-            r.generation.fetch_add(1, Ordering::AcqRel);
-            unlock_region(r);
-        }
-    }
+    mark_alias_write(start, end, true);
     drop(writes);
     // The marks above are ordered before the caller's data stores: a reader that sees any
     // new byte then sees the write in progress (or its end's new generation); it pairs with
@@ -343,20 +355,11 @@ impl Drop for AliasWrite {
         if let Some(i) = writes.iter().position(|&w| w == (self.start, self.end)) {
             writes.swap_remove(i);
         }
-        let high = HIGH_WATER.load(Ordering::Acquire);
-        for (j, r) in REGIONS.iter().enumerate().take(high) {
-            if overlapping(j, self.start, self.end) {
-                lock_region(r);
-                // Every in-use region overlapping the range counted this write once: at its
-                // start, or at its registration (which reads the list under this mutex).
-                r.generation.fetch_add(1, Ordering::AcqRel);
-                r.writing.fetch_sub(1, Ordering::AcqRel);
-                unlock_region(r);
-            }
-        }
+        mark_alias_write(self.start, self.end, false);
     }
 }
 
+/// A watched range of memory (rounded out to whole pages).
 pub struct WriteWatch {
     slot: usize,
 }
