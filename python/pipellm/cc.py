@@ -197,48 +197,6 @@ def status() -> dict[str, object]:
     }
 
 
-class _PyBuffer(ctypes.Structure):
-    """CPython's Py_buffer, to read a buffer's address without copying it (read-only buffers
-    such as a HostPool's view included)."""
-
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-def _span(obj: object) -> tuple[int, int]:
-    """(address, length) of a C-contiguous buffer (or a contiguous CPU torch tensor)."""
-    from ._buffers import as_buffer
-
-    try:
-        memoryview(obj)  # type: ignore[arg-type]
-    except TypeError:
-        obj = as_buffer(obj, "buf")
-    view = _PyBuffer()
-    get = ctypes.pythonapi.PyObject_GetBuffer
-    get.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-    get.restype = ctypes.c_int
-    release = ctypes.pythonapi.PyBuffer_Release
-    release.argtypes = [ctypes.POINTER(_PyBuffer)]
-    release.restype = None
-    if get(obj, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous bytes
-        raise ValueError("buf: expected a C-contiguous buffer")
-    try:
-        return int(view.buf or 0), int(view.len)
-    finally:
-        release(ctypes.byref(view))
-
-
 # Buffers registered with the interposer, kept alive until unwatched: their memory must stay
 # mapped while its pages may be write-protected.
 _watched: dict[int, object] = {}
@@ -253,12 +211,12 @@ def watch(buf: object) -> None:
     goes through). pipellm keeps `buf` alive until then. For memory allocated once and reused:
     offloaded weights, KV swap space, adapters. Not for a `HostPool` (or a view of one): its
     writes go through a second mapping that the interposer's watches would not see."""
-    from ._core import _in_host_pool
+    from ._core import _buffer_span, _in_host_pool
 
     fn = _process_symbol("pipellm_cc_watch")
     if fn is None:
         raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
-    addr, n = _span(buf)
+    addr, n = _buffer_span(buf)
     if _in_host_pool(addr, n):
         # Pool writes go through a second mapping the interposer does not see: a watched
         # chunk would not notice them.
@@ -277,10 +235,12 @@ def watch(buf: object) -> None:
 
 def unwatch(buf: object) -> None:
     """Unregisters `buf` (see `watch`): its pages are writable again when this returns."""
+    from ._core import _buffer_span
+
     fn = _process_symbol("pipellm_cc_unwatch")
     if fn is None:
         raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
-    addr, _ = _span(buf)
+    addr, _ = _buffer_span(buf)
     fn.argtypes = [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     if fn(addr) != 0:

@@ -121,3 +121,43 @@ impl Drop for Buffer {
         });
     }
 }
+
+/// Fills `view` with a read-only export of `bytes`, owned by `owner`: for `__getbuffer__` of
+/// objects that own memory (a message's ciphertext, a host pool's view).
+///
+/// # Safety
+/// `view` must be the Py_buffer that Python passed to `owner`'s `__getbuffer__`, and `bytes`
+/// must stay valid and in place for as long as `owner` lives (PyBuffer_FillInfo keeps `owner`
+/// alive through `view->obj` until the view is released).
+pub unsafe fn export_read_only(
+    owner: &Bound<'_, PyAny>,
+    view: *mut ffi::Py_buffer,
+    bytes: &[u8],
+    flags: std::os::raw::c_int,
+) -> PyResult<()> {
+    // SAFETY: the caller's contract above; readonly=1 makes FillInfo refuse PyBUF_WRITABLE
+    // requests with BufferError, so nobody writes through the export.
+    let rc = unsafe {
+        ffi::PyBuffer_FillInfo(
+            view,
+            owner.as_ptr(),
+            bytes.as_ptr() as *mut std::os::raw::c_void,
+            bytes.len() as ffi::Py_ssize_t,
+            1,
+            flags,
+        )
+    };
+    if rc != 0 {
+        return Err(PyErr::fetch(owner.py()));
+    }
+    Ok(())
+}
+
+/// `(address, length)` of a C-contiguous buffer (or a CPU torch tensor), for code that
+/// registers memory by address (`pipellm.cc.watch`). The buffer is released on return: the
+/// caller keeps the object alive for as long as it uses the address.
+#[pyfunction]
+pub fn _buffer_span(buf: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+    let b = Buffer::get(buf, false, "buf")?;
+    Ok((b.as_slice().as_ptr() as usize, b.len()))
+}

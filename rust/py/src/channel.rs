@@ -212,24 +212,10 @@ impl PyMessage {
         flags: c_int,
     ) -> PyResult<()> {
         let ct = slf.get().inner.ciphertext();
-        // SAFETY: `view` is the caller's Py_buffer to fill. The ciphertext lives in a Vec
-        // owned by this frozen (immutable) object, which PyBuffer_FillInfo keeps alive through
-        // view->obj until the view is released, so the pointer stays valid and unchanged.
-        // readonly=1 makes FillInfo refuse PyBUF_WRITABLE requests with BufferError.
-        let rc = unsafe {
-            ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                ct.as_ptr() as *mut std::os::raw::c_void,
-                ct.len() as ffi::Py_ssize_t,
-                1,
-                flags,
-            )
-        };
-        if rc != 0 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
+        // SAFETY: `view` is the Py_buffer Python passed for `slf`. The ciphertext lives in a
+        // Vec owned by this frozen (immutable) object, so it stays valid and in place while
+        // the export keeps the object alive.
+        unsafe { crate::buffers::export_read_only(slf.as_any(), view, ct, flags) }
     }
 
     // SAFETY: nothing to free: the view borrows the ciphertext and FillInfo's reference to

@@ -98,24 +98,10 @@ impl PyHostPool {
         flags: c_int,
     ) -> PyResult<()> {
         let pool = &slf.get().inner;
-        // SAFETY: `view` is the caller's Py_buffer to fill. The pool's view mapping lives as
-        // long as this object, which PyBuffer_FillInfo keeps alive through view->obj until
-        // the view is released, so the pointer stays valid. readonly=1: writes go through
-        // `write`/`receive_into` (FillInfo refuses PyBUF_WRITABLE requests with BufferError).
-        let rc = unsafe {
-            ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                pool.as_ptr() as *mut std::os::raw::c_void,
-                pool.len() as ffi::Py_ssize_t,
-                1,
-                flags,
-            )
-        };
-        if rc != 0 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
+        // SAFETY: `view` is the Py_buffer Python passed for `slf`. The pool's view mapping
+        // lives, in place, as long as this object. Read-only: writes go through
+        // `write`/`receive_into`.
+        unsafe { crate::buffers::export_read_only(slf.as_any(), view, pool.view(), flags) }
     }
 
     // SAFETY: nothing to free: the view borrows the pool's mapping and FillInfo's reference
