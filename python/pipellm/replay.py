@@ -470,17 +470,22 @@ def run(
     }
 
 
-def keep_armed_for(workload: Workload, chunk_bytes: int) -> int:
-    """Chunks the `pipellm` mode keeps write-protected between uses: every distinct chunk of
-    the workload's buffers, up to the pipeline's bound. The replay writes none of its
-    sources, so a kept chunk is never re-armed; in a real server, a source written between
-    uses (a KV block swapped out again) costs one fault and is armed afresh."""
+def _distinct_buffers(workload: Workload) -> Iterator[np.ndarray]:
+    """The workload's buffers, each once, in order of first use."""
     seen: set[int] = set()
-    n = 0
     for st in workload.steps:
         if id(st.buf) not in seen:
             seen.add(id(st.buf))
-            n += -(-st.buf.nbytes // chunk_bytes)
+            yield st.buf
+
+
+def keep_armed_for(workload: Workload, chunk_bytes: int) -> int:
+    """Chunks the `pipellm` mode keeps write-protected between uses: every distinct chunk of
+    the workload's buffers, up to the pipeline's bound. A kept chunk that nothing writes is
+    never re-armed; one rewritten between uses (a KV block at its swap-out) is armed afresh:
+    after a fault for numpy buffers, with none for a HostPool's (written through its
+    alias)."""
+    n = sum(-(-b.nbytes // chunk_bytes) for b in _distinct_buffers(workload))
     return min(n, MAX_KEEP_ARMED)
 
 
@@ -497,15 +502,15 @@ def encryption_capacity(
     Where the `pipellm` mode keeps chunks armed between uses, a first pass arms them (and
     is not timed), so the timed pass pays what the steady state pays."""
     key = SessionKey.generate()
-    seen: set[int] = set()
     sample: list[np.ndarray] = []
     total = 0
-    for st in workload.steps:
-        if id(st.buf) not in seen and total < sample_bytes:
-            seen.add(id(st.buf))
-            sample.append(st.buf)
-            total += st.buf.nbytes
+    for b in _distinct_buffers(workload):
+        if total >= sample_bytes:
+            break
+        sample.append(b)
+        total += b.nbytes
     n = sum(-(-b.nbytes // chunk_bytes) for b in sample)
+    keep = min(n, keep_armed_for(workload, chunk_bytes)) if keep_armed else 0
     with Pipeline(
         key,
         slots=n,
@@ -513,9 +518,8 @@ def encryption_capacity(
         workers=max(workers, 1),
         validation="protect",
         max_staging_bytes=n * chunk_bytes,
-        keep_armed=min(n, keep_armed_for(workload, chunk_bytes)) if keep_armed else 0,
+        keep_armed=keep,
     ) as pipe:
-        keep = min(n, keep_armed_for(workload, chunk_bytes)) if keep_armed else 0
         if keep:
             pipe.predict(sample)
             while pipe.stats()["chunks_pre_encrypted"] < n:
