@@ -507,6 +507,7 @@ pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
 /// by `read(2)`, not by a device), until `pipellm_cc_unwatch(ptr)` returns. Its pages are
 /// read-only meanwhile: the first write to a chunk after it was encrypted takes one page
 /// fault (handled: the write goes through).
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above, which its (C) callers keep.
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_cc_watch(ptr: *const c_void, len: usize) -> c_int {
     use crate::watched::WatchError;

@@ -70,6 +70,8 @@ pub struct SpanStamp {
 /// # Safety
 /// The range must stay mapped, and be written only by this process's user-space code, until
 /// [`unwatch`] returns for it.
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where
+// they call.
 pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
     if len == 0 || start.checked_add(len).is_none() {
         return Err(WatchError::Empty);

@@ -129,6 +129,8 @@ impl Drop for Buffer {
 /// `view` must be the Py_buffer that Python passed to `owner`'s `__getbuffer__`, and `bytes`
 /// must stay valid and in place for as long as `owner` lives (PyBuffer_FillInfo keeps `owner`
 /// alive through `view->obj` until the view is released).
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where
+// they call.
 pub unsafe fn export_read_only(
     owner: &Bound<'_, PyAny>,
     view: *mut ffi::Py_buffer,
