@@ -17,8 +17,11 @@ pub const KEY_LEN: usize = 32;
 pub struct AeadKey {
     /// Boxed so its address is stable: AWS-LC may keep pointers into its own state.
     ctx: Box<MaybeUninit<ffi::EVP_AEAD_CTX>>,
-    /// Raw key, kept for the streaming verifier (the EVP_CIPHER API needs it at init).
+    /// Raw key, kept for the streaming verifier (the EVP_CIPHER API needs it at init) and
+    /// for counter-mode decryption.
     raw: Zeroizing<[u8; KEY_LEN]>,
+    /// GHASH's key H = AES_K(0^128), for [`AeadKey::tag_of_ciphertext`].
+    hash_key: Zeroizing<[u8; 16]>,
 }
 
 // SAFETY: AWS-LC documents that an initialised EVP_AEAD_CTX may be used from several threads at
@@ -47,9 +50,14 @@ impl AeadKey {
         if ok != 1 {
             return Err(Error::Backend("EVP_AEAD_CTX_init failed"));
         }
+        let mut schedule = AesSchedule::new(key)?;
+        let mut hash_key = Zeroizing::new([0u8; 16]);
+        schedule.encrypt_block(&[0u8; 16], &mut hash_key);
+        drop(schedule);
         Ok(Self {
             ctx,
             raw: Zeroizing::new(*key),
+            hash_key,
         })
     }
 
@@ -189,6 +197,116 @@ impl AeadKey {
         tag: &[u8; TAG_LEN],
     ) -> Result<()> {
         StreamingVerifier::new(&self.raw, iv)?.verify(aad, ct, tag)
+    }
+}
+
+/// Largest GCM plaintext: 2^32 - 2 blocks (SP 800-38D §5.2.1.1), so the 32-bit block
+/// counter, which starts at 2 for the first plaintext block, never wraps.
+const GCM_MAX_LEN: u64 = ((1u64 << 32) - 2) * 16;
+
+impl AeadKey {
+    /// The tag GCM gives a message without AAD whose ciphertext is `ct`, computed without
+    /// decrypting anything: a tag check that costs one GHASH pass instead of a whole
+    /// decryption, so that decryption itself can be done later, elsewhere.
+    ///
+    /// How: GCM's tag is GHASH_H(blocks, length block) ^ AES_K(J0). GMAC of the same bytes
+    /// taken as AAD (a GCM seal with `ct` as AAD and no plaintext) hashes the very same
+    /// padded blocks under the same H and masks with the same AES_K(J0); only the final
+    /// length block differs (len(A) || len(C) = bits || 0 instead of 0 || bits). GHASH's last
+    /// step is (X ^ L)·H, so the two tags differ by exactly (L_gmac ^ L_gcm)·H, one product
+    /// in GF(2^128). Compare the result to the received tag in constant time
+    /// ([`tags_equal`]).
+    pub fn tag_of_ciphertext(&self, iv: &[u8; IV_LEN], ct: &[u8]) -> Result<[u8; TAG_LEN]> {
+        if ct.len() as u64 > GCM_MAX_LEN {
+            return Err(Error::InvalidLength(format!(
+                "{} bytes is over GCM's message limit",
+                ct.len()
+            )));
+        }
+        let mut none = [0u8; 0];
+        // SAFETY: a seal of zero bytes: both pointers come from a live empty array (valid for
+        // zero-length access, and the same pointer for in and out, which AWS-LC allows).
+        let mut tag = unsafe { self.seal_raw(iv, ct, none.as_ptr(), none.as_mut_ptr(), 0)? };
+        let bits = (ct.len() as u64 * 8).to_be_bytes();
+        let mut diff = [0u8; 16];
+        diff[..8].copy_from_slice(&bits);
+        diff[8..].copy_from_slice(&bits);
+        let correction = Zeroizing::new(crate::gf128::mul(&diff, &self.hash_key));
+        for (t, c) in tag.iter_mut().zip(correction.iter()) {
+            *t ^= c;
+        }
+        Ok(tag)
+    }
+
+    /// Decrypts `buf` in place with GCM's counter mode under `iv`, **without checking any
+    /// tag**: only for ciphertext whose tag [`AeadKey::tag_of_ciphertext`] already matched,
+    /// in memory nobody reads until this returns. The result is byte for byte what a GCM
+    /// open of the same message (no AAD) writes.
+    pub fn decrypt_checked_in_place(&self, iv: &[u8; IV_LEN], buf: &mut [u8]) -> Result<()> {
+        if buf.len() as u64 > GCM_MAX_LEN {
+            return Err(Error::InvalidLength(format!(
+                "{} bytes is over GCM's message limit",
+                buf.len()
+            )));
+        }
+        let schedule = AesSchedule::new(&self.raw)?;
+        // The first plaintext block uses counter block J0 + 1 = IV || 00000002.
+        let mut counter = Zeroizing::new([0u8; 16]);
+        counter[..IV_LEN].copy_from_slice(iv);
+        counter[15] = 2;
+        let mut keystream = Zeroizing::new([0u8; 16]);
+        let mut used: std::os::raw::c_uint = 0;
+        let p = buf.as_mut_ptr();
+        // SAFETY: `buf` is valid for reads and writes of its length and in/out alias exactly
+        // (AES-CTR is a byte-wise XOR, in place is allowed); counter and keystream are the
+        // 16-byte buffers the function expects; the schedule is initialised. No counter wrap
+        // can occur below 2^32 - 2 blocks (checked above), so this is GCM's inc32 counter.
+        unsafe {
+            ffi::AES_ctr128_encrypt(
+                p,
+                p,
+                buf.len(),
+                &schedule.0,
+                counter.as_mut_ptr(),
+                keystream.as_mut_ptr(),
+                &mut used,
+            )
+        };
+        Ok(())
+    }
+}
+
+/// Tag comparison whose time does not depend on where the tags differ.
+pub fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // black_box keeps the compiler from turning the fold into an early-exit compare.
+    std::hint::black_box(diff) == 0
+}
+
+/// An expanded AES-256 encryption key, wiped on drop.
+struct AesSchedule(ffi::AES_KEY);
+
+impl AesSchedule {
+    fn new(key: &[u8; KEY_LEN]) -> Result<Self> {
+        // SAFETY: AES_KEY is plain integers; all zeroes is a valid (if useless) value.
+        let mut s = Self(unsafe { std::mem::zeroed() });
+        // SAFETY: `key` is 32 readable bytes (256 bits, as passed); the schedule is writable.
+        if unsafe { ffi::AES_set_encrypt_key(key.as_ptr(), 256, &mut s.0) } != 0 {
+            return Err(Error::Backend("AES_set_encrypt_key failed"));
+        }
+        Ok(s)
+    }
+
+    fn encrypt_block(&mut self, input: &[u8; 16], out: &mut [u8; 16]) {
+        // SAFETY: 16-byte input and output blocks and an initialised schedule.
+        unsafe { ffi::AES_encrypt(input.as_ptr(), out.as_mut_ptr(), &self.0) };
+    }
+}
+
+impl Drop for AesSchedule {
+    fn drop(&mut self) {
+        self.0.rd_key.zeroize();
+        self.0.rounds.zeroize();
     }
 }
 
@@ -402,6 +520,56 @@ mod tests {
         bad_tag[15] ^= 1;
         assert!(k.verify(&iv, b"aad", &ct, &bad_tag).is_err());
         assert!(k.verify(&[2u8; 12], b"aad", &ct, &tag).is_err());
+    }
+
+    #[test]
+    fn split_check_matches_gcm_for_any_length() {
+        let k = AeadKey::new(&[0x42u8; 32]).unwrap();
+        for len in [0usize, 1, 15, 16, 17, 4095, 4096, 65_537, 1 << 20] {
+            let iv = [(len % 251) as u8; 12];
+            let pt: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let mut ct = vec![0u8; len];
+            let tag = k.seal(&iv, b"", &pt, &mut ct).unwrap();
+            let t = k.tag_of_ciphertext(&iv, &ct).unwrap();
+            assert!(tags_equal(&t, &tag), "len {len}");
+            let mut back = ct.clone();
+            k.decrypt_checked_in_place(&iv, &mut back).unwrap();
+            assert_eq!(back, pt, "len {len}");
+            if len > 0 {
+                let mut bad = ct.clone();
+                bad[len / 2] ^= 1;
+                assert!(!tags_equal(&k.tag_of_ciphertext(&iv, &bad).unwrap(), &tag));
+            }
+            let mut other_iv = iv;
+            other_iv[11] ^= 1;
+            assert!(!tags_equal(
+                &k.tag_of_ciphertext(&other_iv, &ct).unwrap(),
+                &tag
+            ));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn split_check_agrees_with_gcm(
+            key in proptest::array::uniform32(proptest::prelude::any::<u8>()),
+            iv in proptest::array::uniform12(proptest::prelude::any::<u8>()),
+            pt in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5000),
+            flip in proptest::prelude::any::<usize>(),
+        ) {
+            let k = AeadKey::new(&key).unwrap();
+            let mut ct = vec![0u8; pt.len()];
+            let tag = k.seal(&iv, b"", &pt, &mut ct).unwrap();
+            proptest::prop_assert!(tags_equal(&k.tag_of_ciphertext(&iv, &ct).unwrap(), &tag));
+            let mut back = ct.clone();
+            k.decrypt_checked_in_place(&iv, &mut back).unwrap();
+            proptest::prop_assert_eq!(&back, &pt);
+            if !ct.is_empty() {
+                let i = flip % ct.len();
+                ct[i] ^= 1 << (flip % 8);
+                proptest::prop_assert!(!tags_equal(&k.tag_of_ciphertext(&iv, &ct).unwrap(), &tag));
+            }
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod crypto;
 pub mod error;
 pub mod fingerprint;
+pub mod gf128;
 pub mod header;
 #[cfg(target_os = "linux")]
 pub mod hostpool;
