@@ -25,6 +25,8 @@ pub mod predict;
 pub mod receiver;
 pub mod ring;
 pub mod schedule;
+#[cfg(target_os = "linux")]
+pub mod sealed;
 pub mod sender;
 pub mod sequencer;
 pub mod staging;

@@ -170,7 +170,10 @@ fn release_pages(slot: usize) {
         }
     }
     let covered = |addr: usize| {
-        if overflow {
+        // A sealed page stays closed until its seal opens (see `sealed`).
+        if crate::sealed::covers(addr) {
+            true
+        } else if overflow {
             protected_by_other(addr, slot, high)
         } else {
             near[..n_near]
@@ -214,6 +217,10 @@ fn release_pages(slot: usize) {
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
+    // A page held inaccessible until its content is ready: wait for it, then retry.
+    if crate::sealed::wait_while_sealed(addr) {
+        return;
+    }
     let high = HIGH_WATER.load(Ordering::Acquire);
     let contains = |r: &Region| {
         r.in_use.load(Ordering::Acquire)
@@ -268,7 +275,8 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     }
 }
 
-fn install() -> Result<()> {
+/// Installs the SIGSEGV handler (once); shared with [`crate::sealed`].
+pub(crate) fn install() -> Result<()> {
     INSTALL.call_once(|| {
         // SAFETY: we build a zeroed sigaction, fill its handler, mask and flags, and swap it
         // in, saving the previous action in PREVIOUS before any fault can reach our handler
@@ -292,6 +300,24 @@ fn install() -> Result<()> {
             "could not install the write-detection signal handler".into(),
         ))
     }
+}
+
+/// Runs `f` (which activates a seal) unless an in-use write watch covers a page of
+/// `[start, end)`; under the registry mutex, so a watch registered at the same time either
+/// sees the seal or is seen by this check.
+pub(crate) fn unless_watched<R>(start: usize, end: usize, f: impl FnOnce() -> R) -> Option<R> {
+    let _g = registry();
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    if (0..high).any(|j| overlapping(j, start, end)) {
+        None
+    } else {
+        Some(f())
+    }
+}
+
+/// Pages were opened elsewhere (a seal): faults taken on them just before are retried.
+pub(crate) fn note_pages_opened() {
+    UNCLAIMED_SINCE_RELEASE.store(0, Ordering::Release);
 }
 
 /// A write to `[start, start + len)` through another mapping of the same memory (a
@@ -383,6 +409,11 @@ impl WriteWatch {
         let start = (ptr as usize) / p * p;
         let end = (ptr as usize + len.max(1)).div_ceil(p) * p;
         let writes = registry();
+        if crate::sealed::overlaps(start, end) {
+            return Err(Error::InvalidArgument(
+                "cannot watch pages held sealed for a deferred decryption".into(),
+            ));
+        }
         let slot = REGIONS
             .iter()
             .position(|r| !r.in_use.load(Ordering::Acquire))

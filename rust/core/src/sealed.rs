@@ -1,0 +1,341 @@
+//! Pages held inaccessible until their content is ready: a reader waits, it never sees what
+//! is there before.
+//!
+//! For deferred decryption (the driver interposer's D2H path): the ciphertext is copied into
+//! the destination through a second mapping of the same memory, its tag is checked, and it
+//! is decrypted in place later on another thread, while the destination's pages, as the
+//! application maps them, are `PROT_NONE`. A thread that touches them faults into the
+//! write-detection handler ([`crate::writeguard`], one SIGSEGV handler for both), which
+//! waits here until the seal is opened, then lets the access retry on readable pages.
+//!
+//! Rules for callers (see [`seal`]): sealed memory is normally mapped read-write (opening
+//! restores exactly that); it is not write-watched by this copy of the library (`seal`
+//! refuses, and a write watch refuses sealed pages); and the thread that will open a seal
+//! never touches the sealed pages through this mapping (it would wait for itself).
+//!
+//! Seals may share pages (two messages decrypted into neighbouring bytes): a page opens
+//! when the last seal covering it opens. Every protection change happens under one mutex,
+//! together with the decision that it is the right one, so two threads cannot apply
+//! decisions in the wrong order; the handler takes no lock, it only reads the slots.
+
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Seals open at once, process-wide.
+pub const MAX_SEALS: usize = 256;
+
+struct Slot {
+    active: AtomicBool,
+    start: AtomicUsize,
+    end: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE: Slot = Slot {
+    active: AtomicBool::new(false),
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+};
+
+static SLOTS: [Slot; MAX_SEALS] = [FREE; MAX_SEALS];
+/// One past the highest slot ever used: the handler's scan stops there.
+static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
+/// Serialises sealing and opening (never taken in the handler).
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Pages made inaccessible by [`seal`]; opened by [`Seal::open`] or on drop.
+#[derive(Debug)]
+pub struct Seal {
+    slot: usize,
+}
+
+fn page() -> usize {
+    crate::staging::PAGE
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// True if an active seal other than `except` covers the page at `addr`. Async-signal-safe.
+fn covered_by(addr: usize, except: usize) -> bool {
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    SLOTS.iter().take(high).enumerate().any(|(i, s)| {
+        i != except
+            && s.active.load(Ordering::Acquire)
+            && s.start.load(Ordering::Relaxed) <= addr
+            && addr < s.end.load(Ordering::Relaxed)
+    })
+}
+
+/// True if any active seal covers a page of `[start, end)`.
+pub(crate) fn overlaps(start: usize, end: usize) -> bool {
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    SLOTS.iter().take(high).any(|s| {
+        s.active.load(Ordering::Acquire)
+            && s.start.load(Ordering::Relaxed) < end
+            && start < s.end.load(Ordering::Relaxed)
+    })
+}
+
+/// True if an active seal covers the page at `addr` (for the write-detection handler,
+/// which must not open such a page). Async-signal-safe.
+pub(crate) fn covers(addr: usize) -> bool {
+    covered_by(addr, usize::MAX)
+}
+
+/// Called by the SIGSEGV handler: if a seal covers `addr`, waits until none does and
+/// returns true (the access is then retried); false if no seal covers it. Async-signal-safe:
+/// atomics, `sched_yield` and `nanosleep` only.
+pub(crate) fn wait_while_sealed(addr: usize) -> bool {
+    let mut waited = 0u32;
+    while covers(addr) {
+        if waited < 64 {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        } else {
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 20_000,
+            };
+            // SAFETY: a valid timespec; the remaining time is not wanted.
+            unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+        }
+        waited = waited.saturating_add(1);
+    }
+    waited > 0
+}
+
+/// Makes the pages holding `[ptr, ptr + len)` inaccessible until the returned seal opens.
+///
+/// # Safety
+/// The memory must stay mapped, read-write, until the seal is opened, and nothing else may
+/// change its protection meanwhile; whoever opens the seal must not touch these pages
+/// through this mapping before. Code that touches them meanwhile waits (in a fault handler)
+/// for the seal to open, so it must not hold anything the opener needs.
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where they
+// call.
+pub unsafe fn seal(ptr: *const u8, len: usize) -> Result<Seal> {
+    crate::writeguard::install()?;
+    let p = page();
+    let start = (ptr as usize) / p * p;
+    let end = (ptr as usize)
+        .checked_add(len.max(1))
+        .ok_or_else(|| Error::InvalidLength("range past the end of memory".into()))?
+        .div_ceil(p)
+        * p;
+    let _g = lock();
+    let slot = SLOTS
+        .iter()
+        .position(|s| !s.active.load(Ordering::Acquire))
+        .ok_or_else(|| Error::InvalidArgument(format!("more than {MAX_SEALS} seals open")))?;
+    let s = &SLOTS[slot];
+    let activate = || {
+        s.start.store(start, Ordering::Relaxed);
+        s.end.store(end, Ordering::Relaxed);
+        HIGH_WATER.fetch_max(slot + 1, Ordering::AcqRel);
+        // Active before the pages close: any fault on them then finds the seal.
+        s.active.store(true, Ordering::Release);
+    };
+    if crate::writeguard::unless_watched(start, end, activate).is_none() {
+        return Err(Error::InvalidArgument(
+            "cannot seal pages that a write watch covers".into(),
+        ));
+    }
+    // SAFETY: the caller vouched for the range (see `# Safety`); no access is a subset of
+    // the access it had, restored by `open`.
+    if unsafe { libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_NONE) } != 0 {
+        let err = std::io::Error::last_os_error();
+        // Pages a failed mprotect may have closed in part are opened again by the same
+        // rule as any seal's.
+        release(slot);
+        return Err(Error::InvalidArgument(format!(
+            "cannot seal the destination pages: {err}"
+        )));
+    }
+    Ok(Seal { slot })
+}
+
+/// Opens the pages of `slot` that no other seal covers, then frees the slot. Caller holds
+/// the lock.
+fn release(slot: usize) {
+    let s = &SLOTS[slot];
+    let (start, end) = (
+        s.start.load(Ordering::Relaxed),
+        s.end.load(Ordering::Relaxed),
+    );
+    let p = page();
+    let mut run: Option<usize> = None;
+    let mut addr = start;
+    while addr <= end {
+        let free = addr < end && !covered_by(addr, slot);
+        match (free, run) {
+            (true, None) => run = Some(addr),
+            (false, Some(s0)) => {
+                // SAFETY: part of a range the sealer vouched for, mapped read-write before
+                // it was sealed: this restores that access.
+                unsafe {
+                    libc::mprotect(
+                        s0 as *mut libc::c_void,
+                        addr - s0,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    )
+                };
+                run = None;
+            }
+            _ => {}
+        }
+        addr += p;
+    }
+    // The slot is freed only once its pages are readable: a waiting reader then retries on
+    // open pages (or waits on for a seal that still covers its page).
+    s.active.store(false, Ordering::Release);
+    crate::writeguard::note_pages_opened();
+}
+
+impl Seal {
+    /// Opens the seal: readers waiting on these pages go ahead. The content must be final.
+    pub fn open(self) {
+        drop(self)
+    }
+
+    /// The sealed range, in whole pages.
+    pub fn span(&self) -> (usize, usize) {
+        let s = &SLOTS[self.slot];
+        (
+            s.start.load(Ordering::Relaxed),
+            s.end.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Seal {
+    fn drop(&mut self) {
+        let _g = lock();
+        release(self.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// A shared memfd mapping twice: (view, alias, len).
+    fn double_map(len: usize) -> (*mut u8, *mut u8) {
+        // SAFETY: test set-up: a fresh memfd, sized, mapped twice, checked.
+        unsafe {
+            let fd = libc::memfd_create(c"sealed-test".as_ptr(), 0);
+            assert!(fd >= 0);
+            assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
+            let m = |_| {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                p.cast::<u8>()
+            };
+            let (v, a) = (m(0), m(1));
+            libc::close(fd);
+            (v, a)
+        }
+    }
+
+    #[test]
+    fn a_reader_waits_for_the_content_and_never_sees_what_was_there() {
+        let len = 8 * page();
+        let (view, alias) = double_map(len);
+        for round in 0..20u8 {
+            // Old content: `round`; new content, written through the alias while sealed:
+            // `round + 100`.
+            // SAFETY: our own mappings, not sealed yet.
+            unsafe { std::ptr::write_bytes(view, round, len) };
+            // SAFETY: our mapping, read-write, opened below by this thread, which does not
+            // touch the view meanwhile.
+            let seal = unsafe { seal(view.add(100), len - 200) }.unwrap();
+            let v = view as usize;
+            let reader = std::thread::spawn(move || {
+                // SAFETY: reads our mapping; a sealed page makes this wait in the handler.
+                let b = unsafe { std::ptr::read_volatile((v + len / 2) as *const u8) };
+                // SAFETY: as above (page 0, outside the sealed bytes but on a sealed page).
+                let first = unsafe { std::ptr::read_volatile(v as *const u8) };
+                (b, first)
+            });
+            std::thread::sleep(Duration::from_millis(2));
+            // SAFETY: writes through our second mapping.
+            unsafe { std::ptr::write_bytes(alias, round + 100, len) };
+            seal.open();
+            let (b, first) = reader.join().unwrap();
+            assert_eq!(
+                b,
+                round + 100,
+                "the reader saw content from before the seal opened"
+            );
+            assert_eq!(first, round + 100);
+        }
+    }
+
+    #[test]
+    fn a_shared_page_opens_with_the_last_seal() {
+        let len = 4 * page();
+        let (view, _alias) = double_map(len);
+        // Two seals sharing page 1.
+        // SAFETY: our read-write mapping; opened below by this thread, which does not touch
+        // the view while sealed.
+        let a = unsafe { seal(view, page() + 10) }.unwrap();
+        // SAFETY: as above.
+        let b = unsafe { seal(view.add(page() + 20), page()) }.unwrap();
+        assert_eq!(a.span(), (view as usize, view as usize + 2 * page()));
+        a.open();
+        assert!(covers(view as usize + page()), "page 1 is still b's");
+        assert!(!covers(view as usize));
+        let v = view as usize + page();
+        let done = Arc::new(AtomicU64::new(0));
+        let d = done.clone();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: reads our mapping; waits while b covers the page.
+            let x = unsafe { std::ptr::read_volatile(v as *const u8) };
+            d.store(1, Ordering::SeqCst);
+            x
+        });
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(20) {
+            assert_eq!(
+                done.load(Ordering::SeqCst),
+                0,
+                "read went ahead through a seal"
+            );
+            std::thread::yield_now();
+        }
+        b.open();
+        reader.join().unwrap();
+        // Page 0 is readable and writable again.
+        // SAFETY: our mapping, no seal left.
+        unsafe { std::ptr::write_volatile(view, 7) };
+    }
+
+    #[test]
+    fn watched_pages_cannot_be_sealed() {
+        let len = 2 * page();
+        let (view, _alias) = double_map(len);
+        // SAFETY: our mapping, written only by this test's code.
+        let w = unsafe { crate::writeguard::WriteWatch::register(view, 10) }.unwrap();
+        // SAFETY: as in the other tests (the call is refused).
+        assert!(unsafe { seal(view, len) }.is_err());
+        drop(w);
+        // SAFETY: as above; now allowed.
+        let s = unsafe { seal(view, len) }.unwrap();
+        // SAFETY: registering is refused while sealed (nothing is protected).
+        assert!(unsafe { crate::writeguard::WriteWatch::register(view, 10) }.is_err());
+        s.open();
+    }
+}
