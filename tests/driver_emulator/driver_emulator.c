@@ -16,9 +16,14 @@
  *        driver_emulator {link|dlopen} bench CHUNKS GAP_US {cycle|random}
  *          times the critical path (Update + Final + GET_TAG) of 1 MiB chunks, with GAP_US
  *          of busy "device time" after each, and a plain memcpy of the same bytes.
+ *        driver_emulator {link|dlopen} bench-d2h CHUNKS
+ *          times the critical path (Init + SET_TAG + Update + Final) of 1 MiB D2H chunks
+ *          into a receive pool and into ordinary memory, the time until a pool chunk's
+ *          plaintext is readable, and a plain memcpy of the same bytes.
  * With PIPELLM_EMU_WATCH=1 (and the interposer loaded) the source buffers are registered
  * with pipellm_cc_watch, as an application that allocates its weights or KV swap space once
- * would do; without the interposer the variable changes nothing.
+ * would do; with PIPELLM_EMU_RECEIVE=1 the D2H destination pool (one memfd mapped twice) is
+ * registered with pipellm_cc_receive. Without the interposer the variables change nothing.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -87,6 +92,18 @@ static void bind_watch(void) {
     void *h = api_handle ? api_handle : RTLD_DEFAULT;
     cc_watch = (int (*)(const void *, size_t))dlsym(h, "pipellm_cc_watch");
     cc_unwatch = (int (*)(const void *))dlsym(h, "pipellm_cc_unwatch");
+}
+
+/* ... and for registering a receive pool (D2H destinations decrypted off the critical path) */
+static int (*cc_receive)(void *, void *, size_t);
+static int (*cc_unreceive)(const void *);
+
+static void bind_receive(void) {
+    const char *w = getenv("PIPELLM_EMU_RECEIVE");
+    if (!w || strcmp(w, "1") != 0) return;
+    void *h = api_handle ? api_handle : RTLD_DEFAULT;
+    cc_receive = (int (*)(void *, void *, size_t))dlsym(h, "pipellm_cc_receive");
+    cc_unreceive = (int (*)(const void *))dlsym(h, "pipellm_cc_unreceive");
 }
 
 static void watch_range(const void *p, size_t n) {
@@ -259,6 +276,11 @@ static void transfer(channel *c, const unsigned char *src, size_t len, int split
     }
 }
 
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 /* ---- D2H: the device encrypted, the CPU decrypts and must reject tampering ---- */
 
 static int d2h(channel *dev, EVP_CIPHER_CTX *dctx, int tamper) {
@@ -276,6 +298,98 @@ static int d2h(channel *dev, EVP_CIPHER_CTX *dctx, int tamper) {
     api.ctrl(dctx, EVP_CTRL_GCM_SET_TAG, 16, tag);
     int ok = api.dec_final(dctx, out + n, &m) == 1;
     return ok && memcmp(out, data, sizeof data) == 0;
+}
+
+/* A receive pool: one memfd mapped twice; the application reads `view`, the interposer
+ * writes deferred plaintext through `alias`. Registered when PIPELLM_EMU_RECEIVE=1. */
+typedef struct {
+    unsigned char *view, *alias;
+    size_t len;
+} pool;
+
+static pool pool_open(size_t len) {
+    pool p = {0};
+    int fd = memfd_create("emu-receive-pool", 0);
+    if (fd < 0 || ftruncate(fd, (off_t)len) != 0) {
+        perror("memfd");
+        exit(5);
+    }
+    p.view = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    p.alias = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p.view == MAP_FAILED || p.alias == MAP_FAILED) {
+        perror("mmap pool");
+        exit(5);
+    }
+    p.len = len;
+    int rc = cc_receive ? cc_receive(p.view, p.alias, len) : 0;
+    if (rc != 0) {
+        fprintf(stderr, "pipellm_cc_receive: %d\n", rc);
+        exit(2);
+    }
+    return p;
+}
+
+static void pool_close(pool *p) {
+    int rc = cc_unreceive ? cc_unreceive(p->view) : 0;
+    if (rc != 0) {
+        fprintf(stderr, "pipellm_cc_unreceive: %d\n", rc);
+        exit(2);
+    }
+    munmap(p->view, p->len);
+    munmap(p->alias, p->len);
+}
+
+/* A D2H chunk in the driver's pattern on a context keyed once: the device encrypted `len`
+ * bytes of `data` (its channel `dev`), the CPU decrypts them into `dst`. `how`: 0 plain,
+ * 1 tampered ciphertext, 2 abandoned after its Update (re-init without Final). Returns the
+ * Final's answer (or 1 for an abandoned chunk). */
+static int d2h_chunk(channel *dev, EVP_CIPHER_CTX *dctx, const unsigned char *data, int len,
+                     unsigned char *dst, int how) {
+    unsigned char iv[12], tag[16];
+    int n = 0, m = 0;
+    next_iv(dev, iv);
+    api.enc_init(dev->ctx, NULL, NULL, NULL, iv);
+    api.enc_update(dev->ctx, bounce, &n, data, len);
+    api.enc_final(dev->ctx, bounce + n, &m);
+    api.ctrl(dev->ctx, EVP_CTRL_GCM_GET_TAG, 16, tag);
+    if (how == 1) bounce[len / 3] ^= 0x20;
+    api.dec_init(dctx, NULL, NULL, NULL, iv);
+    api.ctrl(dctx, EVP_CTRL_GCM_SET_TAG, 16, tag);
+    if (api.dec_update(dctx, dst, &n, bounce, len) != 1 || n != len) {
+        fprintf(stderr, "DecryptUpdate failed\n");
+        exit(4);
+    }
+    memset(bounce, 0x5a, (size_t)len); /* the driver reuses its bounce buffer */
+    if (how == 2) return 1;
+    return api.dec_final(dctx, dst + n, &m) == 1;
+}
+
+/* Chunks of several sizes and alignments into a pool: every plaintext must be right when
+ * read (a read may wait for it), abandoned chunks hold what OpenSSL leaves. */
+static int d2h_pool_round(channel *dev, EVP_CIPHER_CTX *dctx, pool *p, int r) {
+    static const struct { size_t off; int len; } plan[] = {
+        {0, 1 << 20}, {1 << 20, 1 << 20}, {(2u << 20) + 100, (256 << 10) + 77},
+        {(3u << 20), 4096}, {(3u << 20) + 4096, 12345}, {(3u << 20) + 20000, 1 << 20},
+    };
+    static unsigned char data[1 << 20];
+    int ok = 0, abandoned = -1;
+    for (int i = 0; i < (int)(sizeof plan / sizeof plan[0]); i++) {
+        fill(data, (size_t)plan[i].len);
+        int abandon = (r % 4 == 3) && i == 2;
+        int good = d2h_chunk(dev, dctx, data, plan[i].len, p->view + plan[i].off, abandon ? 2 : 0);
+        if (abandon) {
+            /* re-initialised mid-message by the next chunk: then OpenSSL's (unverified)
+             * plaintext is there; read only after that (as with any copy, reading the
+             * destination before the call that fills it is done is a race) */
+            abandoned = i;
+            continue;
+        }
+        ok += good && memcmp(p->view + plan[i].off, data, (size_t)plan[i].len) == 0;
+        absorb(p->view + plan[i].off, (size_t)plan[i].len);
+    }
+    if (abandoned >= 0) absorb(p->view + plan[abandoned].off, (size_t)plan[abandoned].len);
+    return ok;
 }
 
 static unsigned char *map(size_t n) {
@@ -341,15 +455,100 @@ static int check(int rounds) {
         d2h_ok += d2h(&dev, dctx, 0);
         tamper_rejected += !d2h(&dev, dctx, 1);
     }
-    printf("digest %016llx messages %lu d2h_ok %d tamper_rejected %d\n",
-           (unsigned long long)digest, messages, d2h_ok, tamper_rejected);
+    /* D2H into a receive pool (deferred decryption under the interposer when registered),
+     * on a context keyed once as the driver's is; the tampered chunk comes last: after it
+     * the interposer stops its pipeline, and the H2D copies that follow must stay exact. */
+    channel dev2;
+    channel_open(&dev2, CHAN64);
+    EVP_CIPHER_CTX *pctx = api.ctx_new();
+    api.dec_init(pctx, api.aes_256_gcm(), NULL, dev2.key, NULL);
+    pool rp = pool_open(5u << 20);
+    int pool_ok = 0;
+    for (int r = 0; r < rounds; r++) pool_ok += d2h_pool_round(&dev2, pctx, &rp, r);
+    static unsigned char tdata[1 << 20];
+    fill(tdata, sizeof tdata);
+    int pool_tamper_rejected = !d2h_chunk(&dev2, pctx, tdata, 1 << 20, rp.view, 1);
+    /* a rejected chunk never shows its ciphertext or unverified plaintext: zeroes (the
+     * interposer) or, without it, OpenSSL's unverified output, which is not the data */
+    int leaked = memcmp(rp.view, tdata, 4096) == 0;
+    for (int i = 0; i < LAYERS; i++) transfer(&weights, layer[i], LAYER_BYTES, 0);
+    pool_close(&rp);
+    api.ctx_free(pctx);
+    printf("digest %016llx messages %lu d2h_ok %d tamper_rejected %d pool_ok %d "
+           "pool_tamper_rejected %d leaked %d\n",
+           (unsigned long long)digest, messages, d2h_ok, tamper_rejected, pool_ok,
+           pool_tamper_rejected, leaked);
     api.ctx_free(dctx);
     return 0;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
+static int bench_d2h(int chunks) {
+    enum { CHUNK = 1 << 20, SLOTS = 16 };
+    /* the device's encryption is the GPU's work, not the CPU's: IVs in no layout keep the
+     * interposer from pre-encrypting for it (its context stays in pass-through) */
+    channel dev;
+    channel_open(&dev, RANDOM_IV);
+    EVP_CIPHER_CTX *dctx = api.ctx_new();
+    api.dec_init(dctx, api.aes_256_gcm(), NULL, dev.key, NULL);
+    pool rp = pool_open((size_t)CHUNK * SLOTS);
+    /* destinations cycle through 16 MiB either way: as cold in cache as the pool's */
+    unsigned char *plain_dsts = map((size_t)CHUNK * SLOTS), *copy_dst = map(CHUNK), *data = map(CHUNK);
+    memset(plain_dsts, 1, (size_t)CHUNK * SLOTS);
+    fill(data, CHUNK);
+    double *tp = calloc((size_t)chunks, sizeof(double)), *to = calloc((size_t)chunks, sizeof(double));
+    double *tr = calloc((size_t)chunks, sizeof(double)), *tm = calloc((size_t)chunks, sizeof(double));
+    int bad = 0;
+    for (int k = 0; k < chunks; k++) {
+        unsigned char *dst = rp.view + (size_t)(k % SLOTS) * CHUNK;
+        unsigned char iv[12], tag[16];
+        int n = 0, m = 0;
+        /* the device side (not timed): encrypt into the bounce buffer */
+        next_iv(&dev, iv);
+        api.enc_init(dev.ctx, NULL, NULL, NULL, iv);
+        api.enc_update(dev.ctx, bounce, &n, data, CHUNK);
+        api.enc_final(dev.ctx, bounce + n, &m);
+        api.ctrl(dev.ctx, EVP_CTRL_GCM_GET_TAG, 16, tag);
+        double t0 = now_ns();
+        api.dec_init(dctx, NULL, NULL, NULL, iv);
+        api.ctrl(dctx, EVP_CTRL_GCM_SET_TAG, 16, tag);
+        api.dec_update(dctx, dst, &n, bounce, CHUNK);
+        int ok = api.dec_final(dctx, dst + n, &m) == 1;
+        double t1 = now_ns();
+        /* when the plaintext is readable: touch the chunk's last byte (waits if sealed) */
+        volatile unsigned char last = dst[CHUNK - 1];
+        (void)last;
+        double t2 = now_ns();
+        bad += !ok || memcmp(dst, data, 64) != 0;
+        tp[k] = t1 - t0;
+        tr[k] = t2 - t0;
+        /* the same chunk into ordinary memory: OpenSSL's decryption (forwarded) */
+        unsigned char *plain_dst = plain_dsts + (size_t)((k + 7) % SLOTS) * CHUNK;
+        next_iv(&dev, iv);
+        api.enc_init(dev.ctx, NULL, NULL, NULL, iv);
+        api.enc_update(dev.ctx, bounce, &n, data, CHUNK);
+        api.enc_final(dev.ctx, bounce + n, &m);
+        api.ctrl(dev.ctx, EVP_CTRL_GCM_GET_TAG, 16, tag);
+        t0 = now_ns();
+        api.dec_init(dctx, NULL, NULL, NULL, iv);
+        api.ctrl(dctx, EVP_CTRL_GCM_SET_TAG, 16, tag);
+        api.dec_update(dctx, plain_dst, &n, bounce, CHUNK);
+        ok = api.dec_final(dctx, plain_dst + n, &m) == 1;
+        to[k] = now_ns() - t0;
+        bad += !ok;
+        t0 = now_ns();
+        memcpy(copy_dst, bounce, CHUNK);
+        tm[k] = now_ns() - t0;
+        __asm__ volatile("" ::: "memory");
+    }
+    int skip = chunks / 4;
+    double *all[] = {tp, to, tr, tm};
+    for (int i = 0; i < 4; i++) qsort(all[i] + skip, (size_t)(chunks - skip), sizeof(double), cmp_double);
+    int mid = skip + (chunks - skip) / 2;
+    printf("pool_us %.2f openssl_us %.2f ready_us %.2f memcpy_us %.2f chunks %d bad %d\n",
+           tp[mid] / 1e3, to[mid] / 1e3, tr[mid] / 1e3, tm[mid] / 1e3, chunks - skip, bad);
+    pool_close(&rp);
+    api.ctx_free(dctx);
+    return bad != 0;
 }
 
 static int bench(int chunks, double gap_us, int random_order) {
@@ -396,8 +595,10 @@ int main(int argc, char **argv) {
     }
     bind_api(argv[1]);
     bind_watch();
+    bind_receive();
     bounce = map(1 << 21);
     if (strcmp(argv[2], "check") == 0) return check(argc > 3 ? atoi(argv[3]) : 10);
+    if (strcmp(argv[2], "bench-d2h") == 0 && argc > 3) return bench_d2h(atoi(argv[3]));
     if (strcmp(argv[2], "bench") == 0 && argc > 5)
         return bench(atoi(argv[3]), atof(argv[4]), strcmp(argv[5], "random") == 0);
     fprintf(stderr, "unknown command\n");

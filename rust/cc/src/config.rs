@@ -19,6 +19,12 @@ pub struct Config {
     /// `PIPELLM_CC_SPLIT_BYTES`: a hit is served in one piece per this many bytes (default
     /// 256 KiB; 0: never split).
     pub split_bytes: usize,
+    /// `PIPELLM_CC_D2H=0`: decrypt every D2H chunk synchronously, even into receive pools
+    /// (default: deferred there).
+    pub d2h: bool,
+    /// `PIPELLM_CC_D2H_THREADS`: threads that decrypt deferred D2H chunks (default 2; 0:
+    /// right after the tag check, on the caller: for tests).
+    pub d2h_threads: usize,
     /// `PIPELLM_CC_LOG=1`: one line on stderr per notable event (library found, a context's
     /// IV model rejected, a key that failed confirmation).
     pub log: bool,
@@ -54,6 +60,8 @@ pub fn config() -> &'static Config {
         )
         .min(64),
         split_bytes: env_usize("PIPELLM_CC_SPLIT_BYTES", 256 << 10),
+        d2h: std::env::var("PIPELLM_CC_D2H").map_or(true, |v| v.trim() != "0"),
+        d2h_threads: env_usize("PIPELLM_CC_D2H_THREADS", 2).min(16),
         log: env_flag("PIPELLM_CC_LOG"),
     })
 }

@@ -193,6 +193,9 @@ pub struct Engine {
     idle: std::sync::atomic::AtomicUsize,
     workers_started: std::sync::Once,
     spare: Mutex<Vec<Vec<u8>>>,
+    /// Set once for good (a D2H chunk failed its tag: see `d2h`): nothing is served or
+    /// pre-encrypted any more.
+    stopped: std::sync::atomic::AtomicBool,
     pub stats: Stats,
 }
 
@@ -206,6 +209,7 @@ pub fn engine() -> &'static Engine {
         idle: std::sync::atomic::AtomicUsize::new(0),
         workers_started: std::sync::Once::new(),
         spare: Mutex::new(Vec::new()),
+        stopped: std::sync::atomic::AtomicBool::new(false),
         stats: Stats::default(),
     })
 }
@@ -247,6 +251,20 @@ impl Engine {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Stops the pipeline for good: no chunk is served or pre-encrypted from now on (every
+    /// context leaves tracking at its next init). True if this call stopped it.
+    pub fn stop(&self) -> bool {
+        let first = !self.stopped.swap(true, std::sync::atomic::Ordering::AcqRel);
+        if first {
+            Stats::add(&self.stats.stops, 1);
+        }
+        first
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The context is gone or reset: drop all we know, including prepared chunks.
     pub fn forget(&self, ctx: usize) {
         let old = lock(&self.ctxs).remove(&ctx);
@@ -280,6 +298,10 @@ impl Engine {
     }
 
     pub fn on_init(&self, ctx: usize, ch: InitChange<'_>) {
+        if self.is_stopped() {
+            self.forget(ctx);
+            return;
+        }
         let mut m = lock(&self.ctxs);
         let gen = self.gen();
         let st = m.entry(ctx).or_insert_with(|| CtxState::new(gen));
@@ -591,7 +613,7 @@ impl Engine {
         let Some(key) = st.key.clone() else {
             return jobs;
         };
-        if !st.confirmed || st.model.state() != ModelState::Bound {
+        if !st.confirmed || st.model.state() != ModelState::Bound || self.is_stopped() {
             return jobs;
         }
         let mut wanted = HashSet::new();

@@ -16,6 +16,7 @@
 //! it is not done here, where tests and examples link this crate into executables).
 
 use crate::config::{config, log};
+use crate::d2h;
 use crate::engine::{engine, Decision, Engine, InitChange, TAG_LEN};
 use crate::real::{real, Cipher, Ctx, Engine as EngineHandle, Real};
 use std::cell::Cell;
@@ -26,6 +27,7 @@ use zeroize::Zeroize;
 const NID_AES_256_GCM: c_int = 901;
 const CTRL_SET_IVLEN: c_int = 0x9;
 const CTRL_GET_TAG: c_int = 0x10;
+const CTRL_SET_TAG: c_int = 0x11;
 const CTRL_GET_IVLEN: c_int = 0x25;
 const CTRL_GET_TAGLEN: c_int = 0x26;
 
@@ -106,8 +108,31 @@ fn guarded<R>(f: impl FnOnce() -> R) -> Option<R> {
     }
 }
 
-/// Brings the real context up to date with a message we served, before it is used.
+/// Brings the real context up to date with whatever we answered for it (a served H2D
+/// message, a deferred D2H one) before it is used.
 fn resync(r: &Real, ctx: Ctx) {
+    resync_hit(r, ctx);
+    resync_d2h(r, ctx);
+}
+
+/// A deferred D2H message: the real context decrypts the snapshot in place (its output then
+/// is exactly what it would have written had it seen the Update), and the destination opens.
+fn resync_d2h(r: &Real, ctx: Ctx) {
+    let Some(Some(rs)) = guarded(|| d2h::take_for_resync(ctx as usize)) else {
+        return;
+    };
+    let mut n: c_int = 0;
+    // SAFETY: ctx is the caller's live context; the alias holds `len` bytes of ciphertext,
+    // ours (sealed) until `finish`; in-place decryption is allowed by OpenSSL; len came from
+    // a c_int.
+    forward(|| unsafe {
+        (r.decrypt_update)(ctx, rs.alias(), &mut n, rs.alias(), rs.bytes() as c_int)
+    });
+    rs.finish();
+}
+
+/// Brings the real context up to date with a message we served, before it is used.
+fn resync_hit(r: &Real, ctx: Ctx) {
     let Some(Some(rs)) = guarded(|| engine().take_hit_for_resync(ctx as usize)) else {
         return;
     };
@@ -208,12 +233,13 @@ fn after_init(
 
 // ---- init ---------------------------------------------------------------------------------
 
-/// An init hook: forward, then (on success, if `$follow` holds: an encrypting init we can
-/// model) record what changed (cipher, ENGINE or null, key, IV), else stop following the
-/// context.
+/// An init hook: forward, then (on success) record what changed (cipher, ENGINE or null,
+/// key, IV): for the encrypting side if `$follow` holds (an encrypting init we can model),
+/// for the decrypting side (`d2h`) if `$dfollow` does; each side not followed stops
+/// following the context.
 macro_rules! init_hook {
     ($name:ident, $field:ident, ($($arg:ident: $ty:ty),*), follow: $follow:expr,
-     record: ($cipher:expr, $impl_:expr, $key:expr, $iv:expr)) => {
+     dfollow: $dfollow:expr, record: ($cipher:expr, $impl_:expr, $key:expr, $iv:expr)) => {
         /// # Safety
         /// OpenSSL's contract for the function of the same name without the prefix.
         #[no_mangle]
@@ -231,31 +257,79 @@ macro_rules! init_hook {
             } else {
                 guarded(|| engine().untrack(ctx as usize));
             }
+            if rc == 1 && $dfollow {
+                after_decrypt_init(r, ctx, $cipher, $impl_, $key, $iv);
+            } else {
+                guarded(|| d2h::forget(ctx as usize));
+            }
             rc
         }
     };
 }
 
+/// A decrypting init that succeeded: what the D2H side follows.
+fn after_decrypt_init(
+    r: &Real,
+    ctx: Ctx,
+    cipher: Cipher,
+    impl_: EngineHandle,
+    key: *const u8,
+    iv: *const u8,
+) {
+    guarded(|| {
+        let ok = cipher_ok(r, cipher, impl_);
+        let mut k = if ok.unwrap_or(true) {
+            read_key(key)
+        } else {
+            None
+        };
+        let v = if ok.unwrap_or(true) {
+            read_iv(iv)
+        } else {
+            None
+        };
+        d2h::on_init(
+            ctx as usize,
+            d2h::DecInit {
+                cipher_ok: ok,
+                key: k.as_ref(),
+                iv: v,
+            },
+        );
+        k.zeroize();
+    });
+}
+
 init_hook!(pipellm_EVP_EncryptInit_ex, encrypt_init_ex,
     (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8),
-    follow: true, record: (cipher, impl_, key, iv));
+    follow: true, dfollow: false, record: (cipher, impl_, key, iv));
 init_hook!(pipellm_EVP_EncryptInit, encrypt_init,
     (cipher: Cipher, key: *const u8, iv: *const u8),
-    follow: true, record: (cipher, std::ptr::null_mut(), key, iv));
+    follow: true, dfollow: false, record: (cipher, std::ptr::null_mut(), key, iv));
 // Parameters may change IV or tag length: a context initialised with some is not modelled.
 init_hook!(pipellm_EVP_EncryptInit_ex2, encrypt_init_ex2,
     (cipher: Cipher, key: *const u8, iv: *const u8, params: *const c_void),
-    follow: params.is_null(), record: (cipher, std::ptr::null_mut(), key, iv));
-// enc = 1 encrypts; 0 decrypts and -1 keeps a direction we may not know: forwarded only.
+    follow: params.is_null(), dfollow: false, record: (cipher, std::ptr::null_mut(), key, iv));
+init_hook!(pipellm_EVP_DecryptInit_ex, decrypt_init_ex,
+    (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8),
+    follow: false, dfollow: true, record: (cipher, impl_, key, iv));
+init_hook!(pipellm_EVP_DecryptInit, decrypt_init,
+    (cipher: Cipher, key: *const u8, iv: *const u8),
+    follow: false, dfollow: true, record: (cipher, std::ptr::null_mut(), key, iv));
+init_hook!(pipellm_EVP_DecryptInit_ex2, decrypt_init_ex2,
+    (cipher: Cipher, key: *const u8, iv: *const u8, params: *const c_void),
+    follow: false, dfollow: params.is_null(), record: (cipher, std::ptr::null_mut(), key, iv));
+// enc = 1 encrypts, 0 decrypts; -1 keeps a direction we may not know: forwarded only.
 init_hook!(pipellm_EVP_CipherInit_ex, cipher_init_ex,
     (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8, enc: c_int),
-    follow: enc == 1, record: (cipher, impl_, key, iv));
+    follow: enc == 1, dfollow: enc == 0, record: (cipher, impl_, key, iv));
 init_hook!(pipellm_EVP_CipherInit, cipher_init,
     (cipher: Cipher, key: *const u8, iv: *const u8, enc: c_int),
-    follow: enc == 1, record: (cipher, std::ptr::null_mut(), key, iv));
+    follow: enc == 1, dfollow: enc == 0, record: (cipher, std::ptr::null_mut(), key, iv));
 init_hook!(pipellm_EVP_CipherInit_ex2, cipher_init_ex2,
     (cipher: Cipher, key: *const u8, iv: *const u8, enc: c_int, params: *const c_void),
-    follow: enc == 1 && params.is_null(), record: (cipher, std::ptr::null_mut(), key, iv));
+    follow: enc == 1 && params.is_null(), dfollow: enc == 0 && params.is_null(),
+    record: (cipher, std::ptr::null_mut(), key, iv));
 
 /// A hook for calls we only forward: bring the real context up to date with a message we
 /// served (`resync`), forward, then tell the engine what the call did (`after`: stop following
@@ -282,20 +356,17 @@ macro_rules! forwarding_hook {
     };
 }
 
-/// The context leaves what we model (a decrypting context: D2H stays synchronous; parameter
-/// or key-length changes): forwarded from now on.
-const UNTRACK: fn(&Engine, usize) = |e, ctx| e.untrack(ctx);
-/// Only the current message leaves the driver's pattern (CipherUpdate, DecryptUpdate).
-const UNTRACK_MESSAGE: fn(&Engine, usize) = |e, ctx| e.untrack_message(ctx);
-/// Nothing to record.
-const NOTHING: fn(&Engine, usize) = |_, _| {};
-
-forwarding_hook!(pipellm_EVP_DecryptInit_ex, decrypt_init_ex,
-    (cipher: Cipher, impl_: EngineHandle, key: *const u8, iv: *const u8), after: UNTRACK);
-forwarding_hook!(pipellm_EVP_DecryptInit, decrypt_init,
-    (cipher: Cipher, key: *const u8, iv: *const u8), after: UNTRACK);
-forwarding_hook!(pipellm_EVP_DecryptInit_ex2, decrypt_init_ex2,
-    (cipher: Cipher, key: *const u8, iv: *const u8, params: *const c_void), after: UNTRACK);
+/// The context leaves what we model (parameter or key-length changes): forwarded from now
+/// on, on both sides.
+const UNTRACK: fn(&Engine, usize) = |e, ctx| {
+    e.untrack(ctx);
+    d2h::forget(ctx);
+};
+/// Only the current message leaves the driver's pattern (CipherUpdate).
+const UNTRACK_MESSAGE: fn(&Engine, usize) = |e, ctx| {
+    e.untrack_message(ctx);
+    d2h::untrack_message(ctx);
+};
 
 // ---- update -------------------------------------------------------------------------------
 
@@ -331,8 +402,43 @@ pub unsafe extern "C" fn pipellm_EVP_EncryptUpdate(
     }
 }
 
-forwarding_hook!(pipellm_EVP_DecryptUpdate, decrypt_update,
-    (out: *mut u8, outl: *mut c_int, input: *const u8, inl: c_int), after: UNTRACK_MESSAGE);
+/// The D2H path: a message into a receive pool is snapshotted there and answered (see
+/// `d2h`); anything else is forwarded.
+///
+/// # Safety
+/// OpenSSL's contract for `EVP_DecryptUpdate`: `in` readable and `out` writable for `inl`
+/// bytes, `outl` writable.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_DecryptUpdate(
+    ctx: Ctx,
+    out: *mut u8,
+    outl: *mut c_int,
+    input: *const u8,
+    inl: c_int,
+) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.decrypt_update)(ctx, out, outl, input, inl) });
+    if passthrough() {
+        return call();
+    }
+    resync(r, ctx);
+    if inl > 0 && !outl.is_null() && !input.is_null() {
+        // SAFETY: the caller's EVP_DecryptUpdate contract is try_defer's contract.
+        let deferred =
+            guarded(|| unsafe { d2h::try_defer(ctx as usize, out, input, inl as usize) });
+        if deferred == Some(true) {
+            // SAFETY: outl is non-null (checked above) and writable per the contract.
+            unsafe { *outl = inl };
+            return 1;
+        }
+    } else {
+        guarded(|| d2h::untrack_message(ctx as usize));
+    }
+    let rc = call();
+    guarded(|| engine().untrack_message(ctx as usize));
+    rc
+}
 forwarding_hook!(pipellm_EVP_CipherUpdate, cipher_update,
     (out: *mut u8, outl: *mut c_int, input: *const u8, inl: c_int), after: UNTRACK_MESSAGE);
 
@@ -365,10 +471,45 @@ encrypt_final!(pipellm_EVP_EncryptFinal, encrypt_final);
 encrypt_final!(pipellm_EVP_CipherFinal_ex, cipher_final_ex);
 encrypt_final!(pipellm_EVP_CipherFinal, cipher_final);
 
-forwarding_hook!(pipellm_EVP_DecryptFinal_ex, decrypt_final_ex,
-    (out: *mut u8, outl: *mut c_int), after: NOTHING);
-forwarding_hook!(pipellm_EVP_DecryptFinal, decrypt_final,
-    (out: *mut u8, outl: *mut c_int), after: NOTHING);
+/// A decrypting final: a deferred message gets its tag checked here, synchronously (the
+/// answer is the tag's); a forwarded one may confirm its context's key.
+macro_rules! decrypt_final {
+    ($name:ident, $field:ident) => {
+        /// # Safety
+        /// OpenSSL's contract for the function of the same name without the prefix.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(ctx: Ctx, out: *mut u8, outl: *mut c_int) -> c_int {
+            let Some(r) = with_real() else { return 0 };
+            // SAFETY: forwarding the caller's arguments unchanged.
+            let call = || forward(|| unsafe { (r.$field)(ctx, out, outl) });
+            if passthrough() {
+                return call();
+            }
+            let answer = match guarded(|| d2h::on_final(ctx as usize)) {
+                Some(Some(d2h::FinalOutcome::Verified)) => Some(1),
+                Some(Some(d2h::FinalOutcome::Rejected)) => Some(0),
+                _ => None,
+            };
+            if let Some(rc) = answer {
+                if !outl.is_null() {
+                    // SAFETY: non-null and writable per the contract; GCM emits nothing at
+                    // final.
+                    unsafe { *outl = 0 };
+                }
+                return rc;
+            }
+            resync(r, ctx);
+            let rc = call();
+            // SAFETY: the message's output is the driver's destination, read right after
+            // its own Final (see `after_real_final`).
+            guarded(|| unsafe { d2h::after_real_final(ctx as usize, rc == 1) });
+            rc
+        }
+    };
+}
+
+decrypt_final!(pipellm_EVP_DecryptFinal_ex, decrypt_final_ex);
+decrypt_final!(pipellm_EVP_DecryptFinal, decrypt_final);
 
 // ---- ctrl and context life ----------------------------------------------------------------
 
@@ -405,12 +546,27 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_ctrl(
         }
         return rc;
     }
+    if type_ == CTRL_SET_TAG && arg == TAG_LEN as c_int && !ptr.is_null() {
+        // Recorded for a deferred message's tag check; no resync needed (the real context
+        // takes the tag whatever it has seen).
+        resync_hit(r, ctx);
+        let rc = call();
+        if rc == 1 {
+            let mut tag = [0u8; TAG_LEN];
+            // SAFETY: SET_TAG with arg 16 means ptr is 16 readable bytes.
+            unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), tag.as_mut_ptr(), TAG_LEN) };
+            guarded(|| d2h::on_set_tag(ctx as usize, &tag));
+        }
+        guarded(|| engine().untrack(ctx as usize));
+        return rc;
+    }
     resync(r, ctx);
     let rc = call();
     let harmless =
         matches!(type_, CTRL_GET_IVLEN | CTRL_GET_TAGLEN) || (type_ == CTRL_SET_IVLEN && arg == 12);
     if !harmless {
         guarded(|| engine().untrack(ctx as usize));
+        guarded(|| d2h::forget(ctx as usize));
     }
     rc
 }
@@ -421,6 +577,9 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_ctrl(
 pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_free(ctx: Ctx) {
     let Some(r) = with_real() else { return };
     if !passthrough() {
+        // A deferred D2H message opens with what OpenSSL would have left there.
+        resync_d2h(r, ctx);
+        guarded(|| d2h::forget(ctx as usize));
         guarded(|| engine().forget(ctx as usize));
     }
     // SAFETY: forwarding the caller's argument unchanged.
@@ -433,6 +592,8 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_free(ctx: Ctx) {
 pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_reset(ctx: Ctx) -> c_int {
     let Some(r) = with_real() else { return 0 };
     if !passthrough() {
+        resync_d2h(r, ctx);
+        guarded(|| d2h::forget(ctx as usize));
         guarded(|| engine().forget(ctx as usize));
     }
     // SAFETY: forwarding the caller's argument unchanged.
@@ -447,6 +608,8 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_copy(out: Ctx, input: Ctx) -> c_
     if !passthrough() {
         resync(r, input);
         // The copy is not followed (it has no key we saw being set).
+        resync_d2h(r, out);
+        guarded(|| d2h::forget(out as usize));
         guarded(|| engine().forget(out as usize));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
@@ -528,6 +691,52 @@ pub extern "C" fn pipellm_cc_unwatch(ptr: *const c_void) -> c_int {
     match std::panic::catch_unwind(|| crate::watched::unwatch(ptr as usize)) {
         Ok(true) => 0,
         Ok(false) => -1,
+        Err(_) => -4,
+    }
+}
+
+/// Registers a receive pool: `view` and `alias` are two mappings of the same `len` bytes
+/// (page-aligned); D2H chunks the driver decrypts into the view are answered after a
+/// synchronous tag check and decrypted later through the alias, the view's pages
+/// inaccessible (a reader waits) until then (see `d2h`). Returns 0, or -1 (empty, wrapping,
+/// unaligned or self-overlapping), -2 (overlaps a pool or a watched range), -3 (too many
+/// pools), -4 (internal error), -5 (not a mapping we may advise).
+///
+/// # Safety
+/// `view` and `alias` must map the same memory read-write and stay mapped until
+/// `pipellm_cc_unreceive(view)` returns 0; nothing else may change the view's protection
+/// meanwhile, and nothing else may write the alias while a chunk is decrypted into it.
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above, which its (C) callers keep.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_cc_receive(
+    view: *mut c_void,
+    alias: *mut c_void,
+    len: usize,
+) -> c_int {
+    use crate::d2h::ReceiveError;
+    // SAFETY: the caller's promise above is the one `d2h::receive` needs.
+    let r =
+        std::panic::catch_unwind(|| unsafe { d2h::receive(view as usize, alias as usize, len) });
+    match r {
+        Ok(Ok(())) => 0,
+        Ok(Err(ReceiveError::BadRange)) => -1,
+        Ok(Err(ReceiveError::Overlaps)) => -2,
+        Ok(Err(ReceiveError::Full)) => -3,
+        Ok(Err(ReceiveError::NotMapped)) => -5,
+        Err(_) => -4,
+    }
+}
+
+/// Unregisters the receive pool whose view starts at `view`, once every chunk decrypted
+/// into it is in place. Returns 0, or -1 (no such pool), -6 (a chunk into it is between its
+/// Update and its Final: try again), -4 (internal error).
+#[no_mangle]
+pub extern "C" fn pipellm_cc_unreceive(view: *const c_void) -> c_int {
+    use crate::d2h::UnreceiveError;
+    match std::panic::catch_unwind(|| d2h::unreceive(view as usize)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(UnreceiveError::NotFound)) => -1,
+        Ok(Err(UnreceiveError::Busy)) => -6,
         Err(_) => -4,
     }
 }

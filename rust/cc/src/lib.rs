@@ -16,6 +16,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
+#[cfg(target_os = "linux")]
+pub mod d2h;
 pub mod engine;
 #[cfg(target_os = "linux")]
 pub mod exports;

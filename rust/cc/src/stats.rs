@@ -32,6 +32,15 @@ counters! {
     jobs_dropped: "pre-encrypted chunks thrown away unused (prediction passed them)",
     panics: "internal panics caught (the interposer then forwards everything)",
     hits_watched: "hits on chunks of watched ranges (validated by page protection, no read)",
+    stops: "1 once the pipeline stopped (a D2H chunk failed its tag): everything forwarded since",
+    d2h_deferred: "D2H chunks answered after the tag check alone, decrypted later off the critical path",
+    d2h_deferred_bytes: "bytes of deferred D2H chunks",
+    d2h_forwarded: "D2H chunks on followed contexts decrypted by the real library",
+    d2h_tag_failures: "deferred D2H chunks whose tag did not verify (the pipeline then stops)",
+    d2h_resyncs: "deferred D2H chunks handed back to the real context by an unexpected call",
+    d2h_keys_confirmed: "decryption keys whose real output our AES-GCM reproduced",
+    d2h_late_failures: "deferred D2H chunks whose alias was written after the tag check (zeroed; the pipeline stops)",
+    d2h_backpressure: "D2H chunks decrypted synchronously because too many were queued",
 }
 
 impl Stats {

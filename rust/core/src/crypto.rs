@@ -20,7 +20,7 @@ pub struct AeadKey {
     /// Raw key, kept for the streaming verifier (the EVP_CIPHER API needs it at init) and
     /// for counter-mode decryption.
     raw: Zeroizing<[u8; KEY_LEN]>,
-    /// GHASH's key H = AES_K(0^128), for [`AeadKey::tag_of_ciphertext`].
+    /// GHASH's key H = AES_K(0^128), for [`AeadKey::snapshot_and_tag`].
     hash_key: Zeroizing<[u8; 16]>,
 }
 
@@ -196,7 +196,7 @@ impl AeadKey {
         ct: &[u8],
         tag: &[u8; TAG_LEN],
     ) -> Result<()> {
-        StreamingVerifier::new(&self.raw, iv)?.verify(aad, ct, tag)
+        StreamingCipher::new(&self.raw, iv, false)?.verify(aad, ct, tag)
     }
 }
 
@@ -205,29 +205,46 @@ impl AeadKey {
 const GCM_MAX_LEN: u64 = ((1u64 << 32) - 2) * 16;
 
 impl AeadKey {
-    /// The tag GCM gives a message without AAD whose ciphertext is `ct`, computed without
-    /// decrypting anything: a tag check that costs one GHASH pass instead of a whole
-    /// decryption, so that decryption itself can be done later, elsewhere.
+    /// Copies `src` into `dst` (same length) and returns the GCM tag that a message without
+    /// AAD whose ciphertext is `dst` must carry, without decrypting anything: a tag check
+    /// that costs one GHASH pass instead of a whole decryption, so that decryption itself
+    /// can be done later, elsewhere. One pass over the bytes: each piece is hashed right
+    /// after it is copied, while it is still in cache. The tag is of the copy, never of
+    /// `src`: for a source another party can change (a buffer shared with the host), what
+    /// is checked is exactly what stays. Compare in constant time ([`tags_equal`]).
     ///
     /// How: GCM's tag is GHASH_H(blocks, length block) ^ AES_K(J0). GMAC of the same bytes
-    /// taken as AAD (a GCM seal with `ct` as AAD and no plaintext) hashes the very same
+    /// taken as AAD (a GCM encryption of no plaintext after that AAD) hashes the very same
     /// padded blocks under the same H and masks with the same AES_K(J0); only the final
-    /// length block differs (len(A) || len(C) = bits || 0 instead of 0 || bits). GHASH's last
-    /// step is (X ^ L)·H, so the two tags differ by exactly (L_gmac ^ L_gcm)·H, one product
-    /// in GF(2^128). Compare the result to the received tag in constant time
-    /// ([`tags_equal`]).
-    pub fn tag_of_ciphertext(&self, iv: &[u8; IV_LEN], ct: &[u8]) -> Result<[u8; TAG_LEN]> {
-        if ct.len() as u64 > GCM_MAX_LEN {
+    /// length block differs (len(A) || len(C) = bits || 0 instead of 0 || bits). GHASH's
+    /// last step is (X ^ L)·H, so the two tags differ by exactly (L_gmac ^ L_gcm)·H, one
+    /// product in GF(2^128).
+    pub fn snapshot_and_tag(
+        &self,
+        iv: &[u8; IV_LEN],
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<[u8; TAG_LEN]> {
+        check_same_len(dst.len(), src.len())?;
+        if src.len() as u64 > GCM_MAX_LEN {
             return Err(Error::InvalidLength(format!(
                 "{} bytes is over GCM's message limit",
-                ct.len()
+                src.len()
             )));
         }
-        let mut none = [0u8; 0];
-        // SAFETY: a seal of zero bytes: both pointers come from a live empty array (valid for
-        // zero-length access, and the same pointer for in and out, which AWS-LC allows).
-        let mut tag = unsafe { self.seal_raw(iv, ct, none.as_ptr(), none.as_mut_ptr(), 0)? };
-        let bits = (ct.len() as u64 * 8).to_be_bytes();
+        let mut gmac = StreamingCipher::new(&self.raw, iv, true)?;
+        for (s, d) in src.chunks(SNAPSHOT_STEP).zip(dst.chunks_mut(SNAPSHOT_STEP)) {
+            d.copy_from_slice(s);
+            gmac.aad(d)?;
+        }
+        let tag = gmac.finish_tag()?;
+        Ok(self.gmac_to_gcm_tag(tag, src.len()))
+    }
+
+    /// Turns the GMAC of `len` bytes (taken as AAD) into the GCM tag of the same bytes taken
+    /// as ciphertext (see [`AeadKey::snapshot_and_tag`]).
+    fn gmac_to_gcm_tag(&self, mut tag: [u8; TAG_LEN], len: usize) -> [u8; TAG_LEN] {
+        let bits = (len as u64 * 8).to_be_bytes();
         let mut diff = [0u8; 16];
         diff[..8].copy_from_slice(&bits);
         diff[8..].copy_from_slice(&bits);
@@ -235,43 +252,42 @@ impl AeadKey {
         for (t, c) in tag.iter_mut().zip(correction.iter()) {
             *t ^= c;
         }
-        Ok(tag)
+        tag
     }
 
-    /// Decrypts `buf` in place with GCM's counter mode under `iv`, **without checking any
-    /// tag**: only for ciphertext whose tag [`AeadKey::tag_of_ciphertext`] already matched,
-    /// in memory nobody reads until this returns. The result is byte for byte what a GCM
-    /// open of the same message (no AAD) writes.
-    pub fn decrypt_checked_in_place(&self, iv: &[u8; IV_LEN], buf: &mut [u8]) -> Result<()> {
-        if buf.len() as u64 > GCM_MAX_LEN {
-            return Err(Error::InvalidLength(format!(
-                "{} bytes is over GCM's message limit",
-                buf.len()
-            )));
-        }
-        let schedule = AesSchedule::new(&self.raw)?;
-        // The first plaintext block uses counter block J0 + 1 = IV || 00000002.
-        let mut counter = Zeroizing::new([0u8; 16]);
-        counter[..IV_LEN].copy_from_slice(iv);
-        counter[15] = 2;
-        let mut keystream = Zeroizing::new([0u8; 16]);
-        let mut used: std::os::raw::c_uint = 0;
+    /// Verifies and decrypts `buf` in place (a message without AAD). Decryption deferred
+    /// past a [`AeadKey::snapshot_and_tag`] check uses this rather than bare counter mode:
+    /// AWS-LC's stitched AES-GCM is faster than its standalone CTR here (see the D2H
+    /// breakdown in bench/RESULTS.md), and the tag is checked a second time for free. On
+    /// failure `buf` is zeroed: it held unverified plaintext.
+    pub fn open_in_place(
+        &self,
+        iv: &[u8; IV_LEN],
+        tag: &[u8; TAG_LEN],
+        buf: &mut [u8],
+    ) -> Result<()> {
         let p = buf.as_mut_ptr();
-        // SAFETY: `buf` is valid for reads and writes of its length and in/out alias exactly
-        // (AES-CTR is a byte-wise XOR, in place is allowed); counter and keystream are the
-        // 16-byte buffers the function expects; the schedule is initialised. No counter wrap
-        // can occur below 2^32 - 2 blocks (checked above), so this is GCM's inc32 counter.
-        unsafe {
-            ffi::AES_ctr128_encrypt(
+        // SAFETY: input and output alias exactly, which AWS-LC allows; `buf` is valid for
+        // reads and writes of its length and exclusively ours for the call; iv and tag are
+        // live buffers of the lengths passed; the context is initialised.
+        let ok = unsafe {
+            ffi::EVP_AEAD_CTX_open_gather(
+                self.ctx(),
                 p,
+                iv.as_ptr(),
+                IV_LEN,
                 p,
                 buf.len(),
-                &schedule.0,
-                counter.as_mut_ptr(),
-                keystream.as_mut_ptr(),
-                &mut used,
+                tag.as_ptr(),
+                TAG_LEN,
+                std::ptr::null(),
+                0,
             )
         };
+        if ok != 1 {
+            buf.zeroize();
+            return Err(Error::Authentication("tag does not match the ciphertext"));
+        }
         Ok(())
     }
 }
@@ -329,16 +345,20 @@ impl Drop for AeadKey {
     }
 }
 
-/// GCM decryption through the streaming EVP_CIPHER interface, used only to check a tag.
-struct StreamingVerifier {
+/// AES-GCM through the streaming EVP_CIPHER interface: decryption to check a tag
+/// (`verify`), or encryption of nothing after streamed AAD (a GMAC: `aad`, `finish_tag`).
+struct StreamingCipher {
     ctx: *mut ffi::EVP_CIPHER_CTX,
 }
 
 /// Bytes decrypted per step of the streaming verifier: small enough to stay in L1/L2.
 const VERIFY_STEP: usize = 16 << 10;
+/// Bytes copied and then hashed per step of `snapshot_and_tag`: the piece is hashed while
+/// it is still in L2.
+const SNAPSHOT_STEP: usize = 64 << 10;
 
-impl StreamingVerifier {
-    fn new(key: &[u8; KEY_LEN], iv: &[u8; IV_LEN]) -> Result<Self> {
+impl StreamingCipher {
+    fn new(key: &[u8; KEY_LEN], iv: &[u8; IV_LEN], encrypt: bool) -> Result<Self> {
         // SAFETY: plain allocation; checked for null below.
         let ctx = unsafe { ffi::EVP_CIPHER_CTX_new() };
         if ctx.is_null() {
@@ -348,18 +368,63 @@ impl StreamingVerifier {
         // SAFETY: ctx is a fresh context; key and iv are live buffers of 32 and 12 bytes
         // (AES-256-GCM's default IV length is 12, so no SET_IVLEN is needed).
         let ok = unsafe {
-            ffi::EVP_DecryptInit_ex(
+            ffi::EVP_CipherInit_ex(
                 this.ctx,
                 ffi::EVP_aes_256_gcm(),
                 std::ptr::null_mut(),
                 key.as_ptr(),
                 iv.as_ptr(),
+                encrypt as std::os::raw::c_int,
             )
         };
         if ok != 1 {
-            return Err(Error::Backend("EVP_DecryptInit_ex failed"));
+            return Err(Error::Backend("EVP_CipherInit_ex failed"));
         }
         Ok(this)
+    }
+
+    /// Feeds AAD (any length; only before any data).
+    fn aad(&mut self, bytes: &[u8]) -> Result<()> {
+        let mut out_len: std::os::raw::c_int = 0;
+        // SAFETY: an initialised context; with a null output pointer EVP_CipherUpdate
+        // consumes `bytes` (a live buffer of the length passed) as AAD and writes nothing.
+        let ok = unsafe {
+            ffi::EVP_CipherUpdate(
+                self.ctx,
+                std::ptr::null_mut(),
+                &mut out_len,
+                bytes.as_ptr(),
+                c_len(bytes.len())?,
+            )
+        };
+        if ok != 1 {
+            return Err(Error::Backend("EVP_CipherUpdate(aad) failed"));
+        }
+        Ok(())
+    }
+
+    /// Ends an encryption of no data and returns its tag (the GMAC of the AAD).
+    fn finish_tag(self) -> Result<[u8; TAG_LEN]> {
+        let mut out_len: std::os::raw::c_int = 0;
+        let mut scratch = [0u8; 16];
+        let mut tag = [0u8; TAG_LEN];
+        // SAFETY: an initialised encryption context; GCM writes nothing at final (the
+        // scratch block is room to spare); GET_TAG writes TAG_LEN bytes into `tag`.
+        unsafe {
+            if ffi::EVP_EncryptFinal_ex(self.ctx, scratch.as_mut_ptr(), &mut out_len) != 1 {
+                return Err(Error::Backend("EVP_EncryptFinal_ex failed"));
+            }
+            if ffi::EVP_CIPHER_CTX_ctrl(
+                self.ctx,
+                ffi::EVP_CTRL_GCM_GET_TAG,
+                TAG_LEN as _,
+                tag.as_mut_ptr().cast(),
+            ) != 1
+            {
+                return Err(Error::Backend("EVP_CTRL_GCM_GET_TAG failed"));
+            }
+        }
+        Ok(tag)
     }
 
     fn verify(self, aad: &[u8], ct: &[u8], tag: &[u8; TAG_LEN]) -> Result<()> {
@@ -417,7 +482,7 @@ fn c_len(n: usize) -> Result<std::os::raw::c_int> {
     std::os::raw::c_int::try_from(n).map_err(|_| Error::InvalidLength("piece too large".into()))
 }
 
-impl Drop for StreamingVerifier {
+impl Drop for StreamingCipher {
     fn drop(&mut self) {
         // SAFETY: `ctx` came from EVP_CIPHER_CTX_new and is freed once. AWS-LC's free path
         // releases the cipher state with OPENSSL_free, which cleanses the allocation.
@@ -530,20 +595,25 @@ mod tests {
             let pt: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
             let mut ct = vec![0u8; len];
             let tag = k.seal(&iv, b"", &pt, &mut ct).unwrap();
-            let t = k.tag_of_ciphertext(&iv, &ct).unwrap();
-            assert!(tags_equal(&t, &tag), "len {len}");
+            let mut copy = vec![0u8; len];
+            let t2 = k.snapshot_and_tag(&iv, &ct, &mut copy).unwrap();
+            assert!(tags_equal(&t2, &tag), "len {len}");
+            assert_eq!(copy, ct);
             let mut back = ct.clone();
-            k.decrypt_checked_in_place(&iv, &mut back).unwrap();
+            k.open_in_place(&iv, &tag, &mut back).unwrap();
             assert_eq!(back, pt, "len {len}");
             if len > 0 {
                 let mut bad = ct.clone();
                 bad[len / 2] ^= 1;
-                assert!(!tags_equal(&k.tag_of_ciphertext(&iv, &bad).unwrap(), &tag));
+                assert!(!tags_equal(
+                    &k.snapshot_and_tag(&iv, &bad, &mut copy).unwrap(),
+                    &tag
+                ));
             }
             let mut other_iv = iv;
             other_iv[11] ^= 1;
             assert!(!tags_equal(
-                &k.tag_of_ciphertext(&other_iv, &ct).unwrap(),
+                &k.snapshot_and_tag(&other_iv, &ct, &mut copy).unwrap(),
                 &tag
             ));
         }
@@ -560,14 +630,16 @@ mod tests {
             let k = AeadKey::new(&key).unwrap();
             let mut ct = vec![0u8; pt.len()];
             let tag = k.seal(&iv, b"", &pt, &mut ct).unwrap();
-            proptest::prop_assert!(tags_equal(&k.tag_of_ciphertext(&iv, &ct).unwrap(), &tag));
+            let mut copy = vec![0u8; ct.len()];
+            proptest::prop_assert!(tags_equal(&k.snapshot_and_tag(&iv, &ct, &mut copy).unwrap(), &tag));
+            proptest::prop_assert_eq!(&copy, &ct);
             let mut back = ct.clone();
-            k.decrypt_checked_in_place(&iv, &mut back).unwrap();
+            k.open_in_place(&iv, &tag, &mut back).unwrap();
             proptest::prop_assert_eq!(&back, &pt);
             if !ct.is_empty() {
                 let i = flip % ct.len();
                 ct[i] ^= 1 << (flip % 8);
-                proptest::prop_assert!(!tags_equal(&k.tag_of_ciphertext(&iv, &ct).unwrap(), &tag));
+                proptest::prop_assert!(!tags_equal(&k.snapshot_and_tag(&iv, &ct, &mut copy).unwrap(), &tag));
             }
         }
     }
