@@ -234,3 +234,78 @@ def test_watch_from_python_under_the_interposer(cc_dir: Path) -> None:
 def test_watch_needs_the_interposer() -> None:
     with pytest.raises(RuntimeError, match="not loaded"):
         cc.watch(bytearray(10))
+
+
+@pytest.mark.parametrize("mode", ["link", "dlopen"])
+def test_d2h_into_a_receive_pool_is_deferred_exact_and_tamper_proof(
+    emulator: Path, cc_dir: Path, mode: str
+) -> None:
+    # The emulator decrypts D2H chunks (several sizes and alignments, some abandoned after
+    # their Update) into one memfd mapped twice, registered with pipellm_cc_receive; the
+    # tampered chunk comes last, then more H2D copies.
+    plain, _ = run_emulator(emulator, [mode, "check", "10"], False, cc_dir)
+    shimmed, stats = run_emulator(
+        emulator, [mode, "check", "10"], True, cc_dir, PIPELLM_EMU_RECEIVE="1"
+    )
+
+    def fields(out: str) -> dict[str, str]:
+        words = out.split()
+        return dict(zip(words[::2], words[1::2], strict=True))
+
+    p, s = fields(plain), fields(shimmed)
+    # Every ciphertext, tag and every byte read back from the pool is OpenSSL's.
+    assert s["digest"] == p["digest"] and s["pool_ok"] == p["pool_ok"], (plain, shimmed)
+    assert int(p["pool_ok"]) == 10 * 6 - 2  # rounds x chunks, less the abandoned ones
+    assert s["pool_tamper_rejected"] == p["pool_tamper_rejected"] == "1"
+    # OpenSSL leaves unverified plaintext behind a failed tag; the interposer zeroes it.
+    assert p["leaked"] == "1" and s["leaked"] == "0"
+    assert stats["d2h_deferred"] >= 40, stats  # all but the key's first and the abandoned
+    assert stats["d2h_resyncs"] >= 2, stats  # abandoned messages handed back to OpenSSL
+    assert stats["d2h_tag_failures"] == 1 and stats["stops"] == 1, stats
+    assert stats["d2h_late_failures"] == 0 and stats["panics"] == 0, stats
+    # Switched off, nothing is deferred and the answers are the same.
+    off, stats_off = run_emulator(
+        emulator, [mode, "check", "4"], True, cc_dir, PIPELLM_EMU_RECEIVE="1", PIPELLM_CC_D2H="0"
+    )
+    plain4, _ = run_emulator(emulator, [mode, "check", "4"], False, cc_dir)
+    assert fields(off)["digest"] == fields(plain4)["digest"]
+    assert stats_off["d2h_deferred"] == 0 and stats_off["stops"] == 0, stats_off
+
+
+def test_d2h_bench_reads_back_exact_plaintext(emulator: Path, cc_dir: Path) -> None:
+    out, stats = run_emulator(
+        emulator, ["link", "bench-d2h", "40"], True, cc_dir, PIPELLM_EMU_RECEIVE="1"
+    )
+    f = out.split()
+    assert f[0] == "pool_us" and f[f.index("bad") + 1] == "0", out
+    assert stats["d2h_deferred"] >= 35, stats
+
+
+def test_python_receive_pool_under_the_interposer(cc_dir: Path) -> None:
+    env = cc.environment(directory=cc_dir)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cc_receive_child.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    import json
+
+    r = json.loads(p.stdout)
+    assert r["exact"] == r["expected"], r
+    assert r["write_after"] is True
+    assert r["tamper_rc"] == 0 and r["tamper_zeroed"] is True
+    assert r["after_stop"] is True and r["deferred_after_stop"] == 0
+    stats = r["stats"]
+    assert stats["d2h_deferred"] >= 20, stats  # the key's first message confirms it
+    assert stats["stops"] == 1 and stats["d2h_tag_failures"] == 1, stats
+
+
+def test_receive_needs_the_interposer() -> None:
+    import pipellm
+
+    with pytest.raises(RuntimeError, match="not loaded"):
+        cc.receive(pipellm.HostPool(4096))

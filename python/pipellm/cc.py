@@ -20,6 +20,10 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._core import HostPool
 
 SHIM_NAME = "libpipellm_cc_shim.so"
 REAL_ALIAS = "libpipellm-real-crypto.so.3"
@@ -246,3 +250,55 @@ def unwatch(buf: object) -> None:
     if fn(addr) != 0:
         raise ValueError("buf is not watched")
     _watched.pop(addr, None)
+
+
+# Pools lent to the interposer as D2H destinations, kept alive until unregistered: a chunk may
+# still be decrypting into them.
+_receiving: dict[int, object] = {}
+
+
+def receive(pool: HostPool) -> None:
+    """Registers `pool` with the interposer as a destination for device-to-host copies (this
+    process must run under it: `pipellm run`, `enable()`). A D2H chunk the driver decrypts
+    into the pool is then answered after its tag check alone, and decrypted afterwards on a
+    pipellm thread: the copy returns sooner. Until its plaintext is in place the chunk's pages
+    are inaccessible, so whoever reads them waits; `pool.write` waits too, then writes. A
+    chunk whose tag fails is zeroed, the copy fails, and the interposer stops its pipeline.
+    While registered, no pipellm `Pipeline` may watch the pool's memory (refused both ways).
+    pipellm keeps `pool` alive until `unreceive(pool)`."""
+    from ._core import _host_pool_end_loan, _host_pool_lend
+
+    fn = _process_symbol("pipellm_cc_receive")
+    if fn is None:
+        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    view, alias, n = _host_pool_lend(pool)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    rc = fn(view, alias, n)
+    if rc != 0:
+        _host_pool_end_loan(pool)
+        if rc == -2:
+            raise ValueError("pool overlaps memory the interposer already watches or receives into")
+        raise RuntimeError(f"the interposer refused the pool (code {rc})")
+    _receiving[view] = pool
+
+
+def unreceive(pool: HostPool) -> None:
+    """Unregisters `pool` (see `receive`) once every chunk decrypting into it is in place.
+    Raises `BlockingIOError` if a copy into it is in progress (between its decryption calls):
+    call again once it returned."""
+    from ._core import _buffer_span, _host_pool_end_loan
+
+    fn = _process_symbol("pipellm_cc_unreceive")
+    if fn is None:
+        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    view, _ = _buffer_span(pool)
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    rc = fn(view)
+    if rc == -6:
+        raise BlockingIOError("a device-to-host copy into the pool is in progress")
+    if rc != 0:
+        raise ValueError("pool is not registered with the interposer")
+    _host_pool_end_loan(pool)
+    _receiving.pop(view, None)

@@ -22,6 +22,18 @@ use std::sync::Mutex;
 /// (a write watch elsewhere, such as the driver interposer's, would miss alias writes).
 static VIEWS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
+/// Views of pools lent to the driver interposer as D2H destinations, `(start, end)`: their
+/// pages are sealed and opened by the interposer, so no write watch of ours may cover them.
+static LENT: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+/// True if any byte of `[start, end)` is in the view of a pool lent to the driver.
+pub(crate) fn overlaps_a_lent_pool(start: usize, end: usize) -> bool {
+    LENT.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .any(|&(s, e)| s < end && start < e)
+}
+
 /// True if any byte of `[addr, addr + len)` is in a live pool's view.
 pub fn overlaps_a_pool(addr: usize, len: usize) -> bool {
     let end = addr.saturating_add(len.max(1));
@@ -37,6 +49,8 @@ pub struct HostPool {
     view: *mut u8,
     alias: *mut u8,
     len: usize,
+    /// Lent to the driver interposer (see [`HostPool::lend_to_driver`]).
+    lent: std::sync::atomic::AtomicBool,
     _fd: OwnedFd,
 }
 
@@ -107,6 +121,7 @@ impl HostPool {
             view,
             alias,
             len,
+            lent: std::sync::atomic::AtomicBool::new(false),
             _fd: fd,
         };
         // Shared mappings would be shared with a forked child (private memory is copied on
@@ -132,6 +147,50 @@ impl HostPool {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes mapped (the length rounded up to whole pages).
+    pub fn mapped_len(&self) -> usize {
+        self.len.next_multiple_of(crate::staging::PAGE)
+    }
+
+    /// The alias's first byte: for lending the pool to the driver interposer, which writes
+    /// deferred D2H plaintext through it (see [`HostPool::lend_to_driver`]).
+    pub fn alias_ptr(&self) -> *mut u8 {
+        self.alias
+    }
+
+    /// Marks the pool as lent to the driver interposer as a D2H destination (the caller
+    /// then registers view and alias with it): its view pages may be sealed while a chunk is
+    /// decrypted into them, so no write watch of ours may cover them (refused here if one
+    /// does, and refused to new watches while lent), and [`HostPool::write`] first waits for
+    /// any sealed page of its range (one read per page through the view) so that a
+    /// decryption still in flight never lands after the application's write.
+    pub fn lend_to_driver(&self) -> Result<()> {
+        let (start, end) = (self.view as usize, self.view as usize + self.mapped_len());
+        let lend = || {
+            LENT.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((start, end));
+            self.lent.store(true, std::sync::atomic::Ordering::Release);
+        };
+        if self.lent.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        crate::writeguard::unless_watched(start, end, lend).ok_or_else(|| {
+            Error::InvalidArgument(
+                "the pool's memory is watched by a pipeline (unwatch its buffers first)".into(),
+            )
+        })
+    }
+
+    /// Ends [`HostPool::lend_to_driver`] (after the interposer unregistered the pool).
+    pub fn end_driver_loan(&self) {
+        let start = self.view as usize;
+        LENT.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|&(s, _)| s != start);
+        self.lent.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The view's first byte: what transfers read.
@@ -185,6 +244,21 @@ impl HostPool {
         f: impl FnOnce(&mut [u8]) -> T,
     ) -> Result<T> {
         self.check_range(offset, len)?;
+        if self.lent.load(std::sync::atomic::Ordering::Acquire) && len > 0 {
+            // A D2H chunk may still be decrypting into this range (the interposer seals its
+            // pages until the plaintext is in place): reading one byte per page through the
+            // view waits for it, so our write lands after it, not under it.
+            let page = crate::staging::PAGE;
+            let first = (self.view as usize + offset) / page * page;
+            let mut at = first.max(self.view as usize);
+            while at < self.view as usize + offset + len {
+                // SAFETY: inside the view mapping (in bounds, checked above); a volatile
+                // read so that it is not elided; a sealed page makes it wait in the fault
+                // handler.
+                unsafe { std::ptr::read_volatile(at as *const u8) };
+                at = (at / page + 1) * page;
+            }
+        }
         let marks = crate::writeguard::begin_alias_write(self.view as usize + offset, len);
         // SAFETY: in bounds (checked); exclusive by the caller's promise; the alias maps the
         // same pages as the view for the life of `self`.
@@ -209,6 +283,7 @@ impl Drop for HostPool {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|&(s, _)| s != start);
+        self.end_driver_loan();
         // SAFETY: both mappings were made in `new` with this size and are unmapped once;
         // nothing borrows them past `self` (sources holding the pool keep it alive).
         unsafe {
@@ -325,5 +400,42 @@ mod tests {
         writer.join().unwrap();
         drop(w);
         let _ = validated; // may be 0 on a busy machine: the property is about the others
+    }
+
+    #[test]
+    fn a_lent_pool_refuses_watches_and_writes_after_a_sealed_decryption() {
+        let pool = HostPool::new(3 * 4096 + 10).unwrap();
+        // Refused while one of our watches covers it.
+        // SAFETY: the pool's view stays mapped while `w` lives; only this code writes it.
+        let w = unsafe { WriteWatch::register(pool.as_ptr(), 100) }.unwrap();
+        assert!(pool.lend_to_driver().is_err());
+        drop(w);
+        pool.lend_to_driver().unwrap();
+        // SAFETY: as above (the registration is refused).
+        assert!(unsafe { WriteWatch::register(pool.as_ptr(), 100) }.is_err());
+        // The interposer's side, played here: seal a page, "decrypt" through the alias
+        // later, then open. A write issued meanwhile must land after the decryption.
+        // SAFETY: the view is read-write and stays mapped; this test opens the seal from
+        // another thread, which touches only the alias.
+        let seal = unsafe { crate::sealed::seal(pool.as_ptr().wrapping_add(4096), 4096) }.unwrap();
+        let alias = pool.alias_ptr() as usize;
+        let decryptor = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            // SAFETY: the pool's alias, mapped while the pool lives (joined below).
+            unsafe { std::ptr::write_bytes((alias + 4096) as *mut u8, 0xDD, 4096) };
+            seal.open();
+        });
+        pool.write(4096 + 100, &[0xAA; 50]).unwrap();
+        decryptor.join().unwrap();
+        let v = pool.view();
+        assert!(
+            v[4096 + 100..4096 + 150].iter().all(|&b| b == 0xAA),
+            "a decryption still in flight overwrote the later write"
+        );
+        assert_eq!(v[4096 + 99], 0xDD);
+        pool.end_driver_loan();
+        // SAFETY: as above; allowed again.
+        let w = unsafe { WriteWatch::register(pool.as_ptr(), 100) }.unwrap();
+        drop(w);
     }
 }

@@ -414,6 +414,11 @@ impl WriteWatch {
                 "cannot watch pages held sealed for a deferred decryption".into(),
             ));
         }
+        if crate::hostpool::overlaps_a_lent_pool(start, end) {
+            return Err(Error::InvalidArgument(
+                "cannot watch a host pool lent to the driver interposer".into(),
+            ));
+        }
         let slot = REGIONS
             .iter()
             .position(|r| !r.in_use.load(Ordering::Acquire))

@@ -109,6 +109,23 @@ impl PyHostPool {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
+/// Lends `pool` to the driver interposer as a D2H destination (see
+/// `HostPool::lend_to_driver`) and returns `(view address, alias address, mapped bytes)`
+/// for its registration.
+#[pyfunction]
+pub fn _host_pool_lend(py: Python<'_>, pool: &PyHostPool) -> PyResult<(usize, usize, usize)> {
+    let p = &pool.inner;
+    p.lend_to_driver()
+        .map_err(|e| crate::errors::to_py(py, e))?;
+    Ok((p.as_ptr() as usize, p.alias_ptr() as usize, p.mapped_len()))
+}
+
+/// Ends `_host_pool_lend` (after the interposer unregistered the pool).
+#[pyfunction]
+pub fn _host_pool_end_loan(pool: &PyHostPool) {
+    pool.inner.end_driver_loan();
+}
+
 /// True if any byte of `[addr, addr + length)` is memory of a live `HostPool`.
 #[pyfunction]
 pub fn _in_host_pool(addr: usize, length: usize) -> bool {

@@ -25,6 +25,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<hostpool::PyHostPool>()?;
     #[cfg(target_os = "linux")]
     m.add_function(wrap_pyfunction!(hostpool::_in_host_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(hostpool::_host_pool_lend, m)?)?;
+    m.add_function(wrap_pyfunction!(hostpool::_host_pool_end_loan, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::_buffer_span, m)?)?;
     m.add_class::<pipeline::PyTransfer>()?;
     m.add_class::<predict::PyLearned>()?;
