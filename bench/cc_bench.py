@@ -11,7 +11,14 @@ Each run also times a plain memcpy of the same 1 MiB from the same (cold) source
 The emulator waits GAP_US of "device time" after each chunk, as the driver waits for its
 bounce buffer. Figures are medians over the steady state (first quarter skipped).
 
-    python bench/cc_bench.py [--chunks 800] [--gap-us 400] [--json out.json]
+D2H (device to host), one emulator run under the interposer with a registered receive pool:
+per 1 MiB chunk, the driver's decryption calls (Init, SET_TAG, Update, Final) into the pool
+(`deferred`: answered after the tag check, decrypted later) and into ordinary memory
+(`openssl`: forwarded to the real library), `ready`: from the first call until the pool
+chunk's last byte is readable (a read waits for the deferred decryption), and a memcpy of
+the same bytes.
+
+    python bench/cc_bench.py [--chunks 800] [--gap-us 400] [--d2h-chunks 400] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=800)
     ap.add_argument("--gap-us", type=float, default=400.0)
+    ap.add_argument("--d2h-chunks", type=int, default=400)
     ap.add_argument("--mode", default="link", choices=["link", "dlopen"])
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -68,6 +76,11 @@ def main() -> None:
         ):
             args = [a.mode, "bench", str(a.chunks), str(a.gap_us), order]
             rows[name] = run(exe, args, env)
+        d2h = run(
+            exe,
+            [a.mode, "bench-d2h", str(a.d2h_chunks)],
+            {**shim_env, "PIPELLM_EMU_RECEIVE": "1"},
+        )
     ossl = rows["openssl"][0]["chunk_us"]
     print(f"driver emulator ({a.mode}), 1 MiB chunks, {a.gap_us:.0f} us device time per chunk")
     head = ("path", "chunk us", "memcpy us", "/ memcpy", "/ openssl")
@@ -83,6 +96,15 @@ def main() -> None:
         )
         print(f"{name:10} {c:9.1f} {m:10.1f} {c / m:8.2f}x {c / ossl:9.2f}x  {served}")
         out[name] = {**fig, "vs_memcpy": c / m, "vs_openssl": c / ossl, "stats": st}
+    fig, st = d2h
+    if fig.get("bad", 1) != 0:
+        raise SystemExit(f"D2H bench read back wrong plaintext: {fig}")
+    print(f"\nD2H, 1 MiB chunks ({st.get('d2h_deferred', 0)} deferred)")
+    print(f"{'path':10} {'chunk us':>9} {'/ memcpy':>9} {'/ openssl':>10}")
+    m, o = fig["memcpy_us"], fig["openssl_us"]
+    for name, key in (("deferred", "pool_us"), ("openssl", "openssl_us"), ("ready", "ready_us")):
+        print(f"{name:10} {fig[key]:9.1f} {fig[key] / m:8.2f}x {fig[key] / o:9.2f}x")
+    out["d2h"] = {**fig, "stats": st}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=2))

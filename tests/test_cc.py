@@ -309,3 +309,13 @@ def test_receive_needs_the_interposer() -> None:
 
     with pytest.raises(RuntimeError, match="not loaded"):
         cc.receive(pipellm.HostPool(4096))
+
+
+def test_an_unpredictable_pattern_costs_the_workers_nothing(emulator: Path, cc_dir: Path) -> None:
+    # Random chunk order: once 32 predictions failed, the context is only probed with
+    # shadow predictions (not encrypted), so the workers stop encrypting for it.
+    out, stats = run_emulator(emulator, ["link", "bench", "300", "100", "random"], True, cc_dir)
+    assert out.startswith("chunk_us ")
+    assert stats["misses"] >= 290, stats
+    # Up to the first 32 predictions' worth of lookahead (8 each), far from one per message.
+    assert stats["jobs_done"] < 150, stats

@@ -110,14 +110,18 @@ pub struct CtxState {
     spans: Vec<(usize, usize)>,
     pub prepared: HashMap<Iv, Prepared>,
     pub inflight: HashSet<Iv>,
+    /// While probing: the message predicted for an IV, not encrypted (see PROBE_BELOW_HITS).
+    shadow: Option<(Iv, (usize, usize))>,
     /// Outcomes of the last 32 messages that had a prediction (bit set: served), newest in
     /// bit 0; `outcomes_seen` counts them up to 32.
     outcomes: u32,
     outcomes_seen: u32,
 }
 
-/// A context whose recent predictions mostly failed is only probed one message ahead: on
-/// this path the workers' wasted encryptions compete with the caller for the CPU.
+/// A context whose recent predictions mostly failed is only *probed*: its next message is
+/// predicted but not encrypted (a shadow prediction, checked when the message comes), so
+/// an unpredictable pattern costs the workers nothing and the caller only the bookkeeping;
+/// once enough shadow predictions hold, pre-encryption resumes.
 const PROBE_BELOW_HITS: u32 = 8;
 
 impl CtxState {
@@ -126,12 +130,8 @@ impl CtxState {
         self.outcomes_seen = (self.outcomes_seen + 1).min(32);
     }
 
-    fn lookahead(&self, depth: usize) -> usize {
-        if self.outcomes_seen >= 32 && self.outcomes.count_ones() < PROBE_BELOW_HITS {
-            1
-        } else {
-            depth
-        }
+    fn probing(&self) -> bool {
+        self.outcomes_seen >= 32 && self.outcomes.count_ones() < PROBE_BELOW_HITS
     }
 
     fn new(gen: u64) -> Self {
@@ -150,6 +150,7 @@ impl CtxState {
             spans: Vec::new(),
             prepared: HashMap::new(),
             inflight: HashSet::new(),
+            shadow: None,
             outcomes: 0,
             outcomes_seen: 0,
         }
@@ -398,6 +399,11 @@ impl Engine {
                 return Decision::Forward;
             }
             let iv = st.iv.expect("Fresh implies an IV");
+            if let Some((shadow_iv, span)) = st.shadow.take() {
+                if shadow_iv == iv {
+                    st.record(span == (input as usize, len));
+                }
+            }
             let p = st.prepared.remove(&iv);
             if p.is_none() && st.inflight.contains(&iv) {
                 Stats::add(&self.stats.late, 1);
@@ -617,20 +623,31 @@ impl Engine {
             return jobs;
         }
         let mut wanted = HashSet::new();
-        let depth = st.lookahead(cfg.depth);
+        let probing = st.probing();
+        st.shadow = None;
+        let depth = if probing { 1 } else { cfg.depth };
+        // Messages ahead already covered (pre-encrypted, in flight, or too small to bother),
+        // counted from the next one until the first that is not.
+        let mut covered_ahead = 0;
+        let mut counting = true;
         for (j, k) in st.history.predict(depth).into_iter().enumerate() {
             let Some(iv) = st.model.predict(j as u64 + 1) else {
                 break;
             };
             let (input, len) = st.spans[k as usize];
+            if probing {
+                st.shadow = Some((iv, (input, len)));
+                break;
+            }
             wanted.insert(iv);
             if len < cfg.min_bytes.max(1)
                 || st.prepared.contains_key(&iv)
                 || st.inflight.contains(&iv)
             {
+                covered_ahead += counting as usize;
                 continue;
             }
-            st.inflight.insert(iv);
+            counting = false;
             jobs.push(Job {
                 ctx,
                 gen: st.gen,
@@ -639,6 +656,15 @@ impl Engine {
                 input,
                 len,
             });
+        }
+        // Refill in batches: while the next messages are covered, wait until half the
+        // lookahead is missing, so that one worker wake-up (a syscall on the driver's
+        // critical path) queues several chunks instead of one per message.
+        if jobs.len() < (depth / 2).max(1) && covered_ahead >= (depth / 2).max(1) {
+            jobs.clear();
+        }
+        for j in &jobs {
+            st.inflight.insert(j.iv);
         }
         // Chunks for IVs the prediction no longer expects will never be used.
         let stale: Vec<Iv> = st
@@ -838,17 +864,19 @@ mod tests {
     }
 
     #[test]
-    fn failing_predictions_shrink_the_lookahead_and_hits_restore_it() {
+    fn failing_predictions_switch_to_probing_and_hits_end_it() {
         let mut st = CtxState::new(1);
-        assert_eq!(st.lookahead(8), 8, "no evidence yet");
+        assert!(!st.probing(), "no evidence yet");
         for _ in 0..32 {
             st.record(false);
         }
-        assert_eq!(st.lookahead(8), 1);
-        for _ in 0..PROBE_BELOW_HITS {
+        assert!(st.probing());
+        for _ in 0..PROBE_BELOW_HITS - 1 {
             st.record(true);
         }
-        assert_eq!(st.lookahead(8), 8);
+        assert!(st.probing(), "one hit short");
+        st.record(true);
+        assert!(!st.probing());
     }
 
     #[test]
