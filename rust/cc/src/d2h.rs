@@ -390,48 +390,59 @@ pub fn take_for_resync(ctx: usize) -> Option<Resync> {
 /// EVP_DecryptUpdate contract).
 pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) -> bool {
     let d = d2h();
-    let mut m = lock(&d.ctxs);
-    let Some(st) = m.get_mut(&ctx) else {
-        return false;
-    };
-    if !matches!(st.msg, Some(DMsg::Fresh)) {
-        // A second Update, AAD, or a message we do not follow: forwarded from here on (the
-        // caller resynced a deferred one first).
-        discard(st.msg.take());
-        return false;
-    }
     let (out_a, in_a) = (out as usize, input as usize);
-    let forwarded = DMsg::Forwarded { out: out_a, len };
-    if out.is_null() || !st.confirmed || stopped() || !config().d2h {
-        st.msg = if out.is_null() { None } else { Some(forwarded) };
-        return false;
-    }
-    let (Some(key), Some(iv)) = (st.key.clone(), st.iv) else {
-        st.msg = None;
-        return false;
+    let (key, iv) = {
+        let mut m = lock(&d.ctxs);
+        let Some(st) = m.get_mut(&ctx) else {
+            return false;
+        };
+        if !matches!(st.msg, Some(DMsg::Fresh)) {
+            // A second Update, AAD, or a message we do not follow: forwarded from here on
+            // (the caller resynced a deferred one first).
+            discard(st.msg.take());
+            return false;
+        }
+        if out.is_null() {
+            st.msg = None; // AAD: not the driver's pattern
+            return false;
+        }
+        // Forwarded unless deferred below (the real library then decrypts into `out`).
+        st.msg = Some(DMsg::Forwarded { out: out_a, len });
+        if !st.confirmed || stopped() || !config().d2h {
+            return false;
+        }
+        match (st.key.clone(), st.iv) {
+            (Some(k), Some(iv)) => (k, iv),
+            _ => return false,
+        }
     };
+    // The pool, counted as busy from here (its unregistration waits for the count), so it
+    // stays mapped while the ciphertext is copied without the contexts' lock held: other
+    // channels' chunks are not serialised behind this one's copy.
     let found = lock(&d.pools).iter().find_map(|p| {
         let inside = out_a >= p.view && out_a.checked_add(len)? <= p.view + p.len;
         let end = in_a.checked_add(len)?;
         let apart = |a: usize, n: usize| end <= a || a + n <= in_a;
         let input_clear = apart(p.view, p.len) && apart(p.alias, p.len);
-        (inside && input_clear).then(|| (p.alias + (out_a - p.view), p.pending.clone()))
+        inside.then_some(())?;
+        input_clear.then(|| {
+            p.pending.fetch_add(1, Ordering::AcqRel);
+            (p.alias + (out_a - p.view), PendingGuard(p.pending.clone()))
+        })
     });
     let Some((alias, pending)) = found else {
-        st.msg = Some(forwarded);
         return false;
     };
     if d.queued.load(Ordering::Acquire) >= MAX_QUEUED {
         Stats::add(&stats().d2h_backpressure, 1);
-        st.msg = Some(forwarded);
         return false;
     }
     // Snapshot first (the bounce buffer is shared with the host), hashing each piece as it
     // is copied (the tag is of the copy, the bytes that stay), then seal the view: the copy
     // goes through the alias, so it needs no access to the view.
     // SAFETY: the caller guarantees `input` readable for `len`; `alias` is the pool's second
-    // mapping of `out`'s bytes, writable for `len` (registration contract), and does not
-    // overlap `input` (checked above).
+    // mapping of `out`'s bytes, writable for `len` (registration contract; mapped while
+    // `pending` counts), and does not overlap `input` (checked above).
     let (src, snap) = unsafe {
         (
             std::slice::from_raw_parts(input, len),
@@ -439,32 +450,38 @@ pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) 
         )
     };
     let Ok(tag) = key.snapshot_and_tag(&iv, src, snap) else {
-        st.msg = Some(forwarded);
         return false;
     };
-    // SAFETY: `out` lies inside a registered pool's view: mapped read-write until
-    // unregistered (which waits for this message), protection ours to change; the thread
-    // that opens the seal (a decryption thread, or this one on a resync or a failed tag)
-    // writes through the alias only.
-    let seal = match unsafe { pipellm_core::sealed::seal(out, len) } {
-        Ok(s) => s,
-        Err(_) => {
-            // Out of seal slots: let the real library decrypt (it rewrites `out`).
-            Stats::add(&stats().d2h_backpressure, 1);
-            st.msg = Some(forwarded);
-            return false;
-        }
+    // SAFETY: `out` lies inside a registered pool's view: mapped read-write while `pending`
+    // counts, protection ours to change; the thread that opens the seal (a decryption
+    // thread, or this one on a resync or a failed tag) writes through the alias only.
+    let Ok(seal) = (unsafe { pipellm_core::sealed::seal(out, len) }) else {
+        // Out of seal slots: let the real library decrypt (it rewrites `out`).
+        Stats::add(&stats().d2h_backpressure, 1);
+        return false;
     };
-    pending.fetch_add(1, Ordering::AcqRel);
-    d.in_message.fetch_add(1, Ordering::AcqRel);
-    st.msg = Some(DMsg::Deferred(Deferred {
+    let msg = Deferred {
         alias,
         len,
         tag,
         _seal: seal,
-        pending: PendingGuard(pending),
-    }));
-    true
+        pending,
+    };
+    let mut m = lock(&d.ctxs);
+    match m.get_mut(&ctx) {
+        Some(st) if matches!(st.msg, Some(DMsg::Forwarded { .. })) => {
+            d.in_message.fetch_add(1, Ordering::AcqRel);
+            st.msg = Some(DMsg::Deferred(msg));
+            true
+        }
+        _ => {
+            // The context changed under this call (another thread used it: a caller bug).
+            // Open the pages and let the real library decrypt into them.
+            drop(m);
+            drop(msg);
+            false
+        }
+    }
 }
 
 /// `DecryptFinal` on a deferred message: the tag check; `None` if there is none (forward).

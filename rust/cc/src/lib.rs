@@ -7,7 +7,9 @@
 //! (input pointer, length) it encrypts, pre-encrypts the predicted next chunks on worker
 //! threads under the context's own key and predicted IV ([`engine`]), and answers an
 //! `EVP_EncryptUpdate` whose IV, input and bytes match with the stored ciphertext ([`exports`]).
-//! Everything else is forwarded to the real libcrypto ([`real`]).
+//! Device-to-host chunks decrypted into a registered receive pool are answered after their
+//! tag check and decrypted later ([`d2h`]). Everything else is forwarded to the real
+//! libcrypto ([`real`]).
 //!
 //! What the driver receives is always exactly what OpenSSL would have produced: a key is
 //! followed only after our AES-GCM reproduced a real message under it, and a chunk is used
