@@ -546,6 +546,7 @@ fn reject(msg: Deferred, why: &str) -> FinalOutcome {
 }
 
 fn decrypt_loop() {
+    crate::engine::background_priority();
     let d = d2h();
     loop {
         let job = {

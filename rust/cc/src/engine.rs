@@ -708,6 +708,7 @@ impl Engine {
     }
 
     fn worker_loop(&self) {
+        background_priority();
         loop {
             let job = {
                 let mut q = lock(&self.jobs);
@@ -829,6 +830,16 @@ impl Engine {
             self.recycle(prepared.ct);
         }
     }
+}
+
+/// Marks the calling thread as background work (Linux `SCHED_BATCH`): woken, it does not
+/// preempt the thread that woke it. Waking a worker is otherwise a context switch on the
+/// driver's critical path: measured on 2 cores, `GET_TAG` took 24-550 µs whenever it woke
+/// one. Best effort: on failure the thread keeps the normal policy.
+pub fn background_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes only the calling thread's policy (pid 0), with a valid parameter.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
 }
 
 /// Copies `buf.len()` bytes of our own memory at `addr` into `buf`, or returns false if any
