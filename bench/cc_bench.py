@@ -41,7 +41,9 @@ def build(out: Path) -> Path:
     exe = out / "driver_emulator"
     compiler = shutil.which(os.environ.get("CC", "cc")) or "cc"
     src = ROOT / "tests" / "driver_emulator" / "driver_emulator.c"
-    subprocess.run([compiler, "-O2", "-o", str(exe), str(src), "-l:libcrypto.so.3"], check=True)
+    subprocess.run(
+        [compiler, "-O2", "-pthread", "-o", str(exe), str(src), "-l:libcrypto.so.3"], check=True
+    )
     return exe
 
 

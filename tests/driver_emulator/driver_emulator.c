@@ -16,6 +16,10 @@
  *        driver_emulator {link|dlopen} bench CHUNKS GAP_US {cycle|random}
  *          times the critical path (Update + Final + GET_TAG) of 1 MiB chunks, with GAP_US
  *          of busy "device time" after each, and a plain memcpy of the same bytes.
+ *        driver_emulator {link|dlopen} stress-d2h THREADS CHUNKS
+ *          THREADS channels at once decrypt CHUNKS chunks each into one receive pool, into
+ *          neighbouring unaligned regions (pages shared between channels), while another
+ *          thread keeps reading the pool; prints how many chunks read back exact.
  *        driver_emulator {link|dlopen} bench-d2h CHUNKS
  *          times the critical path (Init + SET_TAG + Update + Final) of 1 MiB D2H chunks
  *          into a receive pool and into ordinary memory, the time until a pool chunk's
@@ -27,6 +31,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -587,6 +592,89 @@ static int bench(int chunks, double gap_us, int random_order) {
     return 0;
 }
 
+/* ---- D2H under concurrency: channels sharing a pool's pages, a reader racing them ---- */
+
+typedef struct {
+    pool *p;
+    size_t off, span;
+    int chunks, exact;
+    uint64_t seed;
+} stress_arg;
+
+static uint64_t rnd_r(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void *stress_channel(void *v) {
+    stress_arg *a = v;
+    unsigned char key[32], iv[12], tag[16];
+    for (int i = 0; i < 32; i++) key[i] = (unsigned char)rnd_r(&a->seed);
+    EVP_CIPHER_CTX *enc = api.ctx_new(), *dec = api.ctx_new();
+    api.enc_init(enc, api.aes_256_gcm(), NULL, key, NULL);
+    api.dec_init(dec, api.aes_256_gcm(), NULL, key, NULL);
+    unsigned char *data = malloc(a->span), *ct = malloc(a->span), scratch[16];
+    for (int k = 0; k < a->chunks; k++) {
+        size_t len = 1 + rnd_r(&a->seed) % a->span;
+        size_t at = rnd_r(&a->seed) % (a->span - len + 1);
+        for (size_t i = 0; i < len; i += 8) {
+            uint64_t w = rnd_r(&a->seed);
+            memcpy(data + i, &w, len - i < 8 ? len - i : 8);
+        }
+        for (int i = 0; i < 12; i++) iv[i] = (unsigned char)rnd_r(&a->seed);
+        int n = 0, m = 0;
+        api.enc_init(enc, NULL, NULL, NULL, iv);
+        api.enc_update(enc, ct, &n, data, (int)len);
+        api.enc_final(enc, scratch, &m);
+        api.ctrl(enc, EVP_CTRL_GCM_GET_TAG, 16, tag);
+        unsigned char *dst = a->p->view + a->off + at;
+        api.dec_init(dec, NULL, NULL, NULL, iv);
+        api.ctrl(dec, EVP_CTRL_GCM_SET_TAG, 16, tag);
+        int ok = api.dec_update(dec, dst, &n, ct, (int)len) == 1;
+        memset(ct, 0x5a, len);
+        ok &= api.dec_final(dec, scratch, &m) == 1;
+        a->exact += ok && memcmp(dst, data, len) == 0;
+    }
+    free(data);
+    free(ct);
+    api.ctx_free(enc);
+    api.ctx_free(dec);
+    return NULL;
+}
+
+static volatile int stress_done;
+
+static void *stress_reader(void *v) {
+    pool *p = v;
+    uint64_t s = 42, sum = 0;
+    while (!stress_done) sum += p->view[rnd_r(&s) % p->len]; /* may wait on a sealed page */
+    return (void *)(uintptr_t)(sum & 1);
+}
+
+static int stress_d2h(int threads, int chunks) {
+    enum { SPAN = (300 << 10) + 123 }; /* unaligned: neighbouring channels share pages */
+    pool rp = pool_open(((size_t)SPAN * (size_t)threads + 4095) / 4096 * 4096);
+    stress_arg *args = calloc((size_t)threads, sizeof *args);
+    pthread_t *tid = calloc((size_t)threads, sizeof *tid), reader;
+    pthread_create(&reader, NULL, stress_reader, &rp);
+    for (int t = 0; t < threads; t++) {
+        args[t] = (stress_arg){&rp, (size_t)t * SPAN, SPAN, chunks, 0, 1000 + (uint64_t)t};
+        pthread_create(&tid[t], NULL, stress_channel, &args[t]);
+    }
+    int exact = 0;
+    for (int t = 0; t < threads; t++) {
+        pthread_join(tid[t], NULL);
+        exact += args[t].exact;
+    }
+    stress_done = 1;
+    pthread_join(reader, NULL);
+    pool_close(&rp);
+    printf("stress exact %d of %d\n", exact, threads * chunks);
+    return exact != threads * chunks;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s {link|dlopen} check ROUNDS | bench CHUNKS GAP_US {cycle|random}\n",
@@ -599,6 +687,8 @@ int main(int argc, char **argv) {
     bounce = map(1 << 21);
     if (strcmp(argv[2], "check") == 0) return check(argc > 3 ? atoi(argv[3]) : 10);
     if (strcmp(argv[2], "bench-d2h") == 0 && argc > 3) return bench_d2h(atoi(argv[3]));
+    if (strcmp(argv[2], "stress-d2h") == 0 && argc > 4)
+        return stress_d2h(atoi(argv[3]), atoi(argv[4]));
     if (strcmp(argv[2], "bench") == 0 && argc > 5)
         return bench(atoi(argv[3]), atof(argv[4]), strcmp(argv[5], "random") == 0);
     fprintf(stderr, "unknown command\n");
