@@ -311,6 +311,7 @@ def test_python_receive_pool_under_the_interposer(cc_dir: Path) -> None:
 
     r = json.loads(p.stdout)
     assert r["exact"] == r["expected"], r
+    assert r["exact_chained"] == r["expected_chained"], r
     assert r["write_after"] is True
     assert r["tamper_rc"] == 0 and r["tamper_zeroed"] is True
     assert r["after_stop"] is True and r["deferred_after_stop"] == 0
