@@ -338,4 +338,67 @@ mod tests {
         assert!(unsafe { crate::writeguard::WriteWatch::register(view, 10) }.is_err());
         s.open();
     }
+
+    /// True if this process can read the page at `addr` now (`process_vm_readv` on our own
+    /// memory reports EFAULT instead of faulting).
+    fn readable(addr: usize) -> bool {
+        let mut b = [0u8; 1];
+        let local = libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: reads one byte of our own address space into a local buffer; the kernel
+        // checks the remote range and reports EFAULT for an inaccessible page.
+        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) == 1 }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any sequence of seals (arbitrary, overlapping, unaligned ranges) and opens: a page
+        /// is inaccessible exactly while some open seal covers it.
+        #[test]
+        fn a_page_is_closed_exactly_while_a_seal_covers_it(
+            ops in proptest::collection::vec(
+                (proptest::prelude::any::<bool>(), 0usize..16 * 4096, 1usize..5 * 4096, 0usize..8),
+                1..40,
+            )
+        ) {
+            const PAGES: usize = 16;
+            let (view, alias) = double_map(PAGES * page());
+            let base = view as usize;
+            let mut open: Vec<(Seal, usize, usize)> = Vec::new();
+            for (seal_it, off, len, pick) in ops {
+                if seal_it || open.is_empty() {
+                    let len = len.min(PAGES * page() - off).max(1);
+                    // SAFETY: our read-write mapping, opened below by this thread, which
+                    // does not touch the view while sealed (it only asks the kernel).
+                    let s = unsafe { seal(view.add(off), len) }.unwrap();
+                    let first = (base + off) / page() * page();
+                    let end = (base + off + len).div_ceil(page()) * page();
+                    open.push((s, first, end));
+                } else {
+                    let (s, _, _) = open.swap_remove(pick % open.len());
+                    s.open();
+                }
+                for p in 0..PAGES {
+                    let addr = base + p * page();
+                    let covered = open.iter().any(|&(_, a, b)| a <= addr && addr < b);
+                    proptest::prop_assert_eq!(readable(addr), !covered, "page {}", p);
+                }
+            }
+            drop(open);
+            for p in 0..PAGES {
+                proptest::prop_assert!(readable(base + p * page()));
+            }
+            // SAFETY: our own mapping, no seal left on it.
+            unsafe {
+                libc::munmap(view.cast(), PAGES * page());
+                libc::munmap(alias.cast(), PAGES * page());
+            }
+        }
+    }
 }
