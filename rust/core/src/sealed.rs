@@ -43,6 +43,9 @@ static SLOTS: [Slot; MAX_SEALS] = [FREE; MAX_SEALS];
 static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
 /// Serialises sealing and opening (never taken in the handler).
 static LOCK: Mutex<()> = Mutex::new(());
+/// The process that sealed: a forked child inherits the table but no thread that would
+/// open its seals, so it must not wait on them (it gets the ordinary fault instead).
+static SEALER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// Pages made inaccessible by [`seal`]; opened by [`Seal::open`] or on drop.
 #[derive(Debug)]
@@ -86,10 +89,16 @@ pub(crate) fn covers(addr: usize) -> bool {
     covered_by(addr, usize::MAX)
 }
 
-/// Called by the SIGSEGV handler: if a seal covers `addr`, waits until none does and
-/// returns true (the access is then retried); false if no seal covers it. Async-signal-safe:
-/// atomics, `sched_yield` and `nanosleep` only.
+/// Called by the SIGSEGV handler for a permission fault (`SEGV_ACCERR`: a mapped page) at
+/// `addr`: if a seal covers it, waits until none does and returns true (the access is then
+/// retried); false if no seal covers it, or if this is not the process that sealed (a
+/// forked child: nobody there would ever open the seal). Async-signal-safe: atomics,
+/// `getpid`, `sched_yield` and `nanosleep` only.
 pub(crate) fn wait_while_sealed(addr: usize) -> bool {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != SEALER.load(Ordering::Acquire) {
+        return false;
+    }
     let mut waited = 0u32;
     while covers(addr) {
         if waited < 64 {
@@ -127,6 +136,8 @@ pub unsafe fn seal(ptr: *const u8, len: usize) -> Result<Seal> {
         .div_ceil(p)
         * p;
     let _g = lock();
+    // SAFETY: getpid has no preconditions.
+    SEALER.store(unsafe { libc::getpid() }, Ordering::Release);
     let slot = SLOTS
         .iter()
         .position(|s| !s.active.load(Ordering::Acquire))
@@ -337,6 +348,49 @@ mod tests {
         // SAFETY: registering is refused while sealed (nothing is protected).
         assert!(unsafe { crate::writeguard::WriteWatch::register(view, 10) }.is_err());
         s.open();
+    }
+
+    #[test]
+    fn a_forked_child_touching_a_sealed_page_faults_instead_of_waiting_forever() {
+        let len = 2 * page();
+        let (view, alias) = double_map(len);
+        // SAFETY: our read-write mapping; opened below by this thread.
+        let s = unsafe { seal(view, len) }.unwrap();
+        // SAFETY: the child only reads one byte (faulting into the handler, which calls
+        // async-signal-safe functions only) and exits; the parent waits for it.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: the child's inherited view of the sealed page.
+            unsafe { std::ptr::read_volatile(view) };
+            // SAFETY: _exit is async-signal-safe; reached only if the read went through.
+            unsafe { libc::_exit(0) };
+        }
+        assert!(pid > 0);
+        let t0 = Instant::now();
+        let mut status = 0;
+        loop {
+            // SAFETY: waiting for our own child without blocking.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                // SAFETY: killing and reaping our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                panic!("the child waited on a seal nobody in it would open");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV);
+        s.open();
+        // SAFETY: our own mappings, no seal left.
+        unsafe {
+            libc::munmap(view.cast(), len);
+            libc::munmap(alias.cast(), len);
+        }
     }
 
     /// True if this process can read the page at `addr` now (`process_vm_readv` on our own

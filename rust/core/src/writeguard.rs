@@ -217,8 +217,10 @@ fn release_pages(slot: usize) {
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
-    // A page held inaccessible until its content is ready: wait for it, then retry.
-    if crate::sealed::wait_while_sealed(addr) {
+    // A page held inaccessible until its content is ready: wait for it, then retry. Only
+    // for permission faults: an unmapped address is never one of ours.
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    if unsafe { (*info).si_code } == SEGV_ACCERR && crate::sealed::wait_while_sealed(addr) {
         return;
     }
     let high = HIGH_WATER.load(Ordering::Acquire);
