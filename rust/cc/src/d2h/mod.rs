@@ -4,7 +4,7 @@
 //! `EVP_DecryptUpdate(out = destination, in = bounce buffer)` and `EVP_DecryptFinal_ex`,
 //! whose answer (tag good or not) it reports to the application. Decryption is the expensive
 //! part; the tag check alone is one GHASH pass
-//! ([`pipellm_core::crypto::AeadKey::tag_of_ciphertext`]). So, for a destination inside a
+//! ([`pipellm_core::crypto::AeadKey::snapshot_and_tag`]). So, for a destination inside a
 //! *receive pool* (memory mapped twice, registered with `pipellm_cc_receive(view, alias,
 //! len)`: the application reads the view, we write through the alias):
 //!
@@ -25,61 +25,25 @@
 //! pattern. A call we do not model arriving mid-message first *resyncs*: the real context
 //! decrypts the snapshot in place, exactly as if it had seen the Update, and the seal opens.
 
+mod decrypt;
+mod pools;
+
+pub use decrypt::MAX_QUEUED;
+pub use pools::{overlaps_a_pool, receive, unreceive, ReceiveError, UnreceiveError, MAX_POOLS};
+
 use crate::config::{config, log};
 use crate::engine::Tag;
 use crate::ivmodel::Iv;
 use crate::stats::Stats;
 use pipellm_core::crypto::{tags_equal, AeadKey};
 use pipellm_core::sealed::Seal;
-use std::collections::{HashMap, VecDeque};
+use pools::PendingGuard;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
-/// Receive pools at once.
-pub const MAX_POOLS: usize = 64;
-/// Decryptions queued or running at once; beyond this a chunk is decrypted synchronously
-/// (forwarded), which bounds how far the application can run ahead of its plaintext.
-pub const MAX_QUEUED: usize = 64;
 /// Failed confirmations after which a key is left alone.
 const CONFIRM_TRIES: u8 = 3;
-
-/// A registered destination: `alias + (addr - view)` is `addr`'s second mapping.
-struct Pool {
-    view: usize,
-    alias: usize,
-    len: usize,
-    /// Messages into this pool deferred and not yet decrypted (Update done).
-    pending: Arc<AtomicUsize>,
-}
-
-/// Why a registration was refused (the C API's codes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReceiveError {
-    /// Empty, wrapping or not page-aligned.
-    BadRange,
-    /// Overlaps another pool or a watched range.
-    Overlaps,
-    Full,
-    /// `madvise(MADV_DONTFORK)` failed: not a private mapping we may change.
-    NotMapped,
-}
-
-/// Why an unregistration did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnreceiveError {
-    NotFound,
-    /// A message into the pool is between its Update and its Final.
-    Busy,
-}
-
-/// Counts a message in its pool's `pending` until dropped.
-struct PendingGuard(Arc<AtomicUsize>);
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// A message whose ciphertext sits in a sealed destination. Dropping it opens the seal and
 /// *then* releases the pool (fields drop in order): `unreceive`, which waits for the pool's
@@ -147,22 +111,10 @@ pub enum FinalOutcome {
     Rejected,
 }
 
-struct Job {
-    key: Arc<AeadKey>,
-    iv: Iv,
-    tag: Tag,
-    msg: Deferred,
-}
-
 struct D2h {
     ctxs: Mutex<HashMap<usize, DecCtx>>,
     /// Contexts holding a `Deferred` message: when 0, hooks skip the resync lookup.
     in_message: AtomicUsize,
-    pools: Mutex<Vec<Pool>>,
-    jobs: Mutex<VecDeque<Job>>,
-    job_ready: Condvar,
-    queued: AtomicUsize,
-    threads: std::sync::Once,
 }
 
 fn d2h() -> &'static D2h {
@@ -170,11 +122,15 @@ fn d2h() -> &'static D2h {
     D.get_or_init(|| D2h {
         ctxs: Mutex::new(HashMap::new()),
         in_message: AtomicUsize::new(0),
-        pools: Mutex::new(Vec::new()),
-        jobs: Mutex::new(VecDeque::new()),
-        job_ready: Condvar::new(),
-        queued: AtomicUsize::new(0),
-        threads: std::sync::Once::new(),
+    })
+}
+
+/// True if a context holds a message into the pool counted by `pending` between its Update
+/// and its Final (for `pools::unreceive`).
+fn mid_message_into(pending: &Arc<AtomicUsize>) -> bool {
+    lock(&d2h().ctxs).values().any(|c| match &c.msg {
+        Some(DMsg::Deferred(d)) => Arc::ptr_eq(&d.pending.0, pending),
+        _ => false,
     })
 }
 
@@ -190,96 +146,6 @@ fn stats() -> &'static crate::stats::Stats {
 /// pre-encrypted chunk is served (the engine checks this), everything is forwarded.
 pub fn stopped() -> bool {
     crate::engine::engine().is_stopped()
-}
-
-/// True if any byte of `[start, start + len)` is in a receive pool's view or alias.
-pub fn overlaps_a_pool(start: usize, len: usize) -> bool {
-    let end = start.saturating_add(len.max(1));
-    lock(&d2h().pools).iter().any(|p| {
-        (p.view < end && start < p.view + p.len) || (p.alias < end && start < p.alias + p.len)
-    })
-}
-
-/// Registers a receive pool.
-///
-/// # Safety
-/// `view` and `alias` must be two read-write mappings of the same memory, `len` bytes each,
-/// that stay mapped until [`unreceive`] returns for `view`; the view's protection is ours to
-/// change meanwhile (nothing else may `mprotect` it), and nothing but this library writes
-/// the alias while a chunk is being decrypted into it.
-// SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where they
-// call.
-pub unsafe fn receive(view: usize, alias: usize, len: usize) -> Result<(), ReceiveError> {
-    let page = pipellm_core::staging::PAGE;
-    if len == 0
-        || !view.is_multiple_of(page)
-        || !alias.is_multiple_of(page)
-        || view.checked_add(len).is_none()
-        || alias.checked_add(len).is_none()
-    {
-        return Err(ReceiveError::BadRange);
-    }
-    if view < alias + len && alias < view + len {
-        return Err(ReceiveError::BadRange);
-    }
-    let _reg = crate::watched::registrations();
-    if crate::watched::overlaps(view, len) || crate::watched::overlaps(alias, len) {
-        return Err(ReceiveError::Overlaps);
-    }
-    let mut pools = lock(&d2h().pools);
-    if pools.iter().any(|p| {
-        let hit = |a: usize| a < p.view + p.len && p.view < a + len;
-        let hit_alias = |a: usize| a < p.alias + p.len && p.alias < a + len;
-        hit(view) || hit(alias) || hit_alias(view) || hit_alias(alias)
-    }) {
-        return Err(ReceiveError::Overlaps);
-    }
-    if pools.len() >= MAX_POOLS {
-        return Err(ReceiveError::Full);
-    }
-    // A forked child must not inherit pages that may be sealed (no decryption thread there
-    // would ever open them) nor a shared alias it could write the parent's bytes through.
-    for (a, n) in [(view, len), (alias, len)] {
-        // SAFETY: madvise on a range the caller vouched is mapped; DONTFORK only changes
-        // what fork copies.
-        if unsafe { libc::madvise(a as *mut libc::c_void, n, libc::MADV_DONTFORK) } != 0 {
-            return Err(ReceiveError::NotMapped);
-        }
-    }
-    pools.push(Pool {
-        view,
-        alias,
-        len,
-        pending: Arc::new(AtomicUsize::new(0)),
-    });
-    Ok(())
-}
-
-/// Unregisters the pool whose view starts at `view`, after every decryption into it is
-/// done. Refused (`Busy`) while a message into it is between its Update and its Final.
-pub fn unreceive(view: usize) -> Result<(), UnreceiveError> {
-    let pending = {
-        let mut pools = lock(&d2h().pools);
-        let i = pools
-            .iter()
-            .position(|p| p.view == view)
-            .ok_or(UnreceiveError::NotFound)?;
-        let pending = pools[i].pending.clone();
-        let mid_message = lock(&d2h().ctxs).values().any(|c| match &c.msg {
-            Some(DMsg::Deferred(d)) => Arc::ptr_eq(&d.pending.0, &pending),
-            _ => false,
-        });
-        if mid_message {
-            return Err(UnreceiveError::Busy);
-        }
-        pools.swap_remove(i);
-        pending
-    };
-    // Queued decryptions always finish (a decryption thread takes every job).
-    while pending.load(Ordering::Acquire) != 0 {
-        std::thread::sleep(std::time::Duration::from_micros(50));
-    }
-    Ok(())
 }
 
 /// What a decrypting init call changed (after the real call succeeded).
@@ -419,21 +285,10 @@ pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) 
     // The pool, counted as busy from here (its unregistration waits for the count), so it
     // stays mapped while the ciphertext is copied without the contexts' lock held: other
     // channels' chunks are not serialised behind this one's copy.
-    let found = lock(&d.pools).iter().find_map(|p| {
-        let inside = out_a >= p.view && out_a.checked_add(len)? <= p.view + p.len;
-        let end = in_a.checked_add(len)?;
-        let apart = |a: usize, n: usize| end <= a || a + n <= in_a;
-        let input_clear = apart(p.view, p.len) && apart(p.alias, p.len);
-        inside.then_some(())?;
-        input_clear.then(|| {
-            p.pending.fetch_add(1, Ordering::AcqRel);
-            (p.alias + (out_a - p.view), PendingGuard(p.pending.clone()))
-        })
-    });
-    let Some((alias, pending)) = found else {
+    let Some((alias, pending)) = pools::find(out_a, len, in_a) else {
         return false;
     };
-    if d.queued.load(Ordering::Acquire) >= MAX_QUEUED {
+    if decrypt::full() {
         Stats::add(&stats().d2h_backpressure, 1);
         return false;
     }
@@ -510,24 +365,7 @@ pub fn on_final(ctx: usize) -> Option<FinalOutcome> {
     }
     Stats::add(&stats().d2h_deferred, 1);
     Stats::add(&stats().d2h_deferred_bytes, msg.len as u64);
-    d.queued.fetch_add(1, Ordering::AcqRel);
-    d.threads.call_once(|| {
-        for i in 0..config().d2h_threads {
-            let spawned = std::thread::Builder::new()
-                .name(format!("pipellm-d2h-{i}"))
-                .spawn(decrypt_loop);
-            if spawned.is_err() {
-                log(format_args!("could not start a decryption thread"));
-            }
-        }
-    });
-    let job = Job { key, iv, tag, msg };
-    if config().d2h_threads == 0 {
-        decrypt(job);
-    } else {
-        lock(&d.jobs).push_back(job);
-        d.job_ready.notify_one();
-    }
+    decrypt::submit(decrypt::Job { key, iv, tag, msg });
     Some(FinalOutcome::Verified)
 }
 
@@ -543,46 +381,6 @@ fn reject(msg: Deferred, why: &str) -> FinalOutcome {
         ));
     }
     FinalOutcome::Rejected
-}
-
-fn decrypt_loop() {
-    crate::engine::background_priority();
-    let d = d2h();
-    loop {
-        let job = {
-            let mut q = lock(&d.jobs);
-            loop {
-                if let Some(j) = q.pop_front() {
-                    break j;
-                }
-                q = d.job_ready.wait(q).unwrap_or_else(PoisonError::into_inner);
-            }
-        };
-        decrypt(job);
-    }
-}
-
-fn decrypt(job: Job) {
-    let Job { key, iv, tag, msg } = job;
-    // SAFETY: as in `on_final`: the sealed destination's alias, ours until the seal opens.
-    let buf = unsafe { std::slice::from_raw_parts_mut(msg.alias as *mut u8, msg.len) };
-    // The tag is checked again as the bytes are decrypted (AWS-LC's AES-GCM open is faster
-    // than its bare counter mode): it can only fail if something wrote the alias since the
-    // check, against the registration's contract. The bytes are zeroed then, never shown.
-    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        key.open_in_place(&iv, &tag, buf).is_ok()
-    }));
-    if !matches!(done, Ok(true)) {
-        buf.fill(0);
-        Stats::add(&stats().d2h_late_failures, 1);
-        if crate::engine::engine().stop() {
-            log(format_args!(
-                "a deferred D2H chunk changed after its tag check; pipeline stopped"
-            ));
-        }
-    }
-    drop(msg); // opens the seal
-    d2h().queued.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// After a forwarded `DecryptFinal`: confirms the context's key on its first message that
