@@ -221,14 +221,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What an init call changed (after the real call succeeded).
+/// What an encrypting init call changed (after the real call succeeded; decrypting inits
+/// go to `d2h`).
 pub struct InitChange<'a> {
     /// `Some(ok)` if a cipher was given: whether it is AES-256-GCM on the default engine.
     pub cipher_ok: Option<bool>,
     pub key: Option<&'a [u8; 32]>,
     pub iv: Option<Iv>,
-    /// The context now encrypts (false: decrypts, which is forwarded only).
-    pub encrypt: bool,
 }
 
 /// What the real context must replay to catch up with a message we served.
@@ -306,11 +305,6 @@ impl Engine {
         let mut m = lock(&self.ctxs);
         let gen = self.gen();
         let st = m.entry(ctx).or_insert_with(|| CtxState::new(gen));
-        if !ch.encrypt {
-            st.tracked = false;
-            st.msg = Msg::Untracked;
-            return;
-        }
         if let Some(ok) = ch.cipher_ok {
             if ok != st.tracked || !ok {
                 st.key = None;

@@ -202,31 +202,23 @@ fn read_iv(iv: *const u8) -> Option<[u8; 12]> {
     Some(v)
 }
 
-/// Common part of every init hook, after the real call succeeded.
-fn after_init(
+/// Common part of every init hook, after the real call succeeded: reads what the call set
+/// (key and IV only for AES-256-GCM, whose lengths we know) and hands it to `record`; the
+/// key copy is wiped afterwards.
+fn read_init(
     r: &Real,
-    ctx: Ctx,
     cipher: Cipher,
     impl_: EngineHandle,
     key: *const u8,
     iv: *const u8,
-    encrypt: bool,
+    record: impl FnOnce(Option<bool>, Option<&[u8; 32]>, Option<[u8; 12]>),
 ) {
     guarded(|| {
         let ok = cipher_ok(r, cipher, impl_);
         let tracked_cipher = ok.unwrap_or(true);
-        // Key and IV are only read for AES-256-GCM (their lengths depend on the cipher).
         let mut k = if tracked_cipher { read_key(key) } else { None };
         let v = if tracked_cipher { read_iv(iv) } else { None };
-        engine().on_init(
-            ctx as usize,
-            InitChange {
-                cipher_ok: ok,
-                key: k.as_ref(),
-                iv: v,
-                encrypt,
-            },
-        );
+        record(ok, k.as_ref(), v);
         k.zeroize();
     });
 }
@@ -253,51 +245,23 @@ macro_rules! init_hook {
             resync(r, ctx);
             let rc = call();
             if rc == 1 && $follow {
-                after_init(r, ctx, $cipher, $impl_, $key, $iv, true);
+                read_init(r, $cipher, $impl_, $key, $iv, |cipher_ok, key, iv| {
+                    let change = InitChange { cipher_ok, key, iv };
+                    engine().on_init(ctx as usize, change)
+                });
             } else {
                 guarded(|| engine().untrack(ctx as usize));
             }
             if rc == 1 && $dfollow {
-                after_decrypt_init(r, ctx, $cipher, $impl_, $key, $iv);
+                read_init(r, $cipher, $impl_, $key, $iv, |cipher_ok, key, iv| {
+                    d2h::on_init(ctx as usize, d2h::DecInit { cipher_ok, key, iv })
+                });
             } else {
                 guarded(|| d2h::forget(ctx as usize));
             }
             rc
         }
     };
-}
-
-/// A decrypting init that succeeded: what the D2H side follows.
-fn after_decrypt_init(
-    r: &Real,
-    ctx: Ctx,
-    cipher: Cipher,
-    impl_: EngineHandle,
-    key: *const u8,
-    iv: *const u8,
-) {
-    guarded(|| {
-        let ok = cipher_ok(r, cipher, impl_);
-        let mut k = if ok.unwrap_or(true) {
-            read_key(key)
-        } else {
-            None
-        };
-        let v = if ok.unwrap_or(true) {
-            read_iv(iv)
-        } else {
-            None
-        };
-        d2h::on_init(
-            ctx as usize,
-            d2h::DecInit {
-                cipher_ok: ok,
-                key: k.as_ref(),
-                iv: v,
-            },
-        );
-        k.zeroize();
-    });
 }
 
 init_hook!(pipellm_EVP_EncryptInit_ex, encrypt_init_ex,
