@@ -177,29 +177,9 @@ fn release(slot: usize) {
         s.start.load(Ordering::Relaxed),
         s.end.load(Ordering::Relaxed),
     );
-    let p = page();
-    let mut run: Option<usize> = None;
-    let mut addr = start;
-    while addr <= end {
-        let free = addr < end && !covered_by(addr, slot);
-        match (free, run) {
-            (true, None) => run = Some(addr),
-            (false, Some(s0)) => {
-                // SAFETY: part of a range the sealer vouched for, mapped read-write before
-                // it was sealed: this restores that access.
-                unsafe {
-                    libc::mprotect(
-                        s0 as *mut libc::c_void,
-                        addr - s0,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                    )
-                };
-                run = None;
-            }
-            _ => {}
-        }
-        addr += p;
-    }
+    // SAFETY: part of a range the sealer vouched for, mapped read-write before it was
+    // sealed: this restores that access, except on pages another seal still holds.
+    unsafe { crate::writeguard::open_pages_except(start, end, |addr| covered_by(addr, slot)) };
     // The slot is freed only once its pages are readable: a waiting reader then retries on
     // open pages (or waits on for a seal that still covers its page).
     s.active.store(false, Ordering::Release);

@@ -181,16 +181,43 @@ fn release_pages(slot: usize) {
                 .any(|&(s0, e0)| s0 <= addr && addr < e0)
         }
     };
+    // SAFETY: the region's range, which its registrant vouched for; making its pages
+    // writable restores the access they had before we protected them.
+    unsafe { open_pages_except(start, end, covered) };
+    // A fault taken on these pages just before they opened may reach its handler after the
+    // region is gone: the handler retries such faults (see `on_segv`).
+    UNCLAIMED_SINCE_RELEASE.store(0, Ordering::Release);
+    for (j, r) in REGIONS.iter().enumerate().take(high) {
+        if held[j / 64] & (1 << (j % 64)) != 0 {
+            unlock_region(r);
+        }
+    }
+}
+
+/// Makes read-write every page of `[start, end)` (page-aligned) for which `keep_closed` is
+/// false, one `mprotect` per run of such pages. Async-signal-safe (no allocation, no lock):
+/// shared by releasing a write watch (here, in the handler too) and opening a seal.
+///
+/// # Safety
+/// The range must be mapped, and read-write before its protection was changed by us: this
+/// restores that access.
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where they
+// call.
+pub(crate) unsafe fn open_pages_except(
+    start: usize,
+    end: usize,
+    keep_closed: impl Fn(usize) -> bool,
+) {
     let p = page();
     let mut run: Option<usize> = None;
     let mut addr = start;
     while addr <= end {
-        let free = addr < end && !covered(addr);
+        let free = addr < end && !keep_closed(addr);
         match (free, run) {
             (true, None) => run = Some(addr),
             (false, Some(s0)) => {
-                // SAFETY: a page-aligned part of the range the registrant vouched for; making
-                // it writable restores the access it had before we protected it.
+                // SAFETY: a page-aligned run inside the range the caller vouched for (see
+                // `# Safety`).
                 unsafe {
                     libc::mprotect(
                         s0 as *mut libc::c_void,
@@ -203,14 +230,6 @@ fn release_pages(slot: usize) {
             _ => {}
         }
         addr += p;
-    }
-    // A fault taken on these pages just before they opened may reach its handler after the
-    // region is gone: the handler retries such faults (see `on_segv`).
-    UNCLAIMED_SINCE_RELEASE.store(0, Ordering::Release);
-    for (j, r) in REGIONS.iter().enumerate().take(high) {
-        if held[j / 64] & (1 << (j % 64)) != 0 {
-            unlock_region(r);
-        }
     }
 }
 
