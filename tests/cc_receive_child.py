@@ -61,14 +61,22 @@ def d2h(data: bytes, off: int, tamper: bool = False) -> int:
 
 report: dict[str, object] = {}
 mv = memoryview(pool)
-exact = 0
 plan = [(0, 1 << 20), (1 << 20, 1 << 20), ((2 << 20) + 100, 300_001), ((3 << 20), 4096)]
-for _round in range(6):
-    for off, n in plan:
-        data = os.urandom(n)
-        rc = d2h(data, off)
-        exact += rc == 1 and bytes(mv[off : off + n]) == data
-report["exact"] = exact
+
+
+def exact_rounds(rounds: int, mv: memoryview) -> int:
+    """Runs `plan` `rounds` times; counts the chunks that succeeded and read back exact
+    through `mv` (the pool)."""
+    exact = 0
+    for _round in range(rounds):
+        for off, n in plan:
+            data = os.urandom(n)
+            rc = d2h(data, off)
+            exact += rc == 1 and bytes(mv[off : off + n]) == data
+    return exact
+
+
+report["exact"] = exact_rounds(6, mv)
 report["expected"] = 6 * len(plan)
 
 # Now the extension installs its own fault handler (a pipeline validating by page
@@ -77,7 +85,6 @@ report["expected"] = 6 * len(plan)
 import numpy as np  # noqa: E402
 
 other = np.zeros(4 << 20, dtype=np.uint8)
-chained = 0
 with pipellm.Pipeline(
     pipellm.SessionKey(os.urandom(32)), slots=4, chunk_bytes=1 << 20, validation="protect"
 ) as pipe:
@@ -87,12 +94,7 @@ with pipellm.Pipeline(
             break
         time.sleep(0.01)
     other[12345] = 1  # a write fault the extension's handler claims
-    for _round in range(3):
-        for off, n in plan:
-            data = os.urandom(n)
-            rc = d2h(data, off)
-            chained += rc == 1 and bytes(mv[off : off + n]) == data
-report["exact_chained"] = chained
+    report["exact_chained"] = exact_rounds(3, mv)
 report["expected_chained"] = 3 * len(plan)
 
 # An application write right after a copy returns lands after the deferred decryption.

@@ -169,6 +169,17 @@ def _process_symbol(name: str) -> ctypes._CFuncPtr | None:  # type: ignore[name-
         return None
 
 
+def _api(name: str, *argtypes: type) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    """One of the interposer's C API functions (returning an int status code), or
+    RuntimeError if the interposer is not loaded in this process."""
+    fn = _process_symbol(name)
+    if fn is None:
+        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def _loaded() -> bool:
     return _process_symbol("pipellm_cc_active") is not None
 
@@ -217,16 +228,12 @@ def watch(buf: object) -> None:
     writes go through a second mapping that the interposer's watches would not see."""
     from ._core import _buffer_span, _in_host_pool
 
-    fn = _process_symbol("pipellm_cc_watch")
-    if fn is None:
-        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    fn = _api("pipellm_cc_watch", ctypes.c_void_p, ctypes.c_size_t)
     addr, n = _buffer_span(buf)
     if _in_host_pool(addr, n):
         # Pool writes go through a second mapping the interposer does not see: a watched
         # chunk would not notice them.
         raise TypeError("a HostPool cannot be watched by the interposer (its writes bypass it)")
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    fn.restype = ctypes.c_int
     rc = fn(addr, n)
     if rc == -1:
         raise ValueError("buf: empty buffer")
@@ -241,12 +248,8 @@ def unwatch(buf: object) -> None:
     """Unregisters `buf` (see `watch`): its pages are writable again when this returns."""
     from ._core import _buffer_span
 
-    fn = _process_symbol("pipellm_cc_unwatch")
-    if fn is None:
-        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    fn = _api("pipellm_cc_unwatch", ctypes.c_void_p)
     addr, _ = _buffer_span(buf)
-    fn.argtypes = [ctypes.c_void_p]
-    fn.restype = ctypes.c_int
     if fn(addr) != 0:
         raise ValueError("buf is not watched")
     _watched.pop(addr, None)
@@ -268,12 +271,8 @@ def receive(pool: HostPool) -> None:
     pipellm keeps `pool` alive until `unreceive(pool)`."""
     from ._core import _host_pool_end_loan, _host_pool_lend
 
-    fn = _process_symbol("pipellm_cc_receive")
-    if fn is None:
-        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    fn = _api("pipellm_cc_receive", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
     view, alias, n = _host_pool_lend(pool)
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    fn.restype = ctypes.c_int
     rc = fn(view, alias, n)
     if rc != 0:
         _host_pool_end_loan(pool)
@@ -289,12 +288,8 @@ def unreceive(pool: HostPool) -> None:
     call again once it returned."""
     from ._core import _buffer_span, _host_pool_end_loan
 
-    fn = _process_symbol("pipellm_cc_unreceive")
-    if fn is None:
-        raise RuntimeError("the interposer is not loaded in this process (see pipellm run)")
+    fn = _api("pipellm_cc_unreceive", ctypes.c_void_p)
     view, _ = _buffer_span(pool)
-    fn.argtypes = [ctypes.c_void_p]
-    fn.restype = ctypes.c_int
     rc = fn(view)
     if rc == -6:
         raise BlockingIOError("a device-to-host copy into the pool is in progress")
