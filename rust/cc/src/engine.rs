@@ -215,7 +215,7 @@ pub fn engine() -> &'static Engine {
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock is caught at the FFI boundary and turns the interposer
     // off (see `exports`); the data is still consistent enough to be dropped.
     m.lock().unwrap_or_else(PoisonError::into_inner)

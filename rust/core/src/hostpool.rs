@@ -249,8 +249,8 @@ impl HostPool {
             // pages until the plaintext is in place): reading one byte per page through the
             // view waits for it, so our write lands after it, not under it.
             let page = crate::staging::PAGE;
-            let first = (self.view as usize + offset) / page * page;
-            let mut at = first.max(self.view as usize);
+            // The view is page-aligned, so rounding down stays inside it.
+            let mut at = (self.view as usize + offset) / page * page;
             while at < self.view as usize + offset + len {
                 // SAFETY: inside the view mapping (in bounds, checked above); a volatile
                 // read so that it is not elided; a sealed page makes it wait in the fault

@@ -32,7 +32,7 @@ pub use decrypt::MAX_QUEUED;
 pub use pools::{overlaps_a_pool, receive, unreceive, ReceiveError, UnreceiveError, MAX_POOLS};
 
 use crate::config::{config, log};
-use crate::engine::Tag;
+use crate::engine::{lock, Tag};
 use crate::ivmodel::Iv;
 use crate::stats::Stats;
 use pipellm_core::crypto::{tags_equal, AeadKey};
@@ -40,7 +40,7 @@ use pipellm_core::sealed::Seal;
 use pools::PendingGuard;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Failed confirmations after which a key is left alone.
 const CONFIRM_TRIES: u8 = 3;
@@ -132,10 +132,6 @@ fn mid_message_into(pending: &Arc<AtomicUsize>) -> bool {
         Some(DMsg::Deferred(d)) => Arc::ptr_eq(&d.pending.0, pending),
         _ => false,
     })
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn stats() -> &'static crate::stats::Stats {
