@@ -288,15 +288,23 @@ static int cmp_double(const void *a, const void *b) {
 
 /* ---- D2H: the device encrypted, the CPU decrypts and must reject tampering ---- */
 
+/* The device's side of a D2H chunk (here the CPU stands in for it): encrypts `len` bytes of
+ * `data` on its channel into `out`, and returns the IV and tag the driver decrypts with. */
+static void device_encrypt(channel *dev, const unsigned char *data, int len, unsigned char *out,
+                           unsigned char iv[12], unsigned char tag[16]) {
+    int n = 0, m = 0;
+    next_iv(dev, iv);
+    api.enc_init(dev->ctx, NULL, NULL, NULL, iv);
+    api.enc_update(dev->ctx, out, &n, data, len);
+    api.enc_final(dev->ctx, out + n, &m);
+    api.ctrl(dev->ctx, EVP_CTRL_GCM_GET_TAG, 16, tag);
+}
+
 static int d2h(channel *dev, EVP_CIPHER_CTX *dctx, int tamper) {
     unsigned char data[4096], ct[4096], out[4096], iv[12], tag[16];
     int n = 0, m = 0;
     fill(data, sizeof data);
-    next_iv(dev, iv);
-    api.enc_init(dev->ctx, NULL, NULL, NULL, iv);
-    api.enc_update(dev->ctx, ct, &n, data, sizeof data);
-    api.enc_final(dev->ctx, ct + n, &m);
-    api.ctrl(dev->ctx, EVP_CTRL_GCM_GET_TAG, 16, tag);
+    device_encrypt(dev, data, sizeof data, ct, iv, tag);
     if (tamper) ct[100] ^= 1;
     api.dec_init(dctx, api.aes_256_gcm(), NULL, dev->key, iv);
     api.dec_update(dctx, out, &n, ct, sizeof ct);
@@ -353,11 +361,7 @@ static int d2h_chunk(channel *dev, EVP_CIPHER_CTX *dctx, const unsigned char *da
                      unsigned char *dst, int how) {
     unsigned char iv[12], tag[16];
     int n = 0, m = 0;
-    next_iv(dev, iv);
-    api.enc_init(dev->ctx, NULL, NULL, NULL, iv);
-    api.enc_update(dev->ctx, bounce, &n, data, len);
-    api.enc_final(dev->ctx, bounce + n, &m);
-    api.ctrl(dev->ctx, EVP_CTRL_GCM_GET_TAG, 16, tag);
+    device_encrypt(dev, data, len, bounce, iv, tag);
     if (how == 1) bounce[len / 3] ^= 0x20;
     api.dec_init(dctx, NULL, NULL, NULL, iv);
     api.ctrl(dctx, EVP_CTRL_GCM_SET_TAG, 16, tag);
@@ -487,6 +491,20 @@ static int check(int rounds) {
     return 0;
 }
 
+/* The driver's decryption of one D2H chunk from the bounce buffer into `dst`, timed from its
+ * first call to its Final's return (written to *ns); returns the Final's answer. */
+static int driver_decrypt(EVP_CIPHER_CTX *dctx, unsigned char iv[12], unsigned char tag[16],
+                          unsigned char *dst, int len, double *ns) {
+    int n = 0, m = 0;
+    double t0 = now_ns();
+    api.dec_init(dctx, NULL, NULL, NULL, iv);
+    api.ctrl(dctx, EVP_CTRL_GCM_SET_TAG, 16, tag);
+    api.dec_update(dctx, dst, &n, bounce, len);
+    int ok = api.dec_final(dctx, dst + n, &m) == 1;
+    *ns = now_ns() - t0;
+    return ok;
+}
+
 static int bench_d2h(int chunks) {
     enum { CHUNK = 1 << 20, SLOTS = 16 };
     /* the device's encryption is the GPU's work, not the CPU's: IVs in no layout keep the
@@ -506,40 +524,19 @@ static int bench_d2h(int chunks) {
     for (int k = 0; k < chunks; k++) {
         unsigned char *dst = rp.view + (size_t)(k % SLOTS) * CHUNK;
         unsigned char iv[12], tag[16];
-        int n = 0, m = 0;
         /* the device side (not timed): encrypt into the bounce buffer */
-        next_iv(&dev, iv);
-        api.enc_init(dev.ctx, NULL, NULL, NULL, iv);
-        api.enc_update(dev.ctx, bounce, &n, data, CHUNK);
-        api.enc_final(dev.ctx, bounce + n, &m);
-        api.ctrl(dev.ctx, EVP_CTRL_GCM_GET_TAG, 16, tag);
+        device_encrypt(&dev, data, CHUNK, bounce, iv, tag);
         double t0 = now_ns();
-        api.dec_init(dctx, NULL, NULL, NULL, iv);
-        api.ctrl(dctx, EVP_CTRL_GCM_SET_TAG, 16, tag);
-        api.dec_update(dctx, dst, &n, bounce, CHUNK);
-        int ok = api.dec_final(dctx, dst + n, &m) == 1;
-        double t1 = now_ns();
+        int ok = driver_decrypt(dctx, iv, tag, dst, CHUNK, &tp[k]);
         /* when the plaintext is readable: touch the chunk's last byte (waits if sealed) */
         volatile unsigned char last = dst[CHUNK - 1];
         (void)last;
-        double t2 = now_ns();
+        tr[k] = now_ns() - t0;
         bad += !ok || memcmp(dst, data, 64) != 0;
-        tp[k] = t1 - t0;
-        tr[k] = t2 - t0;
         /* the same chunk into ordinary memory: OpenSSL's decryption (forwarded) */
         unsigned char *plain_dst = plain_dsts + (size_t)((k + 7) % SLOTS) * CHUNK;
-        next_iv(&dev, iv);
-        api.enc_init(dev.ctx, NULL, NULL, NULL, iv);
-        api.enc_update(dev.ctx, bounce, &n, data, CHUNK);
-        api.enc_final(dev.ctx, bounce + n, &m);
-        api.ctrl(dev.ctx, EVP_CTRL_GCM_GET_TAG, 16, tag);
-        t0 = now_ns();
-        api.dec_init(dctx, NULL, NULL, NULL, iv);
-        api.ctrl(dctx, EVP_CTRL_GCM_SET_TAG, 16, tag);
-        api.dec_update(dctx, plain_dst, &n, bounce, CHUNK);
-        ok = api.dec_final(dctx, plain_dst + n, &m) == 1;
-        to[k] = now_ns() - t0;
-        bad += !ok;
+        device_encrypt(&dev, data, CHUNK, bounce, iv, tag);
+        bad += !driver_decrypt(dctx, iv, tag, plain_dst, CHUNK, &to[k]);
         t0 = now_ns();
         memcpy(copy_dst, bounce, CHUNK);
         tm[k] = now_ns() - t0;
