@@ -43,16 +43,18 @@ fn main() {
         let (mut n, mut m) = (0, 0);
         let mut tag = [0u8; 16];
         let t0 = Instant::now();
-        // SAFETY: (all four calls) the driver's pattern on our live context: 12-byte IV,
-        // `src` readable and `bounce` writable for CHUNK bytes, a 16-byte tag buffer.
+        // SAFETY: the driver's pattern on our live context: a 12-byte IV.
         unsafe {
             pipellm_EVP_EncryptInit_ex(ctx, std::ptr::null(), null, std::ptr::null(), iv.as_ptr());
         }
         let t1 = Instant::now();
+        // SAFETY: `src` readable and `bounce` writable for CHUNK bytes.
         unsafe { pipellm_EVP_EncryptUpdate(ctx, bounce.as_mut_ptr(), &mut n, src, CHUNK as i32) };
         let t2 = Instant::now();
+        // SAFETY: GCM writes nothing at final; `bounce` has 64 spare bytes past the chunk.
         unsafe { pipellm_EVP_EncryptFinal_ex(ctx, bounce.as_mut_ptr().add(n as usize), &mut m) };
         let t3 = Instant::now();
+        // SAFETY: GET_TAG with 16 writes 16 bytes into `tag`.
         unsafe { pipellm_EVP_CIPHER_CTX_ctrl(ctx, 0x10, 16, tag.as_mut_ptr().cast()) };
         let t4 = Instant::now();
         if k >= 200 {
