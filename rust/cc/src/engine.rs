@@ -654,7 +654,8 @@ impl Engine {
         // Refill in batches: while the next messages are covered, wait until half the
         // lookahead is missing, so that one worker wake-up (a syscall on the driver's
         // critical path) queues several chunks instead of one per message.
-        if jobs.len() < (depth / 2).max(1) && covered_ahead >= (depth / 2).max(1) {
+        let half = (depth / 2).max(1);
+        if jobs.len() < half && covered_ahead >= half {
             jobs.clear();
         }
         for j in &jobs {
