@@ -43,21 +43,22 @@ class InterposerError(RuntimeError):
 
 
 def shim_path() -> Path:
-    """The interposer library: `PIPELLM_CC_LIB`, else the copy installed in the package
-    (scripts/setup puts it there), else a cargo build in this checkout."""
+    """The interposer library: `PIPELLM_CC_LIB`, else the copy the package carries (every
+    wheel and every maturin build puts it in `pipellm/_lib`), else a plain cargo build in a
+    source checkout."""
     env = os.environ.get("PIPELLM_CC_LIB")
+    if env:
+        if not Path(env).is_file():
+            raise InterposerError(f"PIPELLM_CC_LIB={env} is not a file")
+        return Path(env)
     here = Path(__file__).resolve().parent
-    candidates = [Path(env)] if env else []
-    candidates += [
-        here / "_lib" / SHIM_NAME,
-        here.parent.parent / "target" / "release" / SHIM_NAME,
-    ]
-    for c in candidates:
+    for c in (here / "_lib" / SHIM_NAME, here.parent.parent / "target" / "release" / SHIM_NAME):
         if c.is_file():
             return c
     raise InterposerError(
-        f"the interposer library ({SHIM_NAME}) is not built; run scripts/setup or"
-        " `cargo build --release -p pipellm-cc-shim`, or set PIPELLM_CC_LIB"
+        f"the interposer library ({SHIM_NAME}) is missing from {here / '_lib'}: this pipellm"
+        " was not built by maturin (reinstall the wheel, or `pip install .` from a checkout),"
+        " or set PIPELLM_CC_LIB"
     )
 
 
