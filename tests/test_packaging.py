@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import pipellm
 from pipellm import _core
@@ -53,3 +58,64 @@ def test_stub_declares_every_public_name_and_method() -> None:
         assert not missing, f"{cls}: {sorted(missing)} not in _core.pyi"
         extra = {n for n in stubs[cls] if not n.startswith("_")} - runtime
         assert not extra, f"{cls}: stub declares {sorted(extra)} that do not exist"
+
+
+def test_the_package_carries_the_interposer() -> None:
+    """Every maturin build puts the interposer into the package (rust/py/build.rs), and
+    `pipellm.cc` finds it there with no environment variable."""
+    import shutil
+
+    from pipellm import cc
+
+    shim = PKG / "_lib" / cc.SHIM_NAME
+    assert shim.is_file()
+    saved = os.environ.pop("PIPELLM_CC_LIB", None)
+    try:
+        assert cc.shim_path() == shim
+    finally:
+        if saved is not None:
+            os.environ["PIPELLM_CC_LIB"] = saved
+    readelf = shutil.which("readelf")
+    assert readelf, "readelf (binutils) is needed to read the interposer's link settings"
+    dynamic = subprocess.run([readelf, "-d", str(shim)], capture_output=True, text=True).stdout
+    assert "Library soname: [libcrypto.so.3]" in dynamic
+    assert f"Shared library: [{cc.REAL_ALIAS}]" in dynamic
+
+
+# Runs the CLI in a child where `import numpy` fails, as on a plain `pip install pipellm`.
+_WITHOUT_NUMPY = (
+    "import sys; sys.modules['numpy'] = None\n"
+    "from pipellm.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
+def _cli_without_numpy(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELLM_CC", "LD_"))}
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_NUMPY, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_doctor_and_run_need_nothing_beyond_the_wheel() -> None:
+    doctor = _cli_without_numpy("doctor")
+    assert doctor.returncode == 0, doctor.stderr
+    assert "interposer:" in doctor.stdout and "missing" not in doctor.stdout
+    run = _cli_without_numpy(
+        "run", "--", sys.executable, "-c", "import os; print(os.environ['LD_PRELOAD'])"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "libcrypto.so.3" in run.stdout
+
+
+@pytest.mark.parametrize("command", ["bench", "soak"])
+def test_commands_that_need_numpy_name_the_extra(command: str) -> None:
+    p = _cli_without_numpy(command)
+    assert p.returncode == 2
+    assert "pipellm[bench]" in p.stderr
+    assert "Traceback" not in p.stderr

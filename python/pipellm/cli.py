@@ -27,10 +27,32 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, replay
-from .workloads import MODELS
+from . import __version__
+from .workloads import MODELS, MODES
+
+if TYPE_CHECKING:
+    from . import replay
+
+# What `pip install pipellm` alone brings is enough for `run` and `doctor`; `bench` and `soak`
+# replay workloads on numpy arrays, which come with the `bench` extra.
+_BENCH_EXTRA = "pip install 'pipellm[bench]'"
+
+
+def _import_replay() -> Any:
+    """The replay harness, or a one-line error naming the extra that brings numpy."""
+    try:
+        from . import replay
+    except ModuleNotFoundError as e:
+        if e.name != "numpy":
+            raise
+        raise _MissingExtra(f"this command needs numpy: {_BENCH_EXTRA}") from None
+    return replay
+
+
+class _MissingExtra(Exception):
+    """A command needs a package of an optional extra that is not installed."""
 
 
 def _progress(label: str) -> Any:
@@ -51,6 +73,7 @@ KINDS = ("flexgen", "vllm-swap", "lora")
 
 
 def make_workload(args: argparse.Namespace) -> replay.Workload | None:
+    replay = _import_replay()
     for kind in KINDS:
         model = args.workload.removeprefix(kind + "-")
         if model != args.workload and model in MODELS:
@@ -69,6 +92,7 @@ def make_workload(args: argparse.Namespace) -> replay.Workload | None:
 
 
 def bench(args: argparse.Namespace) -> int:
+    replay = _import_replay()
     w = make_workload(args)
     if w is None:
         names = ", ".join(f"{k}-{m}" for k in KINDS for m in MODELS)
@@ -221,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--depth", type=int, default=0, help="transfers predicted ahead (default: the workload's)"
     )
-    b.add_argument("--modes", nargs="+", default=list(replay.MODES), choices=replay.MODES)
+    b.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     b.add_argument("--json", action="store_true", help="print one JSON document")
     b.add_argument(
         "--plot",
@@ -243,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("doctor", help="what this machine offers pipellm")
     d.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except _MissingExtra as e:
+        print(f"pipellm {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         if args.max_layers == 0:
             args.max_layers = None
@@ -258,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0  # not reached: run() replaces this process
     if args.command == "soak":
+        _import_replay()  # soak runs on numpy arrays too: say which extra brings it
         from . import soak
 
         if args.seconds <= 0 or args.threads < 1:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
-from . import cc
+from . import __version__, cc
 
 
 def _cc_mode() -> tuple[str, str]:
@@ -44,7 +45,12 @@ def _openssl_version(path: str) -> str | None:
 
 def report() -> dict[str, Any]:
     mode, how = _cc_mode()
-    out: dict[str, Any] = {"cc_mode": mode, "cc_mode_source": how}
+    out: dict[str, Any] = {
+        "pipellm": __version__,
+        "package": str(Path(cc.__file__).resolve().parent),
+        "cc_mode": mode,
+        "cc_mode_source": how,
+    }
     try:
         real = cc.real_libcrypto()
         out["libcrypto"] = str(real)
@@ -70,6 +76,7 @@ def report() -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     lines = [
+        f"pipellm {r['pipellm']} at {r['package']}",
         f"confidential computing: {r['cc_mode']} ({r['cc_mode_source']})",
         "libcrypto the driver would load: "
         + (
@@ -78,7 +85,7 @@ def render(r: dict[str, Any]) -> str:
             else f"none ({r.get('libcrypto_error')})"
         ),
         "interposer: "
-        + (r["interposer"] if r["interposer"] else f"not built ({r.get('interposer_error')})"),
+        + (r["interposer"] if r["interposer"] else f"missing ({r.get('interposer_error')})"),
         "interposer in this process: "
         + ("loaded, active" if r["interposer_active"] else "loaded, inert")
         if r["interposer_loaded"]

@@ -33,11 +33,10 @@ import numpy as np
 from ._core import MAX_KEEP_ARMED, HostPool, Pipeline, Receiver, SessionKey
 from .predictors import LayerCycle
 from .speculator import Speculator
-from .workloads import ModelShape
+from .workloads import MODES, ModelShape
 
 H100_FLOPS = 989e12
 H100_HBM_BPS = 3.35e12
-MODES = ("plain", "cc", "cc-parallel", "pipellm")
 
 
 @dataclass(frozen=True)

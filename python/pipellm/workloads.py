@@ -19,6 +19,11 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+# The four ways the benchmark replays a workload (replay.run): no encryption, on-demand
+# encryption on one thread (as the CC driver does), on demand on worker threads, pipellm.
+# Here rather than in replay so that the CLI can list them without numpy.
+MODES = ("plain", "cc", "cc-parallel", "pipellm")
+
 
 @dataclass(frozen=True)
 class ModelShape:
