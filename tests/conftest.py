@@ -1,11 +1,24 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import pipellm
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With PIPELLM_TEST_INSTALLED=VENV (scripts/test), the suite must run against the copy of
+    pipellm installed from the wheel into VENV: not the checkout's sources, not an editable
+    install. Otherwise a green run could hide a file the wheel forgot."""
+    venv = os.environ.get("PIPELLM_TEST_INSTALLED")
+    if not venv:
+        return
+    where = Path(pipellm.__file__).resolve()
+    if not where.is_relative_to(Path(venv).resolve()):
+        raise pytest.UsageError(f"PIPELLM_TEST_INSTALLED={venv} but pipellm comes from {where}")
 
 
 @pytest.fixture
