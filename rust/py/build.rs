@@ -93,7 +93,10 @@ fn main() {
     let status = cmd
         .status()
         .expect("could not start cargo to build the interposer");
-    assert!(status.success(), "building the interposer (pipellm-cc-shim) failed");
+    assert!(
+        status.success(),
+        "building the interposer (pipellm-cc-shim) failed"
+    );
 
     let mut built = target_dir;
     if cross {

@@ -576,15 +576,21 @@ mod tests {
     /// fault reaching the handler after its region was dropped (it must retry, not crash),
     /// and a lock kept forever when a neighbour was unregistered while `release_pages` held
     /// it (later registrations then spun for ever). Every write must land, nothing may hang.
+    /// The threads run until each has done `ROUNDS` iterations (however slow the machine),
+    /// the faster ones racing on meanwhile.
     #[test]
     fn concurrent_watchers_and_writers_neither_crash_nor_hang() {
         const PAGES: usize = 8;
+        const ROUNDS: u64 = 10_000;
+        const THREADS: usize = 5;
         let mut buf = StagingBuf::alloc(PAGES * 4096).unwrap();
         let base = buf.as_mut_slice().as_mut_ptr() as usize;
         let stop = std::sync::Arc::new(AtomicBool::new(false));
+        // Threads that have done ROUNDS iterations.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut handles = Vec::new();
         for t in 0..3usize {
-            let stop = stop.clone();
+            let (stop, done) = (stop.clone(), done.clone());
             handles.push(std::thread::spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -597,12 +603,15 @@ mod tests {
                     let _ = w.arm();
                     n += 1;
                     drop(w);
+                    if n == ROUNDS {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 n
             }));
         }
         for t in 0..2usize {
-            let stop = stop.clone();
+            let (stop, done) = (stop.clone(), done.clone());
             handles.push(std::thread::spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -613,16 +622,29 @@ mod tests {
                     // SAFETY: as above.
                     assert_eq!(unsafe { std::ptr::read_volatile(at as *const u8) }, n as u8);
                     n += 1;
+                    if n == ROUNDS {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 n
             }));
         }
-        std::thread::sleep(std::time::Duration::from_secs(2));
+        // A bound only against a hang (the property under test): the rounds take
+        // about a second here, longer on a loaded machine.
+        let t0 = std::time::Instant::now();
+        while done.load(Ordering::Relaxed) < THREADS {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(120),
+                "{} of {THREADS} threads finished {ROUNDS} rounds: a hang",
+                done.load(Ordering::Relaxed)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         stop.store(true, Ordering::Relaxed);
-        let done: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let rounds: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         assert!(
-            done.iter().all(|&n| n > 0),
-            "every thread made progress: {done:?}"
+            rounds.iter().all(|&n| n >= ROUNDS),
+            "every thread did its rounds: {rounds:?}"
         );
         buf.as_mut_slice()[0] = 1; // all pages writable again
     }

@@ -5,7 +5,9 @@
 use pipellm_core::pipeline::{Outgoing, Pipeline, PipelineConfig, Source, SourceBytes, Validation};
 use pipellm_core::*;
 use proptest::prelude::*;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// A source whose bytes the test can change in place (same address, new contents).
 struct Mutable(Mutex<()>, std::cell::UnsafeCell<Vec<u8>>);
@@ -31,6 +33,10 @@ impl SourceBytes for Mutable {
 }
 
 const KEY: [u8; 32] = [0x42; 32];
+
+/// How long a test waits for the workers to go idle before it fails (never reached unless
+/// something hangs: `wait_idle` returns as soon as they are).
+const IDLE: Duration = Duration::from_secs(60);
 
 fn cfg(slots: usize, chunk: usize, workers: usize) -> PipelineConfig {
     PipelineConfig {
@@ -229,7 +235,13 @@ fn modified_source_check(validation: Validation) {
     assert_eq!(got, src.bytes().to_vec());
     let st = pipe.stats();
     match validation {
-        Validation::Fingerprint => assert_eq!((st.hits, st.stale), (1, 1), "{st:?}"),
+        Validation::Fingerprint => {
+            assert_eq!((st.hits, st.stale), (1, 1), "{st:?}");
+            assert_eq!(
+                st.validation_bytes_hashed, 2048,
+                "both chunks hashed: {st:?}"
+            );
+        }
         // Both chunks share a page: a write to one dirties both (safe, only slower).
         Validation::PageProtection => assert_eq!(st.hits + st.stale, 2, "{st:?}"),
     }
@@ -247,20 +259,28 @@ fn page_protection_tracks_writes_per_page_and_costs_no_hashing() {
         },
     )
     .unwrap();
-    let src = Mutable::new(vec![5u8; 1 << 20]);
+    // Page-aligned chunks: no page of theirs holds other heap data, whose writes (by another
+    // test's thread, whenever they come) would count as writes to the chunk sharing the page.
+    let src = Mutable::new(vec![5u8; (1 << 20) + 4096]);
+    let base = (4096 - src.bytes().as_ptr() as usize % 4096) % 4096;
     let s: Source = src.clone();
-    pipe.predict(&[(s.clone(), 0, None)]).unwrap();
+    pipe.predict(&[(s.clone(), base, Some(1 << 20))]).unwrap();
     wait_ready(&pipe, 16);
-    src.set(5 * chunk + 30_000, 6); // the middle of chunk 5: its pages only
+    src.set(base + 5 * chunk + 30_000, 6); // the middle of chunk 5: its pages only
     let mut rx = receiver();
-    let m = pipe.request(&s, 0, None).unwrap().collect_all().unwrap();
-    assert_eq!(deliver(&mut rx, &m, 1 << 20), src.bytes().to_vec());
+    let m = pipe
+        .request(&s, base, Some(1 << 20))
+        .unwrap()
+        .collect_all()
+        .unwrap();
+    assert_eq!(
+        deliver(&mut rx, &m, 1 << 20),
+        src.bytes()[base..base + (1 << 20)].to_vec()
+    );
     let st = pipe.stats();
     assert_eq!((st.hits, st.stale), (15, 1), "{st:?}");
-    assert!(
-        st.validation < std::time::Duration::from_millis(5),
-        "{st:?}"
-    );
+    // 16 checks of 64 KiB each: loads of a write counter, not hashes of the bytes.
+    assert_eq!(st.validation_bytes_hashed, 0, "{st:?}");
     drop(m);
     pipe.close();
     src.set(0, 1); // writable again once the pipeline let go
@@ -303,13 +323,18 @@ fn kept_watches_skip_rearming_and_still_catch_writes_between_uses() {
         let after = pipe.stats();
         (after.hits - before.hits, after.stale - before.stale)
     };
+    // Consumed entries are retired to the planner thread; `wait_idle` drops them (the
+    // planner's job) before it returns, so their watches are kept by then.
+    let settle = || {
+        assert!(
+            pipe.wait_idle(IDLE),
+            "workers still busy: {:?}",
+            pipe.stats()
+        );
+        assert_eq!(pipe.stats().watches_kept, 4, "{:?}", pipe.stats());
+    };
     assert_eq!(round(None), (4, 0));
-    // Consumed entries are retired by the planner thread; wait until their watches are kept.
-    let t0 = std::time::Instant::now();
-    while pipe.stats().watches_kept < 4 {
-        assert!(t0.elapsed().as_secs() < 20, "{:?}", pipe.stats());
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    settle();
     assert_eq!(round(None), (4, 0));
     assert_eq!(
         pipe.stats().watches_reused,
@@ -318,9 +343,7 @@ fn kept_watches_skip_rearming_and_still_catch_writes_between_uses() {
     );
     // A write while the chunks are kept (between uses): the chunk is armed afresh and the new
     // bytes are encrypted, not the old ciphertext delivered.
-    while pipe.stats().watches_kept < 4 {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    settle();
     src.set(base + 2 * chunk + 5, 1);
     assert_eq!(round(None), (4, 0));
     assert_eq!(
@@ -330,9 +353,7 @@ fn kept_watches_skip_rearming_and_still_catch_writes_between_uses() {
     );
     // A write after the kept watch was re-armed for the next use is caught as stale.
     assert_eq!(round(Some(chunk + 3)), (3, 1));
-    while pipe.stats().watches_kept < 4 {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    settle();
     assert_eq!(pipe.unwatch(&s), 4);
     assert_eq!(pipe.stats().watches_kept, 0);
     pipe.close();
@@ -451,16 +472,14 @@ fn concurrent_predict_and_request_from_8_threads() {
         Message<pipellm_core::pipeline::Payload>,
         Vec<u8>,
     )>::new()));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    let handles: Vec<_> = (0..8)
+    const THREADS: usize = 8;
+    const ROUNDS: usize = 200;
+    let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             let (pipe, srcs, delivered) = (pipe.clone(), srcs.clone(), delivered.clone());
             std::thread::spawn(move || {
                 let mut i = t;
-                for _ in 0..400 {
-                    if std::time::Instant::now() > deadline {
-                        break;
-                    }
+                for _ in 0..ROUNDS {
                     let s = &srcs[i % 16];
                     if i % 3 == 0 {
                         pipe.predict(&[
@@ -505,7 +524,16 @@ fn concurrent_predict_and_request_from_8_threads() {
         st.positions_reserved,
         st.hits + st.chunks_on_demand + st.nops
     );
-    assert!(st.requests > 100, "{st:?}");
+    assert_eq!(
+        st.requests,
+        (THREADS * ROUNDS) as u64,
+        "every thread ran every round: {st:?}"
+    );
+    assert_eq!(
+        st.bytes_requested,
+        (THREADS * ROUNDS * 8192) as u64,
+        "{st:?}"
+    );
 }
 
 #[test]
@@ -600,4 +628,131 @@ fn caller_provided_staging_is_used_and_checked() {
         Pipeline::with_staging(&key, cfg(1, 4096, 1), short),
         Err(Error::InvalidArgument(_))
     ));
+}
+
+#[test]
+fn wait_idle_leaves_every_ring_entry_encrypted_so_predicted_requests_hit() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(4, 1024, 2)).unwrap();
+    let srcs: Vec<Source> = (0..10u8)
+        .map(|i| Arc::new(vec![i; 1024]) as Source)
+        .collect();
+    pipe.predict(
+        &srcs
+            .iter()
+            .map(|s| (s.clone(), 0, None))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert!(pipe.wait_idle(IDLE));
+    assert_eq!(pipe.stats().chunks_pre_encrypted, 4, "one per slot");
+    assert_eq!(pipe.queued(), (4, 6));
+    let mut rx = receiver();
+    for (i, s) in srcs.iter().enumerate() {
+        let m = pipe.request(s, 0, None).unwrap().collect_all().unwrap();
+        assert_eq!(deliver(&mut rx, &m, 1024), vec![i as u8; 1024]);
+        drop(m); // its staging buffer goes back: the next prediction gets a slot
+        assert!(pipe.wait_idle(IDLE));
+        assert_eq!(
+            pipe.queued(),
+            ((9 - i).min(4), 6usize.saturating_sub(i + 1))
+        );
+    }
+    let st = pipe.stats();
+    assert_eq!(
+        (st.hits, st.late, st.misses, st.chunks_pre_encrypted),
+        (10, 0, 0, 10),
+        "every request found its chunk encrypted: {st:?}"
+    );
+}
+
+#[test]
+fn wait_idle_with_workers_held_or_none_returns_after_the_refill() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let srcs: Vec<Source> = (0..3u8)
+        .map(|i| Arc::new(vec![i; 1024]) as Source)
+        .collect();
+    let all: Vec<_> = srcs.iter().map(|s| (s.clone(), 0, None)).collect();
+    // Held before anything is queued: no job is in hand, so nothing is encrypted.
+    let pipe = Pipeline::new(&key, cfg(2, 1024, 1)).unwrap();
+    pipe.hold_workers(true);
+    pipe.predict(&all).unwrap();
+    assert!(pipe.wait_idle(IDLE));
+    assert_eq!(pipe.stats().chunks_pre_encrypted, 0);
+    assert_eq!(pipe.queued(), (2, 1));
+    pipe.hold_workers(false);
+    assert!(pipe.wait_idle(IDLE));
+    assert_eq!(pipe.stats().chunks_pre_encrypted, 2);
+    pipe.close();
+    assert!(pipe.wait_idle(IDLE), "a closed pipeline is idle");
+    // No workers: the request path encrypts everything; wait_idle still refills the ring.
+    let pipe = Pipeline::new(&key, cfg(2, 1024, 0)).unwrap();
+    pipe.predict(&all).unwrap();
+    assert_eq!(pipe.queued(), (2, 1));
+    let m = pipe
+        .request(&srcs[0], 0, None)
+        .unwrap()
+        .collect_all()
+        .unwrap();
+    drop(m); // the buffer returns: the plan's last prediction may take it
+    assert!(pipe.wait_idle(IDLE));
+    assert_eq!(pipe.queued(), (2, 0));
+    assert_eq!(pipe.stats().late, 1, "no worker ever started it");
+}
+
+/// A source whose bytes a worker thread cannot read until the test opens the gate.
+struct Gated {
+    data: Vec<u8>,
+    open: Mutex<bool>,
+    cv: Condvar,
+    blocked: AtomicUsize,
+}
+
+impl SourceBytes for Gated {
+    fn bytes(&self) -> &[u8] {
+        let worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("pipellm-worker"));
+        if worker {
+            let mut open = self.open.lock().unwrap();
+            self.blocked.fetch_add(1, Ordering::SeqCst);
+            self.cv.notify_all();
+            while !*open {
+                open = self.cv.wait(open).unwrap();
+            }
+        }
+        &self.data
+    }
+}
+
+#[test]
+fn wait_idle_times_out_while_a_worker_is_busy() {
+    let key = SessionKey::from_bytes(&KEY).unwrap();
+    let pipe = Pipeline::new(&key, cfg(2, 1024, 1)).unwrap();
+    let gated = Arc::new(Gated {
+        data: vec![6u8; 1024],
+        open: Mutex::new(false),
+        cv: Condvar::new(),
+        blocked: AtomicUsize::new(0),
+    });
+    let s: Source = gated.clone();
+    pipe.predict(&[(s.clone(), 0, None)]).unwrap();
+    {
+        // Until the worker is inside the job (reading the source), with a bound.
+        let open = gated.open.lock().unwrap();
+        let (_open, t) = gated
+            .cv
+            .wait_timeout_while(open, IDLE, |_| gated.blocked.load(Ordering::SeqCst) == 0)
+            .unwrap();
+        assert!(!t.timed_out(), "the worker never started the job");
+    }
+    assert!(!pipe.wait_idle(Duration::ZERO), "a worker is busy");
+    assert!(!pipe.wait_idle(Duration::from_millis(20)), "still busy");
+    *gated.open.lock().unwrap() = true;
+    gated.cv.notify_all();
+    assert!(pipe.wait_idle(IDLE));
+    assert_eq!(pipe.stats().chunks_pre_encrypted, 1);
+    let m = pipe.request(&s, 0, None).unwrap().collect_all().unwrap();
+    assert_eq!(deliver(&mut receiver(), &m, 1024), vec![6u8; 1024]);
+    assert_eq!(pipe.stats().hits, 1);
 }

@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 /// Buffer views whose last Rust owner was dropped on a thread that may not hold the GIL
 /// (a worker): releasing a view needs the GIL, and taking it there could deadlock against a
@@ -255,8 +256,8 @@ impl PyPipeline {
 
     /// Counters: hits, misses, late, stale, nops, chunks_pre_encrypted, bytes_pre_encrypted,
     /// chunks_on_demand, bytes_on_demand, wasted_bytes, stall_seconds, validation_seconds,
-    /// positions_reserved, worker_failures, requests, bytes_requested, watches_reused,
-    /// watches_kept.
+    /// validation_bytes_hashed, positions_reserved, worker_failures, requests,
+    /// bytes_requested, watches_reused, watches_kept.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);
@@ -272,6 +273,7 @@ impl PyPipeline {
         d.set_item("wasted_bytes", s.wasted_bytes)?;
         d.set_item("stall_seconds", s.stall.as_secs_f64())?;
         d.set_item("validation_seconds", s.validation.as_secs_f64())?;
+        d.set_item("validation_bytes_hashed", s.validation_bytes_hashed)?;
         d.set_item("positions_reserved", s.positions_reserved)?;
         d.set_item("worker_failures", s.worker_failures)?;
         d.set_item("requests", s.requests)?;
@@ -305,9 +307,29 @@ impl PyPipeline {
         n
     }
 
-    /// (entries in the ring, predictions waiting for a slot)
-    fn queued(&self) -> (usize, usize) {
-        self.inner.queued()
+    /// (entries in the ring, predictions waiting for a slot), read at one moment.
+    fn queued(&self, py: Python<'_>) -> (usize, usize) {
+        // Takes the request path's locks: wait for them without the GIL.
+        py.detach(|| self.inner.queued())
+    }
+
+    /// Waits until the workers have nothing to do: the ring is refilled from the pending
+    /// predictions, then every queued chunk is encrypted and no worker is busy (with workers
+    /// held: only the chunks in hand; with none: returns after the refill). For tests and
+    /// simulations whose outcome must not depend on the machine's speed. Returns False if
+    /// `timeout` seconds passed first.
+    #[pyo3(signature = (timeout = 10.0))]
+    fn wait_idle(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let timeout = if timeout == f64::INFINITY {
+            Duration::MAX // no deadline
+        } else {
+            Duration::try_from_secs_f64(timeout).map_err(|_| {
+                PyValueError::new_err(format!("timeout must be >= 0 seconds, got {timeout}"))
+            })?
+        };
+        let idle = detached(py, || Ok(self.inner.wait_idle(timeout)))?;
+        release_dead_views(py); // retired entries dropped: their source views may be free
+        Ok(idle)
     }
 
     #[getter]

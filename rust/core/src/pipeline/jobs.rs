@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Weak;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -214,13 +215,45 @@ struct Queues {
     closed: bool,
     /// Threads start no new job while held (see `Pipeline::hold_workers`).
     held: bool,
+    /// Jobs popped and not finished yet (see [`Claimed`]). A plain integer under the same
+    /// mutex as the queues: `pop` moves a job from a queue to `busy` in one critical section,
+    /// so at every moment a job is either queued or counted busy, and "queues empty and
+    /// `busy == 0`" read under the lock means no job is anywhere between the two.
+    busy: usize,
 }
 
 /// The threads' work queue: on-demand chunks (someone waits for them) before speculative ones.
 #[derive(Default)]
 pub(crate) struct JobQueue {
     q: Mutex<Queues>,
+    /// Wakes threads waiting for a job (`pop`).
     cv: Condvar,
+    /// Wakes threads waiting for the workers to go idle (`wait_idle`): notified when `busy`
+    /// drops to 0, on `hold` and on `close`, each time after the change was made under the
+    /// lock (a waiter checks under the lock before it waits, so no wake-up is lost).
+    idle_cv: Condvar,
+}
+
+/// A job a worker popped. Dropping it (after the job ran, or while unwinding from a panic
+/// that escaped the job) drops the job first, then marks the worker no longer busy: what the
+/// job held (its entry, and with it a write watch) is gone before `wait_idle` can return.
+pub(crate) struct Claimed<'q> {
+    job: Option<Job>,
+    queue: &'q JobQueue,
+}
+
+impl Claimed<'_> {
+    /// The job, to run. Called once.
+    pub fn take(&mut self) -> Job {
+        self.job.take().expect("a claimed job is taken once")
+    }
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        drop(self.job.take());
+        self.queue.finished();
+    }
 }
 
 impl JobQueue {
@@ -234,8 +267,8 @@ impl JobQueue {
         self.cv.notify_one();
     }
 
-    /// The next job, or None once closed.
-    pub fn pop(&self) -> Option<Job> {
+    /// The next job, counted busy until the returned claim is dropped; None once closed.
+    pub fn pop(&self) -> Option<Claimed<'_>> {
         let mut q = lock(&self.q);
         loop {
             if q.closed {
@@ -245,19 +278,68 @@ impl JobQueue {
                 q = self.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            if let Some(j) = q.urgent.pop_front() {
-                return Some(Job::OnDemand(j));
-            }
-            if let Some(e) = q.speculative.pop_front() {
-                return Some(Job::Speculative(e));
+            let job = if let Some(j) = q.urgent.pop_front() {
+                Some(Job::OnDemand(j))
+            } else {
+                q.speculative.pop_front().map(Job::Speculative)
+            };
+            if let Some(job) = job {
+                // Same critical section as the pop: never "dequeued but not busy".
+                q.busy += 1;
+                return Some(Claimed {
+                    job: Some(job),
+                    queue: self,
+                });
             }
             q = self.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// A claimed job is finished (its effects, entry state and statistics, were all written
+    /// before this lock is taken, so whoever sees `busy` drop under the lock sees them too:
+    /// the unlock here happens-before that thread's lock, which orders even the relaxed
+    /// counter updates).
+    fn finished(&self) {
+        let mut q = lock(&self.q);
+        q.busy -= 1;
+        let idle = q.busy == 0;
+        drop(q);
+        if idle {
+            // After the unlock: a woken waiter re-checks under the lock, and one that has not
+            // started waiting yet checks before it waits, so no wake-up is lost.
+            self.idle_cv.notify_all();
+        }
+    }
+
+    /// Waits until no worker holds a job and, unless the workers are held or the queue is
+    /// closed, no job is queued. False if `deadline` passed first (None: no deadline).
+    pub fn wait_idle(&self, deadline: Option<Instant>) -> bool {
+        let mut q = lock(&self.q);
+        loop {
+            let drained = q.closed || q.held || (q.urgent.is_empty() && q.speculative.is_empty());
+            if q.busy == 0 && drained {
+                return true;
+            }
+            q = match deadline {
+                None => self.idle_cv.wait(q).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return false;
+                    }
+                    self.idle_cv
+                        .wait_timeout(q, d - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
         }
     }
 
     pub fn hold(&self, held: bool) {
         lock(&self.q).held = held;
         self.cv.notify_all();
+        self.idle_cv.notify_all();
     }
 
     pub fn close(&self) {
@@ -267,6 +349,7 @@ impl JobQueue {
         q.speculative.clear();
         drop(q);
         self.cv.notify_all();
+        self.idle_cv.notify_all();
     }
 }
 

@@ -323,6 +323,8 @@ struct Inner {
     /// Consumed entries whose write watch (an unregister costs an mprotect and a scan) is
     /// released by the planner thread, off the request path.
     retired: Mutex<Vec<Arc<Entry>>>,
+    /// Held by whoever is dropping a batch taken from `retired` (see `drain_retired`).
+    draining: Mutex<()>,
     /// With page protection: the write watches (and those kept armed between uses).
     watches: Option<Arc<watches::Watches>>,
 }
@@ -377,13 +379,23 @@ impl Inner {
         lock(&self.retired).push(entry);
     }
 
+    /// Drops the retired entries (their write watches are unregistered, or kept armed with
+    /// `keep_armed`). The batch is dropped outside the `retired` lock (the request path only
+    /// pushes there) but inside `draining`, so that a caller returning from here knows every
+    /// entry retired before its call is gone, also a batch another thread (the planner) had
+    /// taken first. Never called with the plan lock held: a drop costs `mprotect` calls.
+    fn drain_retired(&self) {
+        let _draining = lock(&self.draining);
+        let retired = std::mem::take(&mut *lock(&self.retired));
+        drop(retired);
+    }
+
     fn planner_loop(&self) {
         let mut plan = lock(&self.plan);
         while !self.closed.load(Ordering::Acquire) {
-            let retired = std::mem::take(&mut *lock(&self.retired));
-            if !retired.is_empty() {
-                drop(plan);
-                drop(retired); // unregisters write watches, outside the plan lock
+            if !lock(&self.retired).is_empty() {
+                drop(plan); // watches are unregistered outside the plan lock
+                self.drain_retired();
                 plan = lock(&self.plan);
             }
             self.refill(&mut plan);
@@ -396,8 +408,10 @@ impl Inner {
     }
 
     fn worker_loop(&self) {
-        while let Some(job) = self.jobs.pop() {
-            match job {
+        // The claim is dropped at the end of each turn, after the job (and the entry it
+        // held): only then does the worker stop counting as busy (see `Pipeline::wait_idle`).
+        while let Some(mut claimed) = self.jobs.pop() {
+            match claimed.take() {
                 Job::Speculative(e) => jobs::run_speculative(
                     &e,
                     self.watches.as_ref(),
@@ -502,7 +516,10 @@ impl Inner {
             READY => {
                 let t0 = Instant::now();
                 let unchanged = match &data.check {
-                    Check::Fingerprint(f) => fingerprint(chunk.bytes()) == *f,
+                    Check::Fingerprint(f) => {
+                        Stats::add(&self.stats.validation_bytes_hashed, chunk.len() as u64);
+                        fingerprint(chunk.bytes()) == *f
+                    }
                     #[cfg(target_os = "linux")]
                     Check::Watch(w, stamp) => w.unchanged_since(*stamp),
                     Check::None => false,
@@ -682,6 +699,7 @@ impl Pipeline {
             closed: AtomicBool::new(false),
             me: me.clone(),
             retired: Mutex::new(Vec::new()),
+            draining: Mutex::new(()),
             watches: (cfg.validation == Validation::PageProtection)
                 .then(|| watches::Watches::new(cfg.keep_armed)),
         });
@@ -832,12 +850,51 @@ impl Pipeline {
             .map_or(0, |w| w.forget(b.as_ptr() as usize, b.len()))
     }
 
-    /// Entries in the ring and predictions waiting for one.
+    /// Entries in the ring and predictions waiting for one, both read at one moment: every
+    /// position `positions_reserved` counted before this call is either consumed or in the
+    /// ring length returned (if no request runs on another thread meanwhile).
     pub fn queued(&self) -> (usize, usize) {
-        (
-            lock(&self.inner.consumer).len(),
-            lock(&self.inner.plan).len(),
-        )
+        // Consumer lock, then plan lock: the order `request` (in `route`) and
+        // `relinquish_all` take them in. The ring is read under both: no request pops
+        // (consumer lock), and no refill is half done (it counts a position reserved and then
+        // pushes its entry, both under the plan lock). Our plan-lock acquire comes after the
+        // unlock of every refill whose count a caller saw before calling us (a count written
+        // inside a critical section is not visible before it starts), so its push, published
+        // with Release before that unlock, is seen by the ring's Acquire loads here.
+        let consumer = lock(&self.inner.consumer);
+        let plan = lock(&self.inner.plan);
+        (consumer.len(), plan.len())
+    }
+
+    /// Waits until the workers have nothing to do: retired entries are dropped (their write
+    /// watches released or kept, as the planner would), the ring is refilled from the plan
+    /// as far as staging buffers allow, and then this returns once the job queue is empty
+    /// and no worker is in the middle of a job. With workers held (`hold_workers`) it waits
+    /// only for the jobs in hand; with no workers, or closed, it returns after the refill.
+    /// False if `timeout` passed first.
+    ///
+    /// For tests and simulations that must not depend on how fast the machine is: after it
+    /// returns true, every entry in the ring is encrypted (or failed), so a request for it
+    /// is a hit (or stale), never late. Idle is a moment, not a promise: a staging buffer
+    /// returned afterwards (a dropped message) lets the planner start more work.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        let inner = &self.inner;
+        inner.drain_retired();
+        {
+            // The same refill the planner does, under the plan lock (ring order stays
+            // reservation order); it pushes the new entries' jobs before we wait below.
+            let mut plan = lock(&inner.plan);
+            inner.refill(&mut plan);
+        }
+        if inner.cfg.workers == 0 || self.is_closed() {
+            // Nobody pops the queue (with no workers, speculative jobs only wait for close).
+            return true;
+        }
+        // Everything the workers did is visible once this returns true: each job's writes
+        // come before the queue unlock that marks it finished, and we read `busy == 0`
+        // under the same lock (see `JobQueue::finished`).
+        inner.jobs.wait_idle(deadline)
     }
 
     /// Where the next reserved position goes.

@@ -18,6 +18,7 @@ pub(crate) struct Stats {
     pub wasted_bytes: AtomicU64,
     pub stall_ns: AtomicU64,
     pub validation_ns: AtomicU64,
+    pub validation_bytes_hashed: AtomicU64,
     pub positions_reserved: AtomicU64,
     pub worker_failures: AtomicU64,
     pub requests: AtomicU64,
@@ -48,6 +49,9 @@ pub struct StatsSnapshot {
     pub stall: Duration,
     /// Time the request path spent checking that sources were unchanged.
     pub validation: Duration,
+    /// Source bytes the request path hashed to check them (fingerprint validation, and
+    /// chunks whose pages could not be protected); 0 where page protection checked them all.
+    pub validation_bytes_hashed: u64,
     pub positions_reserved: u64,
     pub worker_failures: u64,
     pub requests: u64,
@@ -82,6 +86,7 @@ impl Stats {
             wasted_bytes: g(&self.wasted_bytes),
             stall: Duration::from_nanos(g(&self.stall_ns)),
             validation: Duration::from_nanos(g(&self.validation_ns)),
+            validation_bytes_hashed: g(&self.validation_bytes_hashed),
             positions_reserved: g(&self.positions_reserved),
             worker_failures: g(&self.worker_failures),
             requests: g(&self.requests),
