@@ -28,6 +28,10 @@
  * with pipellm_cc_watch, as an application that allocates its weights or KV swap space once
  * would do; with PIPELLM_EMU_RECEIVE=1 the D2H destination pool (one memfd mapped twice) is
  * registered with pipellm_cc_receive. Without the interposer the variables change nothing.
+ * Where the check needs the interposer's workers to have finished what they were given (a
+ * source modified after its chunk was pre-encrypted, a chunk ready for a split message, a
+ * source freed), it calls pipellm_cc_quiesce, which returns once they are idle; without the
+ * interposer the function is absent and nothing waits (nothing runs in the background).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -109,6 +113,24 @@ static void bind_receive(void) {
     void *h = api_handle ? api_handle : RTLD_DEFAULT;
     cc_receive = (int (*)(void *, void *, size_t))dlsym(h, "pipellm_cc_receive");
     cc_unreceive = (int (*)(const void *))dlsym(h, "pipellm_cc_unreceive");
+}
+
+/* ... and for waiting until its pre-encryption workers are idle (a test aid) */
+static int (*cc_quiesce)(int);
+
+static void bind_quiesce(void) {
+    void *h = api_handle ? api_handle : RTLD_DEFAULT;
+    cc_quiesce = (int (*)(int))dlsym(h, "pipellm_cc_quiesce");
+}
+
+/* Returns once every chunk the interposer's workers were given is ready: what the check
+ * would otherwise sleep for, hoping they got there first. */
+static void workers_finished(void) {
+    int rc = cc_quiesce ? cc_quiesce(60000) : 0;
+    if (rc != 0) {
+        fprintf(stderr, "pipellm_cc_quiesce: %d\n", rc);
+        exit(2);
+    }
 }
 
 static void watch_range(const void *p, size_t n) {
@@ -439,12 +461,13 @@ static int check(int rounds) {
         for (int i = 0; i < LAYERS; i++) {
             if (r == 10 && i == 4) continue;          /* a skipped layer: mispredictions */
             if (r == 9 && i == 2) {
-                /* a source modified after its chunk was pre-encrypted (the pause lets the
-                 * interposer's workers get there first): must not be served stale */
-                usleep(20000);
+                /* a source modified after its chunk was pre-encrypted (the interposer's
+                 * workers get there first): must not be served stale */
+                workers_finished();
                 memset(layer[2] + 12345, r, 777);
             }
             if (r == 11 && i == 5) {                  /* freed and mapped again */
+                workers_finished(); /* its chunks were read from the old mapping */
                 unwatch_range(layer[5]); /* the registrant's side of the contract */
                 munmap(layer[5], LAYER_BYTES);
                 layer[5] = map(LAYER_BYTES);
@@ -452,7 +475,7 @@ static int check(int rounds) {
                 watch_range(layer[5], LAYER_BYTES);
             }
             int split = (r == 5 || r == 6 || r == 7) && i == 1;
-            if (split) usleep(20000); /* let the workers have its first chunk ready: a hit */
+            if (split) workers_finished(); /* its first chunk is ready: a hit, then a resync */
             transfer(&weights, layer[i], LAYER_BYTES, split);
             encrypt_chunk(&weights, meta, sizeof meta, 0); /* interleaved small copy */
             if (i % 3 == 2) encrypt_chunk(&weights, &nop, 1, 0); /* a 1-byte NOP copy */
@@ -681,6 +704,7 @@ int main(int argc, char **argv) {
     bind_api(argv[1]);
     bind_watch();
     bind_receive();
+    bind_quiesce();
     bounce = map(1 << 21);
     if (strcmp(argv[2], "check") == 0) return check(argc > 3 ? atoi(argv[3]) : 10);
     if (strcmp(argv[2], "bench-d2h") == 0 && argc > 3) return bench_d2h(atoi(argv[3]));

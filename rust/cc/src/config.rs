@@ -28,6 +28,12 @@ pub struct Config {
     /// `PIPELLM_CC_LOG=1`: one line on stderr per notable event (library found, a context's
     /// IV model rejected, a key that failed confirmation).
     pub log: bool,
+    /// `PIPELLM_CC_WAIT_INFLIGHT=1`, a test aid, never for production: an EncryptUpdate
+    /// whose chunk a worker is still encrypting waits for it (at most 10 s) instead of
+    /// falling back to the real library at once. Hits, `late` and everything they decide
+    /// (probing) then follow from the order of the calls, not from the machine's speed; the
+    /// driver's critical path pays for the wait, which is what the default avoids.
+    pub wait_inflight: bool,
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -63,6 +69,7 @@ pub fn config() -> &'static Config {
         d2h: std::env::var("PIPELLM_CC_D2H").map_or(true, |v| v.trim() != "0"),
         d2h_threads: env_usize("PIPELLM_CC_D2H_THREADS", 2).min(16),
         log: env_flag("PIPELLM_CC_LOG"),
+        wait_inflight: env_flag("PIPELLM_CC_WAIT_INFLIGHT"),
     })
 }
 

@@ -22,7 +22,9 @@ use crate::stats::Stats;
 use pipellm_core::crypto::AeadKey;
 use pipellm_core::predict::Learned;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 use zeroize::Zeroize;
 
 pub const TAG_LEN: usize = 16;
@@ -124,6 +126,11 @@ pub struct CtxState {
 /// once enough shadow predictions hold, pre-encryption resumes.
 const PROBE_BELOW_HITS: u32 = 8;
 
+/// With `PIPELLM_CC_WAIT_INFLIGHT=1`: the longest an EncryptUpdate waits for its chunk (a
+/// worker that died with it, or no worker at all, costs this once per message, then the
+/// message is encrypted by the real library and counted `late`, as without the option).
+const WAIT_INFLIGHT_CAP: Duration = Duration::from_secs(10);
+
 impl CtxState {
     fn record(&mut self, served: bool) {
         self.outcomes = (self.outcomes << 1) | served as u32;
@@ -185,14 +192,24 @@ pub struct Job {
 
 pub struct Engine {
     ctxs: Mutex<HashMap<usize, CtxState>>,
+    /// Paired with `ctxs`: notified when a worker settles a chunk (its IV leaves
+    /// `inflight`), only with `PIPELLM_CC_WAIT_INFLIGHT=1` (see `wait_settled`).
+    settled: Condvar,
     next_gen: std::sync::atomic::AtomicU64,
     jobs: Mutex<VecDeque<Job>>,
     job_ready: Condvar,
     /// Workers blocked on `job_ready` (changed under the `jobs` lock): a submission wakes
     /// at most that many, and none when all are busy (a wake-up is a syscall on the
     /// driver's critical path).
-    idle: std::sync::atomic::AtomicUsize,
+    idle: AtomicUsize,
     workers_started: std::sync::Once,
+    /// Worker threads running (set inside `workers_started`, before it completes).
+    started: AtomicUsize,
+    /// Threads in `quiesce` (changed under the `jobs` lock): a worker going idle wakes them
+    /// through `quiet` only when there are some.
+    quiescers: AtomicUsize,
+    /// Paired with `jobs`: a worker found the queue empty (see `quiesce`).
+    quiet: Condvar,
     spare: Mutex<Vec<Vec<u8>>>,
     /// Set once for good (a D2H chunk failed its tag: see `d2h`): nothing is served or
     /// pre-encrypted any more.
@@ -204,11 +221,15 @@ pub fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
     E.get_or_init(|| Engine {
         ctxs: Mutex::new(HashMap::new()),
+        settled: Condvar::new(),
         next_gen: std::sync::atomic::AtomicU64::new(1),
         jobs: Mutex::new(VecDeque::new()),
         job_ready: Condvar::new(),
-        idle: std::sync::atomic::AtomicUsize::new(0),
+        idle: AtomicUsize::new(0),
         workers_started: std::sync::Once::new(),
+        started: AtomicUsize::new(0),
+        quiescers: AtomicUsize::new(0),
+        quiet: Condvar::new(),
         spare: Mutex::new(Vec::new()),
         stopped: std::sync::atomic::AtomicBool::new(false),
         stats: Stats::default(),
@@ -398,6 +419,13 @@ impl Engine {
                     st.record(span == (input as usize, len));
                 }
             }
+            if config().wait_inflight && !st.prepared.contains_key(&iv) && st.inflight.contains(&iv)
+            {
+                m = self.wait_settled(m, ctx, iv);
+            }
+            let Some(st) = m.get_mut(&ctx) else {
+                return Decision::Forward; // freed while we waited: a caller bug
+            };
             let p = st.prepared.remove(&iv);
             if p.is_none() && st.inflight.contains(&iv) {
                 Stats::add(&self.stats.late, 1);
@@ -478,6 +506,71 @@ impl Engine {
                 Decision::Forward
             }
         }
+    }
+
+    /// Test aid (`PIPELLM_CC_WAIT_INFLIGHT=1`): releases the contexts' lock until the chunk
+    /// a worker has for `iv` on `ctx` is settled (ready, or dropped), at most
+    /// `WAIT_INFLIGHT_CAP`. `settle` changes `inflight` under this lock and notifies after
+    /// it, and the condition is checked under the lock before each wait, so no notification
+    /// is lost; a spurious or unrelated wake-up only re-checks.
+    fn wait_settled<'m>(
+        &self,
+        mut m: MutexGuard<'m, HashMap<usize, CtxState>>,
+        ctx: usize,
+        iv: Iv,
+    ) -> MutexGuard<'m, HashMap<usize, CtxState>> {
+        let deadline = Instant::now() + WAIT_INFLIGHT_CAP;
+        loop {
+            let pending = m
+                .get(&ctx)
+                .is_some_and(|st| st.inflight.contains(&iv) && !st.prepared.contains_key(&iv));
+            let now = Instant::now();
+            if !pending || now >= deadline {
+                return m;
+            }
+            m = self
+                .settled
+                .wait_timeout(m, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Returns once no pre-encryption job is queued and every worker started is waiting for
+    /// work (so every chunk submitted before the call is settled: ready, or dropped), or
+    /// false after `timeout`. D2H decryption threads are not counted.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        if !self.workers_started.is_completed() {
+            // No job was ever submitted (`submit` starts the workers before it queues).
+            return true;
+        }
+        // `is_completed` is an Acquire load that saw the Once complete, after the spawning
+        // thread stored `started`: Relaxed is enough to read it.
+        let started = self.started.load(Ordering::Relaxed);
+        let deadline = Instant::now().checked_add(timeout);
+        let mut q = lock(&self.jobs);
+        // `idle` and `quiescers` change only under the `jobs` lock, so reading them (and the
+        // queue) under it is one consistent observation, and a worker that goes idle after
+        // our check sees `quiescers > 0` and notifies `quiet` (no lost wake-up).
+        self.quiescers.fetch_add(1, Ordering::Relaxed);
+        let quiet = loop {
+            if q.is_empty() && self.idle.load(Ordering::Relaxed) >= started {
+                break true;
+            }
+            let now = Instant::now();
+            let wait = match deadline {
+                Some(d) if now >= d => break false,
+                Some(d) => d - now,
+                None => Duration::from_secs(3600),
+            };
+            q = self
+                .quiet
+                .wait_timeout(q, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        };
+        self.quiescers.fetch_sub(1, Ordering::Relaxed);
+        quiet
     }
 
     fn record_outcome(&self, ctx: usize, served: bool) {
@@ -687,15 +780,18 @@ impl Engine {
                 let spawned = std::thread::Builder::new()
                     .name(format!("pipellm-cc-{i}"))
                     .spawn(|| engine().worker_loop());
-                if spawned.is_err() {
-                    log(format_args!("could not start a pre-encryption thread"));
+                match spawned {
+                    Ok(_) => {
+                        self.started.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => log(format_args!("could not start a pre-encryption thread")),
                 }
             }
         });
         let n = jobs.len();
         let mut q = lock(&self.jobs);
         q.extend(jobs);
-        let wake = n.min(self.idle.load(std::sync::atomic::Ordering::Relaxed));
+        let wake = n.min(self.idle.load(Ordering::Relaxed));
         drop(q);
         for _ in 0..wake {
             self.job_ready.notify_one();
@@ -713,12 +809,15 @@ impl Engine {
                     }
                     // `idle` changes only under the `jobs` lock, so a submitter that
                     // reads 0 knows every worker will look at the queue before sleeping.
-                    self.idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.idle.fetch_add(1, Ordering::Relaxed);
+                    if self.quiescers.load(Ordering::Relaxed) > 0 {
+                        self.quiet.notify_all(); // see `quiesce`
+                    }
                     q = self
                         .job_ready
                         .wait(q)
                         .unwrap_or_else(PoisonError::into_inner);
-                    self.idle.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    self.idle.fetch_sub(1, Ordering::Relaxed);
                 }
             };
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(job)));
@@ -786,6 +885,10 @@ impl Engine {
             _ => p,
         };
         drop(m);
+        if config().wait_inflight {
+            // After the change, made under the lock `wait_settled` checks under.
+            self.settled.notify_all();
+        }
         if let Some(p) = keep {
             Stats::add(&self.stats.jobs_dropped, 1);
             self.recycle(p.ct);
@@ -883,6 +986,41 @@ mod tests {
         assert!(st.probing(), "one hit short");
         st.record(true);
         assert!(!st.probing());
+    }
+
+    #[test]
+    fn quiesce_returns_once_every_submitted_chunk_is_settled() {
+        let e = engine();
+        if !e.workers_started.is_completed() {
+            assert!(
+                e.quiesce(Duration::ZERO),
+                "nothing submitted yet: quiet at once"
+            );
+        }
+        let src = vec![3u8; 1 << 20];
+        let key = Arc::new(AeadKey::new(&[7u8; 32]).unwrap());
+        let (done, dropped) = (
+            e.stats.jobs_done.load(Ordering::Relaxed),
+            e.stats.jobs_dropped.load(Ordering::Relaxed),
+        );
+        // For a context nobody tracks: each chunk is encrypted, then thrown away at settle.
+        let jobs = (0..6u8)
+            .map(|i| Job {
+                ctx: usize::MAX - i as usize,
+                gen: 0,
+                key: key.clone(),
+                iv: [i; 12],
+                input: src.as_ptr() as usize,
+                len: src.len(),
+            })
+            .collect();
+        e.submit(jobs);
+        assert!(e.quiesce(Duration::from_secs(120)), "workers still busy");
+        assert!(e.stats.jobs_done.load(Ordering::Relaxed) - done >= 6);
+        assert!(e.stats.jobs_dropped.load(Ordering::Relaxed) - dropped >= 6);
+        assert!(lock(&e.jobs).is_empty());
+        assert_eq!(crate::exports::pipellm_cc_quiesce(-1), -1);
+        assert_eq!(crate::exports::pipellm_cc_quiesce(1000), 0);
     }
 
     #[test]

@@ -705,6 +705,28 @@ pub extern "C" fn pipellm_cc_unreceive(view: *const c_void) -> c_int {
     }
 }
 
+/// Waits until the pre-encryption workers have nothing left to do: no chunk queued and every
+/// started worker waiting for work, so every chunk predicted before the call is ready (or
+/// dropped). A test aid: the driver emulator calls it where a test needs "the workers got
+/// there first", instead of sleeping and hoping. D2H decryption threads are not waited for.
+/// Returns 0, or -1 (`timeout_ms` negative), -6 (still busy after `timeout_ms`
+/// milliseconds), -4 (internal error). In a forked child (no workers there) it returns 0.
+#[no_mangle]
+pub extern "C" fn pipellm_cc_quiesce(timeout_ms: c_int) -> c_int {
+    let Ok(ms) = u64::try_from(timeout_ms) else {
+        return -1;
+    };
+    if FORKED.load(Ordering::Relaxed) {
+        return 0; // the workers were not forked with us: nothing runs here
+    }
+    let timeout = std::time::Duration::from_millis(ms);
+    match std::panic::catch_unwind(|| engine().quiesce(timeout)) {
+        Ok(true) => 0,
+        Ok(false) => -6,
+        Err(_) => -4,
+    }
+}
+
 /// Path of the real libcrypto in use (static string), or null if none could be loaded.
 #[no_mangle]
 pub extern "C" fn pipellm_cc_real_path() -> *const c_char {
