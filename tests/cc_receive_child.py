@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import time
 
 import pipellm
 import pipellm.cc as cc
@@ -89,10 +88,9 @@ with pipellm.Pipeline(
     pipellm.SessionKey(os.urandom(32)), slots=4, chunk_bytes=1 << 20, validation="protect"
 ) as pipe:
     pipe.predict([other])
-    for _ in range(500):  # until a chunk is armed: the extension's handler is installed
-        if pipe.stats()["chunks_pre_encrypted"] >= 1:
-            break
-        time.sleep(0.01)
+    # Once the chunks are encrypted, they were armed: the extension's handler is installed.
+    assert pipe.wait_idle(), "the pipeline's workers did not finish"
+    assert pipe.stats()["chunks_pre_encrypted"] == 4, pipe.stats()
     other[12345] = 1  # a write fault the extension's handler claims
     report["exact_chained"] = exact_rounds(3, mv)
 report["expected_chained"] = 3 * len(plan)

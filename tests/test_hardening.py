@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import weakref
 
 import numpy as np
@@ -160,10 +159,12 @@ def test_close_during_inflight_requests_from_threads() -> None:
     pipe = Pipeline(KEY, slots=16, chunk_bytes=16 << 10, workers=2)
     outcomes: list[str] = []
     lock = threading.Lock()
+    # Set at each client's first outcome: close() comes once every client has had one (a
+    # state to wait for, not a time: however slow the machine, each had a request go through).
+    started = [threading.Event() for _ in range(6)]
 
     def client(i: int) -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # until close() stops it
+        while True:  # until close() stops it
             try:
                 pipe.predict([src[(i + 1) % 8]])
                 msgs = pipe.request(src[i % 8]).messages()
@@ -175,19 +176,24 @@ def test_close_during_inflight_requests_from_threads() -> None:
                 res = "closed"
             with lock:
                 outcomes.append(res)
+            started[i].set()
             if res != "ok":
                 return
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(6)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
-    pipe.close()
+    try:
+        for i, e in enumerate(started):
+            assert e.wait(timeout=120), f"client {i} never completed a request"
+    finally:
+        pipe.close()
     for t in threads:
         t.join(timeout=30)
         assert not t.is_alive(), "a request hung across close()"
     assert outcomes.count("closed") == len(threads), "every client saw the close"
     assert set(outcomes) == {"ok", "closed"}
+    assert outcomes.count("ok") >= len(threads), "each client's requests went through first"
 
 
 @pytest.mark.parametrize("validation", ["fingerprint", "protect"])
@@ -203,11 +209,10 @@ def test_interpreter_exit_with_busy_workers_and_armed_pages(validation: str) -> 
         print("exiting", flush=True)
     """
     for _ in range(3):
-        t0 = time.monotonic()
-        p = run_python(code, timeout=60)
+        # A hang at exit is caught by the timeout (generous: it is not a speed test).
+        p = run_python(code, timeout=120)
         assert p.returncode == 0, p.stderr
         assert p.stdout.strip() == "exiting" and "Fatal" not in p.stderr
-        assert time.monotonic() - t0 < 30
 
 
 # ---------------------------------------------------------------- secrets
@@ -220,10 +225,9 @@ def test_caller_staging_memory_is_wiped_on_close(validation: str) -> None:
     rx = Receiver(KEY)
     pipe = Pipeline(KEY, slots=4, chunk_bytes=4096, workers=1, staging=bufs, validation=validation)  # type: ignore[arg-type]
     pipe.predict([src])
-    deadline = time.monotonic() + 10
-    while pipe.stats()["chunks_pre_encrypted"] < 4 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert any(b.any() for b in bufs), "the staging memory was used"
+    assert pipe.wait_idle(), "the worker did not finish"
+    assert pipe.stats()["chunks_pre_encrypted"] == 4, pipe.stats()
+    assert all(b.any() for b in bufs), "the staging memory was used"
     msgs = pipe.request(src).messages()
     out = np.zeros_like(src)
     for m in msgs:
@@ -238,17 +242,20 @@ def test_caller_staging_memory_is_wiped_on_close(validation: str) -> None:
 # ---------------------------------------------------------------- load
 
 
-def test_soak_command_runs_clean_for_a_few_seconds() -> None:
+def test_soak_command_runs_clean_for_a_fixed_number_of_operations() -> None:
     import json
 
+    # A fixed amount of work (not a time box): the verdict cannot depend on the machine's
+    # speed. The timeout only catches a hang. Hits are not asserted: the soak never waits for
+    # its workers, so how many chunks they had ready is the machine's business.
     p = subprocess.run(
-        [sys.executable, "-m", "pipellm.cli", "soak", "--seconds", "8", "--threads", "4", "--json"],
+        [sys.executable, "-m", "pipellm.cli", "soak", "--ops", "6000", "--threads", "4", "--json"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         check=False,
     )
     r = json.loads(p.stdout)
     assert p.returncode == 0 and r["errors"] == 0, r["error_messages"]
-    assert r["ops"] > 500 and r["bytes_verified"] > 0 and r["hits"] > 0
+    assert r["ops"] == 6000 and r["bytes_verified"] > 0
     assert set(r["patterns"]) == {"layer-cycle", "swap-fifo", "adapter-queue", "random"}

@@ -3,6 +3,7 @@ through a second mapping): both save `mprotect` calls without ever delivering st
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import numpy as np
@@ -21,6 +22,16 @@ def deliver(rx: Receiver, messages: object, total: int) -> bytes:
     for m in messages:  # type: ignore[attr-defined]
         rx.open_into(m, view[m.offset : m.offset + len(m)])
     return bytes(out)
+
+
+def own_pages(nbytes: int, value: int = 0) -> np.ndarray:
+    """An array on pages of its own (an anonymous mapping). A heap allocation, even a large
+    one, may share its first and last pages with other objects once malloc's mmap threshold
+    has grown (a test run frees large buffers), and their writes would count as writes to the
+    protected chunks there, whenever they happen to come."""
+    a = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+    a[:] = value
+    return a
 
 
 def wait_for(pipe: Pipeline, key: str, n: int) -> None:
@@ -45,7 +56,7 @@ def cycle(pipe: Pipeline, rx: Receiver, src: object, expected: bytes) -> dict[st
 
 def test_kept_watches_skip_rearming_and_python_writes_between_uses_are_caught() -> None:
     rx = Receiver(KEY)
-    a = np.zeros(8 * CHUNK, dtype=np.uint8)  # large: its own pages
+    a = own_pages(8 * CHUNK)
     with Pipeline(
         KEY, slots=8, chunk_bytes=CHUNK, workers=1, validation="protect", keep_armed=8
     ) as pipe:
@@ -186,7 +197,7 @@ def test_speculator_forget_releases_kept_chunks() -> None:
     from pipellm import LayerCycle, Speculator
 
     rx = Receiver(KEY)
-    layers = [np.full(2 * CHUNK, i, dtype=np.uint8) for i in range(3)]
+    layers = [own_pages(2 * CHUNK, i) for i in range(3)]
     with Pipeline(
         KEY, slots=8, chunk_bytes=CHUNK, workers=1, validation="protect", keep_armed=16
     ) as pipe:
@@ -196,13 +207,14 @@ def test_speculator_forget_releases_kept_chunks() -> None:
         spec.prime()
         for _ in range(2):
             for i, layer in enumerate(layers):
-                time.sleep(0.05)  # the worker pre-encrypts the predicted layers meanwhile
+                assert pipe.wait_idle()  # the worker pre-encrypted the predicted layers
                 assert deliver(rx, spec.request(i, layer), layer.nbytes) == layer.tobytes()
-        assert pipe.stats()["hits"] > 0
+        s = pipe.stats()
+        assert (s["hits"], s["late"], s["misses"]) == (12, 0, 0), s  # 6 layers of 2 chunks
         # Layers 0 and 1 are predicted again (their chunks' watches are in the ring); layer
-        # 2's two chunks are kept armed until it is predicted next.
-        wait_for(pipe, "watches_kept", 2)
-        time.sleep(0.3)  # consumed entries are retired by the planner (at least every 100 ms)
+        # 2's two chunks are kept armed until it is predicted next. Consumed entries are
+        # retired to the planner; wait_idle drops them, so their watches are kept by then.
+        assert pipe.wait_idle()
         assert pipe.stats()["watches_kept"] == 2
         spec.forget(2)
         assert pipe.stats()["watches_kept"] == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import mmap
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -18,6 +18,14 @@ from pipellm.workloads import (
     random_stream,
     vllm_swap_stream,
 )
+
+
+def page_aligned(nbytes: int, value: int) -> np.ndarray:
+    """An array on pages of its own (an anonymous mapping): under page protection no other
+    object's writes share them, so a chunk can only be stale if the test writes it."""
+    a = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+    a[:] = value
+    return a
 
 
 def hit_rate(predictor: Any, events: Iterable[Any], warmup: int) -> float:
@@ -108,7 +116,7 @@ def test_speculator_with_learned_predictor_end_to_end() -> None:
     the receiver gets every byte of every request."""
     key = pipellm.SessionKey.generate()
     rx = Receiver(key)
-    layers: list[np.ndarray] = [np.full(64 << 10, i, dtype=np.uint8) for i in range(6)]
+    layers: list[np.ndarray] = [page_aligned(64 << 10, i) for i in range(6)]
     names: list[Hashable] = [("layer", i) for i in range(6)]
     with Pipeline(key, slots=12, chunk_bytes=32 << 10, workers=2, validation="protect") as pipe:
         spec = Speculator(pipe, depth=6)
@@ -119,9 +127,15 @@ def test_speculator_with_learned_predictor_end_to_end() -> None:
                 for m in spec.request(name, layer):
                     rx.open_into(m, view[m.offset : m.offset + len(m)])
                 assert bytes(dst) == layer.tobytes()
-                time.sleep(0.002)  # the device computes; the workers encrypt ahead
+                # The device computes; the workers encrypt ahead. Waiting for them instead
+                # of for time makes every prediction in the ring ready when it is requested.
+                assert pipe.wait_idle()
         s = pipe.stats()
         chunks = 12 * 6 * 2
+        # Nothing is late (waited for) or stale (nothing writes the layers): each chunk is a
+        # hit, or a miss while the cycle is being learned.
+        assert (s["late"], s["stale"]) == (0, 0), s
+        assert s["hits"] + s["misses"] == chunks, s
         assert s["hits"] >= 0.7 * chunks, s
         for m in pipe.relinquish():
             rx.open_into(m, bytearray(0))

@@ -12,22 +12,36 @@ import pytest
 from pipellm import replay
 from pipellm.workloads import MODELS
 
+# Where a test counts hits, the replay runs on a virtual clock: each of its waits (the
+# device's compute) lets the workers finish what they were given, so what they pre-encrypted
+# by the next transfer follows from the order of events, not from the machine's load.
+
 
 @pytest.mark.parametrize("mode", replay.MODES)
 def test_every_mode_delivers_and_verifies_every_byte(mode: str) -> None:
     w = replay.flexgen(MODELS["opt-125m"], steps=2, distinct_layers=2, max_layers=4)
-    r = replay.run(w, mode, link_gbps=8, workers=2, chunk_bytes=1 << 20)
+    virtual = mode == "pipellm"  # the other modes run on the wall clock
+    r = replay.run(w, mode, link_gbps=8, workers=2, chunk_bytes=1 << 20, virtual_clock=virtual)
     assert r["bytes_verified"] == r["bytes"] == w.bytes_total > 0
     assert r["tokens"] == 2 * 32 and r["throughput"] > 0
     if mode == "pipellm":
-        assert r["pipeline"]["hits"] > 0
+        # Every transfer after the first follows a wait: the layer cycle's predictions were
+        # all encrypted by then (the first transfer has no wait before it: it may be late).
+        assert r["pipeline"]["hits"] > 0, r["pipeline"]
 
 
 def test_plain_mode_runs_at_link_speed_for_a_transfer_bound_workload() -> None:
     w = replay.flexgen(MODELS["opt-125m"], steps=1, distinct_layers=1, max_layers=4)
-    r = replay.run(w, "plain", link_gbps=1, workers=1, chunk_bytes=1 << 20)
     link_time = w.bytes_total / 1e9
-    assert link_time <= r["elapsed_s"] < link_time * 1.5 + 0.05
+    # The model: host work costs nothing on a virtual clock, so the run takes the link's time
+    # plus the device's compute, exactly, however loaded the machine is.
+    r = replay.run(w, "plain", link_gbps=1, workers=1, chunk_bytes=1 << 20, virtual_clock=True)
+    compute = sum(s.compute_s for s in w.steps)
+    assert link_time <= r["elapsed_s"] <= link_time + compute + 1e-9
+    # On the wall clock, host delays can only add to that (how much is the machine's
+    # business, not a verdict).
+    r = replay.run(w, "plain", link_gbps=1, workers=1, chunk_bytes=1 << 20)
+    assert r["elapsed_s"] >= link_time
 
 
 def bench(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -69,7 +83,7 @@ def test_swap_and_lora_workloads_verify_every_byte(make: str, mode: str) -> None
         if make == "vllm_swap"
         else replay.multi_lora(shape, iterations=12, adapters=4, batch=2, change_every=2)
     )
-    r = replay.run(w, mode, link_gbps=8, workers=2)
+    r = replay.run(w, mode, link_gbps=8, workers=2, virtual_clock=mode == "pipellm")
     assert r["bytes_verified"] == r["bytes"] == w.bytes_total > 0
     assert r["tokens"] > 0
     if mode == "pipellm":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +61,21 @@ def test_repeated_layer_cycle_hits_and_hint(torch: Any, engine: Any) -> None:
     for _ in range(6):
         for w in layers:
             assert torch.equal(engine.to_device(w), w)
-            time.sleep(0.002)  # the layer's compute: the workers' time to encrypt ahead
+            # The layer's compute, the workers' time to encrypt ahead: waited for as a state
+            # (every predicted chunk in the ring encrypted), not as time.
+            assert engine.pipe.wait_idle()
     s = engine.pipe.stats()
     assert s["hits"] > 0, s  # the learned predictor found the cycle
+    assert (s["late"], s["stale"]) == (0, 0), s
     fresh = [torch.randn(32, 32) for _ in range(2)]
     engine.hint(fresh)
     before = engine.pipe.stats()["hits"]
-    deadline = time.monotonic() + 10
-    while engine.pipe.stats()["chunks_pre_encrypted"] < s["chunks_pre_encrypted"] + 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    assert engine.pipe.wait_idle()  # the hinted copies are encrypted (the ring has room)
     for t in fresh:
         assert torch.equal(engine.to_device(t), t)
-    assert engine.pipe.stats()["hits"] >= before + 2, "hinted copies were pre-encrypted"
+    after = engine.pipe.stats()
+    assert after["hits"] == before + 2, f"hinted copies were pre-encrypted: {after}"
+    assert after["late"] == 0, after
 
 
 def test_changed_source_is_never_delivered_stale(torch: Any, engine: Any) -> None:

@@ -9,7 +9,7 @@ replays a serving workload through the secure channel on a simulated device in f
 
 runs CMD with the libcrypto interposer loaded (the driver backend for Hopper CC GPUs).
 
-    pipellm soak [--seconds 60] [--threads 4] [--json]
+    pipellm soak [--seconds 60 | --ops N] [--threads 4] [--json]
 
 runs mixed serving patterns on threads with mispredictions, source changes, key rotations
 and restarts, every byte checked; reports operations, errors (must be 0) and RSS.
@@ -263,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     so.add_argument("--seconds", type=float, default=60.0, help="how long (default 60)")
     so.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
     so.add_argument("--seed", type=int, default=0)
+    so.add_argument(
+        "--ops",
+        type=int,
+        default=None,
+        help="run exactly this many operations (split over the threads) instead of --seconds",
+    )
     so.add_argument("--json", action="store_true", help="print one JSON document at the end")
     d = sub.add_parser("doctor", help="what this machine offers pipellm")
     d.add_argument("--json", action="store_true", help="print one JSON document")
@@ -293,10 +299,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         _import_replay()  # soak runs on numpy arrays too: say which extra brings it
         from . import soak
 
-        if args.seconds <= 0 or args.threads < 1:
-            print("pipellm soak: --seconds must be > 0 and --threads >= 1", file=sys.stderr)
+        if args.seconds <= 0 or args.threads < 1 or (args.ops is not None and args.ops < 1):
+            print(
+                "pipellm soak: --seconds must be > 0, --threads >= 1 and --ops >= 1",
+                file=sys.stderr,
+            )
             return 2
-        rep = soak.soak(args.seconds, args.threads, args.seed)
+        rep = soak.soak(args.seconds, args.threads, args.seed, ops=args.ops)
         print(soak.to_json(rep) if args.json else soak.render(rep))
         return 0 if rep["errors"] == 0 else 1
     if args.command == "doctor":

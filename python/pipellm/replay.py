@@ -306,6 +306,26 @@ class Clock:
             time.sleep(min(d, 0.05))
 
 
+class VirtualClock(Clock):
+    """A test aid: a clock on which the host's CPU work takes no time and only waits do (a
+    wait jumps to its end), and each wait first lets the pipeline's workers finish what they
+    were given (`Pipeline.wait_idle`), as a long enough wait would. What a replay on it
+    reports then follows from the order of its events, not from the machine's speed or load
+    (its throughput is the model's alone: nothing here is measured)."""
+
+    def __init__(self, pipe: Pipeline | None = None) -> None:
+        super().__init__(pipe)
+        self._virtual = 0.0
+
+    def now(self) -> float:
+        return self._virtual
+
+    def sleep_until(self, t: float) -> None:
+        if self._pipe is not None and not self._pipe.wait_idle():
+            raise RuntimeError("the pipeline's workers did not go idle")
+        self._virtual = max(self._virtual, t)
+
+
 class SimDevice:
     def __init__(self, link_bps: float) -> None:
         self.link_bps = link_bps
@@ -333,9 +353,12 @@ def run(
     depth: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     keep_armed: bool = True,
+    virtual_clock: bool = False,
 ) -> dict[str, Any]:
     """Replays `workload` in `mode`; returns throughput and what was verified. `keep_armed`:
-    the `pipellm` mode keeps its sources' pages write-protected between uses."""
+    the `pipellm` mode keeps its sources' pages write-protected between uses.
+    `virtual_clock`: for tests, time the run on a `VirtualClock` (results independent of the
+    machine's speed, throughput not measured)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     chunk_bytes = chunk_bytes or workload.chunk_bytes
@@ -384,7 +407,8 @@ def run(
             spec.register(s.key, s.buf)
     # The clock starts after set-up (staging allocation), right after the pipeline was told
     # its first predictions: no head start, so a short run shows pipellm's cold start too.
-    clock, dev = Clock(pipe), SimDevice(link_gbps * 1e9)
+    clock = (VirtualClock if virtual_clock else Clock)(pipe)
+    dev = SimDevice(link_gbps * 1e9)
     if spec is not None:
         spec.prime()
     verified = 0

@@ -1,7 +1,7 @@
 """`pipellm soak`: mixed serving patterns through the pipeline on several threads for a
-while, with random mispredictions, source modifications, key rotations and pipeline
-restarts; every byte is checked by a receiver model. Reports operations, errors (must be 0)
-and memory (RSS) over time."""
+while (or for an exact number of operations), with random mispredictions, source
+modifications, key rotations and pipeline restarts; every byte is checked by a receiver
+model. Reports operations, errors (must be 0) and memory (RSS) over time."""
 
 from __future__ import annotations
 
@@ -112,10 +112,12 @@ class _Client:
             return self.order[self.step % n]
         return self.rng.randrange(n)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, quota: int | None, finished: threading.Semaphore) -> None:
+        """Serves until `stop` is set, or `quota` operations are done; then releases
+        `finished`."""
         pipe, dev, spec = self._open()
         try:
-            while not stop.is_set():
+            while not stop.is_set() and (quota is None or self.c.ops < quota):
                 k = self._next()
                 if self.rng.random() < 0.05:  # a misprediction: something else is needed
                     k = self.rng.randrange(len(self.sources))
@@ -144,22 +146,48 @@ class _Client:
         finally:
             self.c.hits += pipe.stats()["hits"]
             pipe.close()
+            finished.release()
 
 
-def soak(seconds: float, threads: int = 4, seed: int = 0, report_every: float = 10.0) -> dict:
+def soak(
+    seconds: float,
+    threads: int = 4,
+    seed: int = 0,
+    report_every: float = 10.0,
+    ops: int | None = None,
+) -> dict:
+    """Runs the soak for `seconds`, or, with `ops`, for exactly that many operations (split
+    over the threads; `seconds` is then ignored): a fixed amount of work, however fast the
+    machine is."""
+    if ops is not None and ops < 1:
+        raise ValueError(f"ops must be >= 1, got {ops}")
     key = SessionKey.generate()
     counters = [Counters() for _ in range(threads)]
     stop = threading.Event()
+    finished = threading.Semaphore(0)  # released by each client as it ends
+    quotas = [None if ops is None else ops // threads + (i < ops % threads) for i in range(threads)]
     clients = [_Client(i, key, seed * 1000 + i, counters[i]) for i in range(threads)]
-    ts = [threading.Thread(target=c.run, args=(stop,), daemon=True) for c in clients]
+    ts = [
+        threading.Thread(target=c.run, args=(stop, q, finished), daemon=True)
+        for c, q in zip(clients, quotas, strict=True)
+    ]
     t0 = time.monotonic()
     for t in ts:
         t.start()
     samples: list[tuple[float, int]] = []
     rss0 = None
     next_report = report_every
-    while (el := time.monotonic() - t0) < seconds:
-        time.sleep(min(1.0, max(0.0, seconds - el)))
+    ended = 0  # clients that finished (with `ops`: their quota, or an error)
+    while True:
+        el = time.monotonic() - t0
+        if ops is None:
+            if el >= seconds:
+                break
+            time.sleep(min(1.0, max(0.0, seconds - el)))
+        else:
+            if ended == threads:
+                break
+            ended += finished.acquire(timeout=1.0)
         el = time.monotonic() - t0
         rss, _ = _rss_kib()
         samples.append((el, rss))
