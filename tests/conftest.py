@@ -38,3 +38,18 @@ def torch() -> Any:
         pytest.importorskip("torch")
         raise
     return t
+
+
+@pytest.fixture
+def ray() -> str:
+    """Where Ray is installed (an optional dependency; tests marked `ray` start local clusters
+    with it, in subprocesses, so it is found, not imported here). With PIPELLM_REQUIRE_RAY=1 a
+    missing ray fails the run instead of skipping its tests."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    if spec is None or spec.origin is None:
+        if os.environ.get("PIPELLM_REQUIRE_RAY") == "1":
+            pytest.fail("PIPELLM_REQUIRE_RAY=1 but ray is not installed")
+        pytest.skip("ray is not installed")
+    return spec.origin

@@ -128,6 +128,12 @@ def environment(
     env["LD_PRELOAD"] = ":".join([lib, *[p for p in preload if p != lib]])
     env["PIPELLM_REAL_LIBCRYPTO"] = str(real_libcrypto())
     env[_ACTIVE_FLAG] = "1"
+    # A raylet that finds RAY_LD_PRELOAD_ON_WORKERS=0 unsets LD_PRELOAD before it starts any
+    # worker. Ray sets it only when it preloads its own jemalloc (LD_PRELOAD was empty), but
+    # every process of such a node inherits it: a `pipellm run -- ray start` launched from one
+    # would start workers without the interposer.
+    if env.get("RAY_LD_PRELOAD_ON_WORKERS") == "0":
+        del env["RAY_LD_PRELOAD_ON_WORKERS"]
     if workers is not None:
         env["PIPELLM_CC_WORKERS"] = str(workers)
     if depth is not None:
