@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import _elf
+
 if TYPE_CHECKING:
     from ._core import HostPool
 
@@ -91,24 +93,56 @@ def real_libcrypto() -> Path:
 
 
 def prepare(directory: str | os.PathLike[str] | None = None) -> Path:
-    """Creates (idempotently) the directory the interposer is loaded from and returns it."""
+    """Creates (idempotently) the directory the interposer is loaded from and returns it:
+    `libcrypto.so.3`, a copy of the interposer that defines exactly the symbol-version nodes
+    of the real library (see `_elf`), and `libpipellm-real-crypto.so.3`, a link to the real
+    library."""
     shim, real = shim_path(), real_libcrypto()
     if directory is None:
-        tag = hashlib.sha256(f"{shim}|{real}|{os.getuid()}".encode()).hexdigest()[:16]
+        # Keyed on both files' identity, so an upgraded package or library gets a new copy.
+        ident = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (shim, real))
+        tag = hashlib.sha256(f"{ident}|{os.getuid()}".encode()).hexdigest()[:16]
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         directory = base / "pipellm" / "cc" / tag
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    for name, target in (("libcrypto.so.3", shim), (REAL_ALIAS, real)):
-        link = d / name
-        if link.is_symlink() and Path(os.readlink(link)) == target:
-            continue
-        tmp = d / f".{name}.{os.getpid()}"
+    _write_matching_copy(shim, real, d / "libcrypto.so.3")
+    link = d / REAL_ALIAS
+    if not (link.is_symlink() and Path(os.readlink(link)) == real):
+        tmp = d / f".{REAL_ALIAS}.{os.getpid()}"
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
-        tmp.symlink_to(target)
+        tmp.symlink_to(real)
         tmp.replace(link)  # atomic: a concurrent launcher never sees a missing link
     return d
+
+
+def _write_matching_copy(shim: Path, real: Path, dest: Path) -> None:
+    """Writes `dest`, the interposer with the version nodes the real library lacks renamed,
+    so that the loader refuses a program needing a newer OpenSSL exactly as it would
+    without the interposer. Warns (once per copy) about nodes of the real library the
+    interposer does not define: a program needing one would not start under `pipellm run`."""
+    try:
+        real_nodes = set(_elf.version_definitions(real))
+        ours = _elf.version_definitions(shim)
+    except (OSError, _elf.ElfError) as e:
+        raise InterposerError(f"cannot read the version nodes of {real} or {shim}: {e}") from e
+    stamp = dest.with_name(dest.name + ".source")
+    source = f"{shim}:{shim.stat().st_mtime_ns}|{real}:{real.stat().st_mtime_ns}"
+    if dest.is_file() and stamp.is_file() and stamp.read_text() == source:
+        return
+    _elf.copy_renaming_versions(shim, dest, keep=real_nodes)
+    missing = sorted(real_nodes - set(ours))
+    if missing:
+        print(
+            f"pipellm: {real} defines version nodes the interposer does not"
+            f" ({', '.join(missing)}); programs that need them will not start under it:"
+            " upgrade pipellm",
+            file=sys.stderr,
+        )
+    tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+    tmp.write_text(source)
+    tmp.replace(stamp)
 
 
 def environment(
