@@ -368,14 +368,16 @@ def test_os_fork_child_continuing_in_python(child_script: Path, reference: str) 
 def test_os_fork_after_the_parent_used_it_forwards_everything(
     child_script: Path, reference: str
 ) -> None:
-    # The interposer's state (contexts, worker threads, locks) cannot be forked: a child forked
-    # after the parent's first EVP call is still loaded but forwards every call to OpenSSL
-    # (exports.rs, in_child_after_fork). Its counters stay the parent's; its answers stay
-    # right. An exec (next tests) gives a fresh, working interposer again.
+    # The interposer's worker threads do not survive a fork: a child forked after the parent's
+    # first EVP call is still loaded but inactive (exports.rs, in_child_after_fork): it
+    # pre-encrypts and serves nothing, and only keeps answering as OpenSSL would for messages
+    # it inherited. Its counters stay the parent's; its answers stay right. An exec (next
+    # tests) gives a fresh, working interposer again.
     r = under_pipellm(child_script, "fork-after-use")
     assert_counted_its_own(r["parent"], reference)
     child = r["child"]
-    assert child["loaded"] is True and child["digest"] == reference, child
+    assert child["loaded"] is True and child["active"] is False, child
+    assert child["digest"] == reference, child
     assert child["grew"] == {}, child  # nothing served, nothing counted
     before = child["before"]  # the parent's counters, as they were at the fork
     assert before["hits"] + before["misses"] == MESSAGES and before["keys_confirmed"] == 1, r

@@ -56,5 +56,6 @@ versioned! {
     "pipellm_EVP_CIPHER_CTX_reset" => "EVP_CIPHER_CTX_reset",
     "pipellm_EVP_CIPHER_CTX_copy" => "EVP_CIPHER_CTX_copy",
     "pipellm_EVP_CIPHER_CTX_set_params" => "EVP_CIPHER_CTX_set_params",
+    "pipellm_EVP_CIPHER_CTX_get_params" => "EVP_CIPHER_CTX_get_params",
     "pipellm_EVP_CIPHER_CTX_set_key_length" => "EVP_CIPHER_CTX_set_key_length",
 }

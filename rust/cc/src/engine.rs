@@ -14,7 +14,8 @@
 //! `GET_TAG`: the driver gets exactly what OpenSSL would have computed. Any call we do not
 //! model on a tracked context takes it out of tracking (its later calls are forwarded only),
 //! and any call after a hit that needs the real context's state first brings the real
-//! context up to date (`resync`), so OpenSSL's own answers stay right too.
+//! context up to date (`resync`), so OpenSSL's own answers stay right too. The state model,
+//! call by call, is written down in docs/driver-backend.md ("What the interposer keeps").
 
 use crate::config::{config, log};
 use crate::ivmodel::{Iv, IvModel, ModelState};
@@ -25,7 +26,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 pub const TAG_LEN: usize = 16;
 pub type Tag = [u8; TAG_LEN];
@@ -77,13 +78,23 @@ pub enum Msg {
     Idle,
     /// Init with an IV seen, no data yet.
     Fresh,
-    /// Served from a pre-encrypted chunk; the real context has not seen the data.
-    Hit { prepared: Prepared, finalized: bool },
-    /// Encrypted by the real library in one Update call.
+    /// Served from a pre-encrypted chunk; the real context has not seen the data. It stays
+    /// here until the next init with an IV (or reset, free), so that every call until then
+    /// answers as OpenSSL would: a second Final fails, GET_TAG repeats the tag, and any other
+    /// call first replays the message into the real context (`take_hit_for_resync`).
+    Hit {
+        prepared: Prepared,
+        finalized: bool,
+        /// GET_TAG answered once: the message was learned and the next ones planned.
+        planned: bool,
+    },
+    /// Encrypted by the real library in one Update call. `ours`: the tag our AES-GCM gave
+    /// the same input, when this message confirms the key (computed during the Update,
+    /// checked at GET_TAG: no buffer of the caller is read after its call returned).
     Missed {
         input: usize,
         len: usize,
-        out: usize,
+        ours: Option<Tag>,
     },
     /// Something else (AAD, several updates, other calls): forwarded only.
     Untracked,
@@ -96,6 +107,19 @@ pub struct CtxState {
     /// AES-256-GCM, encrypting, default engine and IV length.
     pub tracked: bool,
     pub key: Option<Arc<AeadKey>>,
+    /// The raw key, to tell a re-init with the same key (kept state) from a new key.
+    key_bytes: Option<Zeroizing<[u8; 32]>>,
+    /// OpenSSL's context holds `key` now (an init naming a cipher drops it until one comes).
+    key_set: bool,
+    /// The tag OpenSSL's context would hold as its last one, where the real context holds an
+    /// older one: set when a served, finalized message ends at an init (the real context
+    /// never computed its tag), cleared when the real context finishes a message of its own.
+    /// GET_TAG and get_params answer with it (after the real call validated the request).
+    /// Kept across key changes and untracking: only reset, free and a real Final end it.
+    pub buf_tag: Option<Tag>,
+    /// The real context finished the current message (its Final succeeded): only then does a
+    /// GET_TAG return this message's tag, which may confirm the key and is learned.
+    final_seen: bool,
     /// Bumped at every key change: pre-encryption results for an older key are discarded.
     pub gen: u64,
     /// Our AES-GCM reproduced the real library's output under this key.
@@ -145,6 +169,10 @@ impl CtxState {
         Self {
             tracked: false,
             key: None,
+            key_bytes: None,
+            key_set: false,
+            buf_tag: None,
+            final_seen: false,
             gen,
             confirmed: false,
             refused: false,
@@ -211,6 +239,15 @@ pub struct Engine {
     /// Paired with `jobs`: a worker found the queue empty (see `quiesce`).
     quiet: Condvar,
     spare: Mutex<Vec<Vec<u8>>>,
+    /// Set in a forked child (`enter_child`): no worker thread came along and another
+    /// thread may have held `jobs` or `spare` at the fork, so the child serves nothing new,
+    /// plans nothing and touches neither; it only keeps every context answering as OpenSSL
+    /// would (a served message the real context has not seen is replayed when needed).
+    forked: std::sync::atomic::AtomicBool,
+    /// Bytes the real library encrypted on tracked contexts, and bytes we encrypted again to
+    /// confirm keys (see `after_real_update`).
+    tracked_bytes: std::sync::atomic::AtomicU64,
+    confirm_bytes: std::sync::atomic::AtomicU64,
     /// Set once for good (a D2H chunk failed its tag: see `d2h`): nothing is served or
     /// pre-encrypted any more.
     stopped: std::sync::atomic::AtomicBool,
@@ -231,6 +268,9 @@ pub fn engine() -> &'static Engine {
         quiescers: AtomicUsize::new(0),
         quiet: Condvar::new(),
         spare: Mutex::new(Vec::new()),
+        forked: std::sync::atomic::AtomicBool::new(false),
+        tracked_bytes: std::sync::atomic::AtomicU64::new(0),
+        confirm_bytes: std::sync::atomic::AtomicU64::new(0),
         stopped: std::sync::atomic::AtomicBool::new(false),
         stats: Stats::default(),
     })
@@ -258,6 +298,26 @@ pub struct Resync {
     pub key: Arc<AeadKey>,
     pub finalized: bool,
 }
+
+/// See `Engine::tag_fix`. `served`: the tag is the current served message's.
+#[derive(Clone, Copy)]
+pub struct TagFix {
+    pub tag: Tag,
+    pub served: bool,
+}
+
+/// Our AES-GCM did not reproduce the real output under this key: leave the context alone.
+fn refuse(ctx: usize, st: &mut CtxState, stats: &Stats) {
+    st.refused = true;
+    Stats::add(&stats.keys_refused, 1);
+    log(format_args!(
+        "context {ctx:#x}: real output not reproduced under its key; pass-through"
+    ));
+}
+
+/// Bytes of key confirmation allowed before the 1/32 budget applies (see
+/// `after_real_update`): enough for the first messages of many driver contexts.
+const CONFIRM_ALLOWANCE: u64 = 64 << 20;
 
 pub enum Decision {
     /// The ciphertext was written; report success with `len` bytes.
@@ -318,17 +378,44 @@ impl Engine {
         }
     }
 
+    /// After an encrypting init succeeded. The caller brought the real context up to date
+    /// first unless the init set an IV (which starts a new message, so a served message the
+    /// real context has not seen no longer matters, except for its tag: `buf_tag`).
     pub fn on_init(&self, ctx: usize, ch: InitChange<'_>) {
-        if self.is_stopped() {
-            self.forget(ctx);
-            return;
-        }
         let mut m = lock(&self.ctxs);
         let gen = self.gen();
         let st = m.entry(ctx).or_insert_with(|| CtxState::new(gen));
+        let prev = std::mem::replace(&mut st.msg, Msg::Idle);
+        // The same IV set again before any data is one message to OpenSSL: observed once.
+        let same_message = matches!(prev, Msg::Fresh) && ch.iv.is_some() && ch.iv == st.iv;
+        // An init that names a cipher resets the context first (OpenSSL calls
+        // EVP_CIPHER_CTX_reset inside it): key, last tag and message are gone, in OpenSSL's
+        // context as in the real one. The key is set again only if this call passes one.
+        let resets = ch.cipher_ok.is_some();
+        if let Msg::Hit {
+            prepared,
+            finalized,
+            ..
+        } = prev
+        {
+            if finalized && !resets {
+                st.buf_tag = Some(prepared.tag);
+            }
+            self.recycle(prepared.ct);
+        }
+        if resets {
+            st.buf_tag = None;
+            st.key_set = false;
+        }
+        if self.is_stopped() {
+            st.tracked = false;
+            st.msg = Msg::Untracked;
+            return;
+        }
         if let Some(ok) = ch.cipher_ok {
             if ok != st.tracked || !ok {
                 st.key = None;
+                st.key_bytes = None;
             }
             st.tracked = ok;
         }
@@ -337,32 +424,47 @@ impl Engine {
             return;
         }
         if let Some(k) = ch.key {
-            match AeadKey::new(k) {
-                Ok(key) => {
-                    let fresh = CtxState::new(self.gen());
-                    let old = std::mem::replace(st, fresh);
-                    st.tracked = true;
-                    st.key = Some(Arc::new(key));
-                    drop(m);
-                    self.recycle_state(old);
-                    m = lock(&self.ctxs);
-                }
-                Err(_) => {
-                    st.tracked = false;
-                    st.msg = Msg::Untracked;
-                    return;
+            // The same key again (a driver may pass it at every init) keeps everything we
+            // learned and the key's confirmation; compared in constant time.
+            let same = st
+                .key_bytes
+                .as_ref()
+                .is_some_and(|old| pipellm_core::crypto::ct_eq(old, k));
+            st.key_set = true;
+            if !same {
+                match AeadKey::new(k) {
+                    Ok(key) => {
+                        let mut fresh = CtxState::new(self.gen());
+                        fresh.tracked = true;
+                        fresh.key = Some(Arc::new(key));
+                        fresh.key_bytes = Some(Zeroizing::new(*k));
+                        fresh.key_set = true;
+                        fresh.buf_tag = st.buf_tag;
+                        let old = std::mem::replace(st, fresh);
+                        drop(m);
+                        self.recycle_state(old);
+                        m = lock(&self.ctxs);
+                    }
+                    Err(_) => {
+                        st.tracked = false;
+                        st.msg = Msg::Untracked;
+                        return;
+                    }
                 }
             }
         }
         let Some(st) = m.get_mut(&ctx) else { return };
-        if st.key.is_none() {
+        if st.key.is_none() || !st.key_set {
             st.msg = Msg::Untracked;
             return;
         }
+        st.final_seen = false;
         if let Some(iv) = ch.iv {
             st.iv = Some(iv);
             st.msg = Msg::Fresh;
-            st.model.observe(&iv);
+            if !same_message {
+                st.model.observe(&iv);
+            }
             if st.model.state() == ModelState::Rejected && !st.model_logged {
                 st.model_logged = true;
                 Stats::add(&self.stats.models_rejected, 1);
@@ -413,6 +515,19 @@ impl Engine {
                 st.msg = Msg::Untracked; // AAD: not the driver's pattern
                 return Decision::Forward;
             }
+            if self.is_forked() {
+                st.msg = Msg::Untracked; // nothing new in a forked child (see `forked`)
+                return Decision::Forward;
+            }
+            let (o, i) = (out as usize, input as usize);
+            if o < i.saturating_add(len) && i < o.saturating_add(len) {
+                // In place (or overlapping): serving would write ciphertext over bytes the
+                // validation, or the real encryption if it fails, still has to read. The
+                // driver encrypts into its bounce buffer, never in place.
+                Stats::add(&self.stats.in_place, 1);
+                st.msg = Msg::Untracked;
+                return Decision::Forward;
+            }
             let iv = st.iv.expect("Fresh implies an IV");
             if let Some((shadow_iv, span)) = st.shadow.take() {
                 if shadow_iv == iv {
@@ -435,7 +550,7 @@ impl Engine {
             st.msg = Msg::Missed {
                 input: input as usize,
                 len,
-                out: out as usize,
+                ours: None,
             };
             if !st.confirmed {
                 if let Some(p) = p {
@@ -495,6 +610,7 @@ impl Engine {
                 st.msg = Msg::Hit {
                     prepared: taken,
                     finalized: false,
+                    planned: false,
                 };
                 st.record(true);
                 Decision::Served
@@ -579,8 +695,9 @@ impl Engine {
         }
     }
 
-    /// A forwarded call found the context mid-message after a hit: returns what the real
-    /// context needs to catch up (IV, ciphertext, tag, key), leaving the message untracked.
+    /// A forwarded call found the context holding a served message: returns what the real
+    /// context must replay to catch up (IV, ciphertext, tag, key, whether it was finalized);
+    /// the rest of the message is forwarded (and still learned at its tag).
     pub fn take_hit_for_resync(&self, ctx: usize) -> Option<Resync> {
         let mut m = lock(&self.ctxs);
         let st = m.get_mut(&ctx)?;
@@ -590,14 +707,22 @@ impl Engine {
         let Msg::Hit {
             prepared,
             finalized,
+            planned,
         } = std::mem::replace(&mut st.msg, Msg::Untracked)
         else {
             unreachable!()
         };
-        st.msg = Msg::Diverted {
-            input: prepared.input,
-            len: prepared.len,
-        };
+        if !planned {
+            st.msg = Msg::Diverted {
+                input: prepared.input,
+                len: prepared.len,
+            };
+        }
+        if finalized {
+            // The replay ends with the real context's own Final: its tag is then this one.
+            st.buf_tag = None;
+            st.final_seen = true;
+        }
         Stats::add(&self.stats.resyncs, 1);
         Some(Resync {
             iv: st.iv?,
@@ -611,49 +736,131 @@ impl Engine {
         self.recycle(p.ct);
     }
 
-    /// EncryptFinal on a hit message: GCM has nothing left to output.
+    /// EncryptFinal on a served message not finalized yet: GCM has nothing left to output,
+    /// the call succeeds. Anything else (a second Final included) is the real context's to
+    /// answer, after a replay.
     pub fn on_final(&self, ctx: usize) -> bool {
         let mut m = lock(&self.ctxs);
         if let Some(Msg::Hit { finalized, .. }) = m.get_mut(&ctx).map(|s| &mut s.msg) {
-            *finalized = true;
-            return true;
+            if !*finalized {
+                *finalized = true;
+                return true;
+            }
         }
         false
     }
 
-    /// GET_TAG on a hit message: the stored tag, and the message is complete.
-    pub fn hit_tag(&self, ctx: usize) -> Option<Tag> {
-        let mut m = lock(&self.ctxs);
-        let st = m.get_mut(&ctx)?;
-        let Msg::Hit {
-            finalized: true, ..
-        } = st.msg
-        else {
-            return None;
-        };
-        let Msg::Hit { prepared, .. } = std::mem::replace(&mut st.msg, Msg::Idle) else {
-            unreachable!()
-        };
-        let tag = prepared.tag;
-        let span = (prepared.input, prepared.len);
-        let jobs = self.complete(ctx, st, span);
-        drop(m);
-        self.recycle(prepared.ct);
-        self.submit(jobs);
-        Some(tag)
+    /// The real context's tag buffer was just written (a real encrypting Final, or SET_TAG):
+    /// it holds OpenSSL's last tag again, and the current message may be learned at GET_TAG.
+    pub fn real_tag_set(&self, ctx: usize) {
+        if let Some(st) = lock(&self.ctxs).get_mut(&ctx) {
+            st.buf_tag = None;
+            st.final_seen = true;
+        }
     }
 
-    /// After a real GET_TAG of a message the real library encrypted: confirm the key on the
-    /// first such message, then learn from the message and plan the next ones.
+    /// The tag OpenSSL's context holds now, where the real context holds another: the served
+    /// message's once it is finalized, else the last served one's (`buf_tag`). GET_TAG and
+    /// get_params are forwarded first (the real call checks length, direction and state
+    /// exactly as OpenSSL would) and, when they succeed, their bytes are replaced by these.
+    /// The first GET_TAG of a served message also learns it and plans the next chunks.
+    pub fn tag_fix(&self, ctx: usize, plan: bool) -> Option<TagFix> {
+        let mut m = lock(&self.ctxs);
+        let st = m.get_mut(&ctx)?;
+        let (tag, span, first) = match &mut st.msg {
+            Msg::Hit {
+                prepared,
+                finalized: true,
+                planned,
+            } => {
+                let first = plan && !*planned;
+                *planned |= plan;
+                (prepared.tag, (prepared.input, prepared.len), first)
+            }
+            _ => return st.buf_tag.map(|tag| TagFix { tag, served: false }),
+        };
+        let jobs = if first {
+            self.complete(ctx, st, span)
+        } else {
+            Vec::new()
+        };
+        drop(m);
+        self.submit(jobs);
+        Some(TagFix { tag, served: true })
+    }
+
+    /// After a real EncryptUpdate of a message `try_hit` left to the real library: if this
+    /// message should confirm the context's key, encrypts the same input with our AES-GCM now,
+    /// while the caller's buffers are still ours to read, and compares the ciphertexts; the
+    /// tags are compared at GET_TAG (`after_real_tag`).
+    ///
+    /// Confirmation costs one more encryption of the message, so it is done only where hits
+    /// can follow (the context's IVs fit a layout) and within a budget: at most 1/32 of the
+    /// bytes encrypted on tracked contexts, after a first allowance. A program that changes
+    /// keys all the time, or whose IVs are random, pays nothing for it.
     ///
     /// # Safety
-    /// The `Missed` message's input and output must still be readable for its length (the
-    /// driver reads its output buffer right after GET_TAG; the input is its source).
-    pub unsafe fn after_real_tag(&self, ctx: usize, tag: &Tag) {
+    /// `input` and `out` must be readable for `len` bytes: the arguments of the
+    /// EVP_EncryptUpdate call that just returned, before returning to its caller.
+    pub unsafe fn after_real_update(
+        &self,
+        ctx: usize,
+        input: *const u8,
+        out: *const u8,
+        len: usize,
+    ) {
         let mut m = lock(&self.ctxs);
         let Some(st) = m.get_mut(&ctx) else { return };
-        let (input, len, out) = match std::mem::replace(&mut st.msg, Msg::Idle) {
-            Msg::Missed { input, len, out } => (input, len, out),
+        let Msg::Missed { ours: None, .. } = st.msg else {
+            return;
+        };
+        self.tracked_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        if st.confirmed || st.refused || st.model.state() != ModelState::Bound || self.is_forked() {
+            return;
+        }
+        let spent = self.confirm_bytes.load(Ordering::Relaxed);
+        let allowed = CONFIRM_ALLOWANCE + self.tracked_bytes.load(Ordering::Relaxed) / 32;
+        if spent + len as u64 > allowed {
+            return;
+        }
+        let (Some(key), Some(iv)) = (st.key.clone(), st.iv) else {
+            return;
+        };
+        drop(m);
+        self.confirm_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        Stats::add(&self.stats.confirmations, 1);
+        // SAFETY: per this function's contract, both are readable for len until we return.
+        let (src, real_ct) = unsafe {
+            (
+                std::slice::from_raw_parts(input, len),
+                std::slice::from_raw_parts(out, len),
+            )
+        };
+        let mut mine = self.buffer(len);
+        let result = key.seal(&iv, &[], src, &mut mine);
+        let same_ct = result.is_ok() && mine == real_ct;
+        self.recycle(mine);
+        let mut m = lock(&self.ctxs);
+        let Some(st) = m.get_mut(&ctx) else { return };
+        if let Msg::Missed { ours, .. } = &mut st.msg {
+            match result {
+                Ok(tag) if same_ct => *ours = Some(tag),
+                _ => refuse(ctx, st, &self.stats),
+            }
+        }
+    }
+
+    /// After a real GET_TAG of a message the real library encrypted: confirm the key if this
+    /// message was to (its ciphertext matched ours at the Update), then learn from the message
+    /// and plan the next ones. Reads no buffer of the caller.
+    pub fn after_real_tag(&self, ctx: usize, tag: &Tag) {
+        let mut m = lock(&self.ctxs);
+        let Some(st) = m.get_mut(&ctx) else { return };
+        if !st.final_seen {
+            return; // GET_TAG before Final returns the previous message's tag
+        }
+        let (input, len, ours) = match std::mem::replace(&mut st.msg, Msg::Idle) {
+            Msg::Missed { input, len, ours } => (input, len, ours),
             Msg::Diverted { input, len } => {
                 // Learned so the history stays whole; never used to confirm a key.
                 let jobs = self.complete(ctx, st, (input, len));
@@ -664,37 +871,51 @@ impl Engine {
             _ => return,
         };
         Stats::add(&self.stats.misses, 1);
-        if !st.confirmed && !st.refused {
-            let (Some(key), Some(iv)) = (st.key.clone(), st.iv) else {
-                return;
-            };
-            // SAFETY: per this function's contract, input and out are readable for len.
-            let (src, real_ct) = unsafe {
-                (
-                    std::slice::from_raw_parts(input as *const u8, len),
-                    std::slice::from_raw_parts(out as *const u8, len),
-                )
-            };
-            let mut ours = vec![0u8; len];
-            let same = match key.seal(&iv, &[], src, &mut ours) {
-                Ok(t) => t == *tag && ours == real_ct,
-                Err(_) => false,
-            };
-            if same {
+        if let Some(ours) = ours {
+            if pipellm_core::crypto::tags_equal(&ours, tag) {
                 st.confirmed = true;
                 Stats::add(&self.stats.keys_confirmed, 1);
             } else {
-                st.refused = true;
-                Stats::add(&self.stats.keys_refused, 1);
-                log(format_args!(
-                    "context {ctx:#x}: real output not reproduced under its key; pass-through"
-                ));
+                refuse(ctx, st, &self.stats);
                 return;
             }
         }
         let jobs = self.complete(ctx, st, (input, len));
         drop(m);
         self.submit(jobs);
+    }
+
+    /// EVP_CIPHER_CTX_copy(out, input) succeeded (after `input` was brought up to date):
+    /// `out` is a context we do not follow whose last tag is `input`'s.
+    pub fn after_copy(&self, out: usize, input: usize) {
+        let mut m = lock(&self.ctxs);
+        let buf_tag = m.get(&input).and_then(|st| st.buf_tag);
+        let old = m.remove(&out);
+        if buf_tag.is_some() {
+            let mut st = CtxState::new(self.gen());
+            st.msg = Msg::Untracked;
+            st.buf_tag = buf_tag;
+            m.insert(out, st);
+        }
+        drop(m);
+        if let Some(old) = old {
+            self.recycle_state(old);
+        }
+    }
+
+    /// In the child of a fork (see `forked`).
+    pub fn enter_child(&self) {
+        self.forked.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_forked(&self) -> bool {
+        self.forked.load(Ordering::Relaxed)
+    }
+
+    /// For the fork handlers: the contexts' lock, held across `fork()` so that the child
+    /// gets the table in a consistent state (no other thread is inside it at the fork).
+    pub fn lock_for_fork(&self) -> MutexGuard<'_, HashMap<usize, CtxState>> {
+        lock(&self.ctxs)
     }
 
     /// Learns a finished message and lists the chunks to pre-encrypt next.
@@ -706,7 +927,11 @@ impl Engine {
         let Some(key) = st.key.clone() else {
             return jobs;
         };
-        if !st.confirmed || st.model.state() != ModelState::Bound || self.is_stopped() {
+        if !st.confirmed
+            || st.model.state() != ModelState::Bound
+            || self.is_stopped()
+            || self.is_forked()
+        {
             return jobs;
         }
         let mut wanted = HashSet::new();
@@ -772,7 +997,7 @@ impl Engine {
     }
 
     fn submit(&self, jobs: Vec<Job>) {
-        if jobs.is_empty() {
+        if jobs.is_empty() || self.is_forked() {
             return;
         }
         self.workers_started.call_once(|| {
@@ -896,6 +1121,9 @@ impl Engine {
     }
 
     fn buffer(&self, len: usize) -> Vec<u8> {
+        if self.is_forked() {
+            return vec![0u8; len];
+        }
         let mut spare = lock(&self.spare);
         if let Some(i) = spare.iter().position(|b| b.capacity() >= len) {
             let mut b = spare.swap_remove(i);
@@ -914,6 +1142,9 @@ impl Engine {
     }
 
     fn recycle(&self, b: Vec<u8>) {
+        if self.is_forked() {
+            return; // a worker may have held `spare` at the fork: just free the buffer
+        }
         let mut spare = lock(&self.spare);
         if spare.len() < 4 * config().depth * config().workers.max(1) {
             spare.push(b); // ciphertext or a zeroized snapshot: nothing secret stays in it

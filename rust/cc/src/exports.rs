@@ -5,7 +5,9 @@
 //!   value) rather than crashing: nothing else is safe;
 //! - calls made *by* the real library into these names (libcrypto calls some of its own
 //!   EVP functions through its PLT, which resolves to us) are forwarded untouched, as are all
-//!   calls in a forked child and all calls when `PIPELLM_CC_DISABLE=1`;
+//!   calls when `PIPELLM_CC_DISABLE=1`; in a forked child nothing new is served or
+//!   pre-encrypted and D2H calls are forwarded, but a served message the child inherited is
+//!   still answered and replayed as in the parent (see `engine::Engine::enter_child`);
 //! - our own bookkeeping runs under `catch_unwind`: a panic is counted and the call is
 //!   forwarded, never unwound into C;
 //! - before forwarding a call on a context that holds a served (hit) message, the real
@@ -39,10 +41,32 @@ static FORKED: AtomicBool = AtomicBool::new(false);
 static ATFORK: std::sync::Once = std::sync::Once::new();
 static LOAD_LOGGED: std::sync::Once = std::sync::Once::new();
 
+thread_local! {
+    /// The engine's contexts lock, held by the forking thread from `before_fork` to the
+    /// handler that runs after it in the parent or the child.
+    static HELD_FOR_FORK: std::cell::RefCell<
+        Option<std::sync::MutexGuard<'static, std::collections::HashMap<usize, crate::engine::CtxState>>>,
+    > = const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn before_fork() {
+    // No other thread is inside the contexts' table at the fork, so the child inherits it
+    // consistent and can keep answering for messages it holds (a served message the real
+    // context has not seen must be replayed there too, or the child's tag is wrong).
+    let _ = HELD_FOR_FORK.try_with(|h| *h.borrow_mut() = Some(engine().lock_for_fork()));
+}
+
+extern "C" fn after_fork_in_parent() {
+    let _ = HELD_FOR_FORK.try_with(|h| h.borrow_mut().take());
+}
+
 extern "C" fn in_child_after_fork() {
-    // The child has our state but not our worker threads, and a lock may have been held
-    // at the fork: it forwards everything from now on.
+    // The child has our state but not our worker threads, and the pre-encryption queue, the
+    // buffer pool and the D2H tables may have been held by one of them at the fork: the child
+    // serves nothing new, plans nothing and forwards D2H calls from now on.
     FORKED.store(true, Ordering::Relaxed);
+    engine().enter_child();
+    let _ = HELD_FOR_FORK.try_with(|h| h.borrow_mut().take());
 }
 
 extern "C" fn report_at_exit() {
@@ -60,15 +84,22 @@ fn passthrough() -> bool {
     ATFORK.call_once(|| {
         // SAFETY: registering plain extern "C" fns with no preconditions.
         unsafe {
-            libc::pthread_atfork(None, None, Some(in_child_after_fork));
+            libc::pthread_atfork(
+                Some(before_fork),
+                Some(after_fork_in_parent),
+                Some(in_child_after_fork),
+            );
             if config().log {
                 libc::atexit(report_at_exit);
             }
         }
     });
-    config().disabled
-        || FORKED.load(Ordering::Relaxed)
-        || IN_REAL.try_with(|c| c.get()).unwrap_or(true)
+    config().disabled || IN_REAL.try_with(|c| c.get()).unwrap_or(true)
+}
+
+/// True in a forked child: D2H calls are only forwarded there (see `in_child_after_fork`).
+fn forked() -> bool {
+    FORKED.load(Ordering::Relaxed)
 }
 
 /// Calls into the real library with the re-entry flag set.
@@ -172,13 +203,21 @@ fn resync_hit(r: &Real, ctx: Ctx) {
     engine().recycle_prepared(rs.prepared);
 }
 
-fn cipher_ok(r: &Real, cipher: Cipher, impl_: EngineHandle) -> Option<bool> {
-    if cipher.is_null() {
-        return None;
-    }
-    // SAFETY: a non-null cipher the caller passed to an init call, as OpenSSL requires.
-    let nid = forward(|| unsafe { (r.cipher_get_nid)(cipher) });
-    Some(nid == NID_AES_256_GCM && impl_.is_null())
+/// Whether the real context, after an init that succeeded, holds AES-256-GCM with a 32-byte
+/// key and a 12-byte IV. Read back from the context rather than assumed from the call's
+/// arguments: an init without a cipher uses the context's, whose key and IV lengths may be
+/// anything (a 16-byte key, an 8-byte IV after SET_IVLEN), and reading 32 or 12 bytes of such
+/// an argument would read memory the caller did not hand over.
+fn holds_aes_256_gcm(r: &Real, ctx: Ctx) -> bool {
+    // SAFETY: ctx is the caller's live context, just initialised by the real library; these
+    // accessors only read it (and return 0 or null when nothing is set).
+    forward(|| unsafe {
+        let c = (r.ctx_get0_cipher)(ctx);
+        !c.is_null()
+            && (r.cipher_get_nid)(c) == NID_AES_256_GCM
+            && (r.ctx_get_key_length)(ctx) == 32
+            && (r.ctx_get_iv_length)(ctx) == 12
+    })
 }
 
 fn read_key(key: *const u8) -> Option<[u8; 32]> {
@@ -186,7 +225,8 @@ fn read_key(key: *const u8) -> Option<[u8; 32]> {
         return None;
     }
     let mut k = [0u8; 32];
-    // SAFETY: for AES-256-GCM (the only cipher we track) the key is 32 readable bytes.
+    // SAFETY: called only when the context holds AES-256-GCM with a 32-byte key
+    // (`holds_aes_256_gcm`): the real init just read these 32 bytes.
     unsafe { std::ptr::copy_nonoverlapping(key, k.as_mut_ptr(), 32) };
     Some(k)
 }
@@ -196,17 +236,20 @@ fn read_iv(iv: *const u8) -> Option<[u8; 12]> {
         return None;
     }
     let mut v = [0u8; 12];
-    // SAFETY: with the default (12-byte) IV length, which a tracked context has, the IV
-    // argument is 12 readable bytes.
+    // SAFETY: called only when the context's IV length is 12 (`holds_aes_256_gcm`): the real
+    // init just read these 12 bytes.
     unsafe { std::ptr::copy_nonoverlapping(iv, v.as_mut_ptr(), 12) };
     Some(v)
 }
 
 /// Common part of every init hook, after the real call succeeded: reads what the call set
-/// (key and IV only for AES-256-GCM, whose lengths we know) and hands it to `record`; the
-/// key copy is wiped afterwards.
+/// (key and IV only when the context now holds AES-256-GCM with the lengths we model) and
+/// hands it to `record`, with `Some(followable)` when the call named a cipher (AES-256-GCM on
+/// the default engine) and `None` when it kept the context's; the key copy is wiped
+/// afterwards.
 fn read_init(
     r: &Real,
+    ctx: Ctx,
     cipher: Cipher,
     impl_: EngineHandle,
     key: *const u8,
@@ -214,10 +257,10 @@ fn read_init(
     record: impl FnOnce(Option<bool>, Option<&[u8; 32]>, Option<[u8; 12]>),
 ) {
     guarded(|| {
-        let ok = cipher_ok(r, cipher, impl_);
-        let tracked_cipher = ok.unwrap_or(true);
-        let mut k = if tracked_cipher { read_key(key) } else { None };
-        let v = if tracked_cipher { read_iv(iv) } else { None };
+        let gcm = holds_aes_256_gcm(r, ctx);
+        let ok = (!cipher.is_null()).then_some(gcm && impl_.is_null());
+        let mut k = if gcm { read_key(key) } else { None };
+        let v = if gcm { read_iv(iv) } else { None };
         record(ok, k.as_ref(), v);
         k.zeroize();
     });
@@ -242,10 +285,24 @@ macro_rules! init_hook {
             if passthrough() {
                 return call();
             }
-            resync(r, ctx);
+            // An encrypting init that sets an IV starts a new message: a served message the
+            // real context has not seen needs no replay (the engine keeps its tag, which
+            // OpenSSL's context would still hold). Any other init first brings the real
+            // context up to date, so that what it keeps is OpenSSL's.
+            let starts_message = $follow && !$iv.is_null();
+            if starts_message {
+                resync_d2h(r, ctx);
+            } else {
+                resync(r, ctx);
+            }
             let rc = call();
+            if rc != 1 && starts_message {
+                // A failed init leaves the context as it was (OpenSSL checks before it
+                // changes anything): the served message is still its current one.
+                resync(r, ctx);
+            }
             if rc == 1 && $follow {
-                read_init(r, $cipher, $impl_, $key, $iv, |cipher_ok, key, iv| {
+                read_init(r, ctx, $cipher, $impl_, $key, $iv, |cipher_ok, key, iv| {
                     let change = InitChange { cipher_ok, key, iv };
                     engine().on_init(ctx as usize, change)
                 });
@@ -253,7 +310,7 @@ macro_rules! init_hook {
                 guarded(|| engine().untrack(ctx as usize));
             }
             if rc == 1 && $dfollow {
-                read_init(r, $cipher, $impl_, $key, $iv, |cipher_ok, key, iv| {
+                read_init(r, ctx, $cipher, $impl_, $key, $iv, |cipher_ok, key, iv| {
                     d2h::on_init(ctx as usize, d2h::DecInit { cipher_ok, key, iv })
                 });
             } else {
@@ -350,20 +407,32 @@ pub unsafe extern "C" fn pipellm_EVP_EncryptUpdate(
     let Some(r) = with_real() else { return 0 };
     // SAFETY: forwarding the caller's arguments unchanged.
     let call = || forward(|| unsafe { (r.encrypt_update)(ctx, out, outl, input, inl) });
-    if passthrough() || inl <= 0 || outl.is_null() || input.is_null() {
+    if passthrough() {
         return call();
     }
+    // Any Update after a served message (a second one, or one after its Final) is the real
+    // context's to answer once it has seen the message: OpenSSL refuses an Update after
+    // Final, so no second plaintext is ever encrypted under the message's key and IV.
     resync(r, ctx);
+    if inl <= 0 || outl.is_null() || input.is_null() {
+        return call();
+    }
     // SAFETY: the caller's EVP_EncryptUpdate contract is try_hit's contract.
     let decision = guarded(|| unsafe { engine().try_hit(ctx as usize, out, input, inl as usize) });
-    match decision {
-        Some(Decision::Served) => {
-            // SAFETY: outl is non-null (checked above) and writable per the contract.
-            unsafe { *outl = inl };
-            1
-        }
-        _ => call(),
+    if let Some(Decision::Served) = decision {
+        // SAFETY: outl is non-null (checked above) and writable per the contract.
+        unsafe { *outl = inl };
+        return 1;
     }
+    let rc = call();
+    if rc == 1 && !out.is_null() {
+        // SAFETY: the call just returned; `input` and `out` are still the caller's buffers of
+        // `inl` bytes, handed over for this call.
+        guarded(|| unsafe { engine().after_real_update(ctx as usize, input, out, inl as usize) });
+    } else if rc != 1 {
+        guarded(|| engine().untrack_message(ctx as usize));
+    }
+    rc
 }
 
 /// The D2H path: a message into a receive pool is snapshotted there and answered (see
@@ -400,6 +469,11 @@ pub unsafe extern "C" fn pipellm_EVP_DecryptUpdate(
         guarded(|| d2h::untrack_message(ctx as usize));
     }
     let rc = call();
+    if rc == 1 && inl > 0 && !out.is_null() && !input.is_null() {
+        // SAFETY: the call just returned; `input` and `out` are still the caller's buffers of
+        // `inl` bytes, handed over for this call.
+        guarded(|| unsafe { d2h::after_real_update(ctx as usize, input, out, inl as usize) });
+    }
     guarded(|| engine().untrack_message(ctx as usize));
     rc
 }
@@ -415,17 +489,29 @@ macro_rules! encrypt_final {
         #[no_mangle]
         pub unsafe extern "C" fn $name(ctx: Ctx, out: *mut u8, outl: *mut c_int) -> c_int {
             let Some(r) = with_real() else { return 0 };
-            if !passthrough() && !outl.is_null() {
+            // SAFETY: forwarding the caller's arguments unchanged.
+            let call = || forward(|| unsafe { (r.$field)(ctx, out, outl) });
+            if passthrough() {
+                return call();
+            }
+            if !outl.is_null() {
                 if let Some(true) = guarded(|| engine().on_final(ctx as usize)) {
                     // GCM emits nothing at final; the tag is kept for GET_TAG.
                     // SAFETY: outl is non-null and writable per the contract.
                     unsafe { *outl = 0 };
                     return 1;
                 }
-                resync(r, ctx);
             }
-            // SAFETY: forwarding the caller's arguments unchanged.
-            forward(|| unsafe { (r.$field)(ctx, out, outl) })
+            // A second Final of a served message, or any Final we do not answer: the real
+            // context answers, after replaying a served message it has not seen.
+            resync(r, ctx);
+            let rc = call();
+            // SAFETY: ctx is the caller's live context.
+            if rc == 1 && forward(|| unsafe { (r.ctx_is_encrypting)(ctx) }) == 1 {
+                // The real context computed this message's tag: it holds OpenSSL's last tag.
+                guarded(|| engine().real_tag_set(ctx as usize));
+            }
+            rc
         }
     };
 }
@@ -464,9 +550,7 @@ macro_rules! decrypt_final {
             }
             resync(r, ctx);
             let rc = call();
-            // SAFETY: the message's output is the driver's destination, read right after
-            // its own Final (see `after_real_final`).
-            guarded(|| unsafe { d2h::after_real_final(ctx as usize, rc == 1) });
+            guarded(|| d2h::after_real_final(ctx as usize, rc == 1));
             rc
         }
     };
@@ -492,34 +576,55 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_ctrl(
     if passthrough() {
         return call();
     }
-    if type_ == CTRL_GET_TAG && arg == TAG_LEN as c_int && !ptr.is_null() {
-        if let Some(Some(tag)) = guarded(|| engine().hit_tag(ctx as usize)) {
-            // SAFETY: GET_TAG with arg 16 means ptr is 16 writable bytes.
-            unsafe { std::ptr::copy_nonoverlapping(tag.as_ptr(), ptr.cast::<u8>(), TAG_LEN) };
-            return 1;
+    if type_ == CTRL_GET_TAG && !ptr.is_null() {
+        // OpenSSL's answer depends only on the context's last tag, the length asked for and
+        // the direction. Where the real context holds another last tag than OpenSSL's would
+        // (`tag_fix`: a served message's), we answer; otherwise the real context does. No
+        // replay, however often it is asked.
+        let fix = guarded(|| engine().tag_fix(ctx as usize, arg == TAG_LEN as c_int)).flatten();
+        if let Some(f) = fix {
+            // OpenSSL succeeds for 1..=16 bytes on an encrypting context that has finished a
+            // message since its last reset, which is what a fix means (a served message is
+            // on an encrypting context; the last served one's needs the direction checked).
+            // SAFETY: ctx is the caller's live context.
+            let encrypting = f.served || forward(|| unsafe { (r.ctx_is_encrypting)(ctx) }) == 1;
+            if (1..=TAG_LEN as c_int).contains(&arg) && encrypting {
+                // SAFETY: GET_TAG with arg in 1..=16 means ptr is arg writable bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(f.tag.as_ptr(), ptr.cast::<u8>(), arg as usize)
+                };
+                return 1;
+            }
+            return call(); // refused by the real context as by OpenSSL
         }
-        resync(r, ctx);
         let rc = call();
-        if rc == 1 {
+        if rc == 1 && arg == TAG_LEN as c_int {
             let mut tag = [0u8; TAG_LEN];
             // SAFETY: the real call just wrote 16 bytes at ptr.
             unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), tag.as_mut_ptr(), TAG_LEN) };
-            // SAFETY: the message's input and output are the driver's live buffers, read
-            // right after its GET_TAG (see `after_real_tag`).
-            guarded(|| unsafe { engine().after_real_tag(ctx as usize, &tag) });
+            guarded(|| engine().after_real_tag(ctx as usize, &tag));
         }
         return rc;
     }
-    if type_ == CTRL_SET_TAG && arg == TAG_LEN as c_int && !ptr.is_null() {
-        // Recorded for a deferred message's tag check; no resync needed (the real context
-        // takes the tag whatever it has seen).
+    if type_ == CTRL_SET_TAG {
+        // Recorded for a deferred message's tag check; a served encryption is replayed first
+        // (SET_TAG fails on an encrypting context, as it would have).
         resync_hit(r, ctx);
         let rc = call();
         if rc == 1 {
-            let mut tag = [0u8; TAG_LEN];
-            // SAFETY: SET_TAG with arg 16 means ptr is 16 readable bytes.
-            unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), tag.as_mut_ptr(), TAG_LEN) };
-            guarded(|| d2h::on_set_tag(ctx as usize, &tag));
+            // The real context's tag buffer now holds the tag set, as OpenSSL's would.
+            guarded(|| engine().real_tag_set(ctx as usize));
+            if arg == TAG_LEN as c_int && !ptr.is_null() {
+                let mut tag = [0u8; TAG_LEN];
+                // SAFETY: SET_TAG with arg 16 means ptr is 16 readable bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), tag.as_mut_ptr(), TAG_LEN)
+                };
+                guarded(|| d2h::on_set_tag(ctx as usize, &tag));
+            }
+        }
+        if arg != TAG_LEN as c_int {
+            guarded(|| d2h::forget(ctx as usize));
         }
         guarded(|| engine().untrack(ctx as usize));
         return rc;
@@ -577,7 +682,116 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_copy(out: Ctx, input: Ctx) -> c_
         guarded(|| engine().forget(out as usize));
     }
     // SAFETY: forwarding the caller's arguments unchanged.
-    forward(|| unsafe { (r.ctx_copy)(out, input) })
+    let rc = forward(|| unsafe { (r.ctx_copy)(out, input) });
+    if rc == 1 && !passthrough() {
+        // The copy holds the real context's tag buffer: it needs the same correction.
+        guarded(|| engine().after_copy(out as usize, input as usize));
+    }
+    rc
+}
+
+/// The layout of OpenSSL's `OSSL_PARAM` (core.h), stable across OpenSSL 3.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct OsslParam {
+    key: *const c_char,
+    data_type: std::ffi::c_uint,
+    data: *mut c_void,
+    data_size: usize,
+    return_size: usize,
+}
+
+impl OsslParam {
+    const END: Self = Self {
+        key: std::ptr::null(),
+        data_type: 0,
+        data: std::ptr::null_mut(),
+        data_size: 0,
+        return_size: 0,
+    };
+}
+
+const OSSL_PARAM_OCTET_STRING: std::ffi::c_uint = 5;
+
+/// Reading parameters does not depend on a served message's data, only on its tag (the
+/// `tag` parameter of an AEAD cipher), which is answered as for GET_TAG; the real context
+/// answers the rest.
+///
+/// # Safety
+/// OpenSSL's contract for `EVP_CIPHER_CTX_get_params`: `params` is an `OSSL_PARAM` array
+/// ended by an entry with a null key, each `data` writable for `data_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_get_params(ctx: Ctx, params: *mut c_void) -> c_int {
+    let Some(r) = with_real() else { return 0 };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let call = || forward(|| unsafe { (r.ctx_get_params)(ctx, params) });
+    if passthrough() || params.is_null() {
+        return call();
+    }
+    let Some(fix) = guarded(|| engine().tag_fix(ctx as usize, false)).flatten() else {
+        return call();
+    };
+    // SAFETY: the caller's array, ended by a null key (the contract above).
+    let entries = unsafe { param_entries(params) };
+    let is_tag = |e: &OsslParam| {
+        // SAFETY: a non-null key of the caller's array is a NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(e.key) }.to_bytes() == b"tag"
+    };
+    if !entries.iter().any(is_tag) {
+        return call();
+    }
+    // The real context's tag is not OpenSSL's (it may hold none at all): it answers every
+    // other parameter, through a copy of the array without the tag, and we answer the tag as
+    // OpenSSL would (octet string of 1..=16 bytes, encrypting context).
+    // SAFETY: ctx is the caller's live context.
+    let encrypting = fix.served || forward(|| unsafe { (r.ctx_is_encrypting)(ctx) }) == 1;
+    let tag_ok = |e: &OsslParam| {
+        e.data_type == OSSL_PARAM_OCTET_STRING && (1..=TAG_LEN).contains(&e.data_size) && encrypting
+    };
+    if !entries.iter().filter(|e| is_tag(e)).all(tag_ok) {
+        return call(); // refused by the real context as by OpenSSL
+    }
+    let mut others: Vec<OsslParam> = entries.iter().filter(|e| !is_tag(e)).copied().collect();
+    others.push(OsslParam::END);
+    // SAFETY: `others` is an OSSL_PARAM array ended by a null key whose entries point at the
+    // caller's buffers, as the caller's did.
+    let rc = forward(|| unsafe { (r.ctx_get_params)(ctx, others.as_mut_ptr().cast()) });
+    if rc != 1 {
+        return rc;
+    }
+    let mut rest = others.iter();
+    // SAFETY: the caller's entries, as counted by `param_entries`; each tag entry's data is
+    // writable for data_size (1..=16) bytes or null (then only its size is reported).
+    unsafe {
+        let base = params.cast::<OsslParam>();
+        for i in 0..entries.len() {
+            let e = &mut *base.add(i);
+            if is_tag(e) {
+                if !e.data.is_null() {
+                    std::ptr::copy_nonoverlapping(fix.tag.as_ptr(), e.data.cast(), e.data_size);
+                }
+                e.return_size = e.data_size;
+            } else if let Some(o) = rest.next() {
+                e.return_size = o.return_size;
+            }
+        }
+    }
+    rc
+}
+
+/// The entries of an OSSL_PARAM array, up to (not including) its null-key terminator.
+///
+/// # Safety
+/// `params` must point to an OSSL_PARAM array ended by an entry with a null key.
+unsafe fn param_entries<'a>(params: *mut c_void) -> &'a [OsslParam] {
+    let base = params.cast::<OsslParam>();
+    let mut n = 0;
+    // SAFETY: the array is ended by a null key, which bounds the walk.
+    while unsafe { !(*base.add(n)).key.is_null() } {
+        n += 1;
+    }
+    // SAFETY: `n` initialised entries precede the terminator.
+    unsafe { std::slice::from_raw_parts(base, n) }
 }
 
 forwarding_hook!(pipellm_EVP_CIPHER_CTX_set_params, ctx_set_params,
@@ -591,7 +805,8 @@ forwarding_hook!(pipellm_EVP_CIPHER_CTX_set_key_length, ctx_set_key_length,
 /// libcrypto is missing). For `pipellm doctor` and `pipellm.cc.status()`.
 #[no_mangle]
 pub extern "C" fn pipellm_cc_active() -> c_int {
-    (!config().disabled && real().is_ok()) as c_int
+    // In a forked child nothing is pre-encrypted any more (see `in_child_after_fork`).
+    (!config().disabled && real().is_ok() && !forked()) as c_int
 }
 
 /// Copies up to `n` counters into `out` (names: `pipellm_cc_stat_name`); returns how many

@@ -60,9 +60,19 @@ pub struct Real {
     pub ctx_reset: CtxFn,
     pub ctx_copy: CopyFn,
     pub ctx_set_params: SetParamsFn,
+    pub ctx_get_params: GetParamsFn,
     pub ctx_set_key_length: CtrlLenFn,
     pub cipher_get_nid: CipherNidFn,
+    /// What an init left in the context (read back instead of assumed: see `exports`).
+    pub ctx_get0_cipher: CtxCipherFn,
+    pub ctx_get_key_length: CtxIntFn,
+    pub ctx_get_iv_length: CtxIntFn,
+    pub ctx_is_encrypting: CtxIntFn,
 }
+
+pub type GetParamsFn = unsafe extern "C" fn(Ctx, *mut c_void) -> c_int;
+pub type CtxCipherFn = unsafe extern "C" fn(Ctx) -> Cipher;
+pub type CtxIntFn = unsafe extern "C" fn(Ctx) -> c_int;
 
 pub type InitFn4 = unsafe extern "C" fn(Ctx, Cipher, *const u8, *const u8) -> c_int;
 pub type CipherInitFn5 = unsafe extern "C" fn(Ctx, Cipher, *const u8, *const u8, c_int) -> c_int;
@@ -191,7 +201,12 @@ fn resolve(h: *mut c_void, path: &str, ours: usize) -> Result<Real, String> {
         ctx_reset: f!(CtxFn, "EVP_CIPHER_CTX_reset"),
         ctx_copy: f!(CopyFn, "EVP_CIPHER_CTX_copy"),
         ctx_set_params: f!(SetParamsFn, "EVP_CIPHER_CTX_set_params"),
+        ctx_get_params: f!(GetParamsFn, "EVP_CIPHER_CTX_get_params"),
         ctx_set_key_length: f!(CtrlLenFn, "EVP_CIPHER_CTX_set_key_length"),
         cipher_get_nid: f!(CipherNidFn, "EVP_CIPHER_get_nid"),
+        ctx_get0_cipher: f!(CtxCipherFn, "EVP_CIPHER_CTX_get0_cipher"),
+        ctx_get_key_length: f!(CtxIntFn, "EVP_CIPHER_CTX_get_key_length"),
+        ctx_get_iv_length: f!(CtxIntFn, "EVP_CIPHER_CTX_get_iv_length"),
+        ctx_is_encrypting: f!(CtxIntFn, "EVP_CIPHER_CTX_is_encrypting"),
     })
 }

@@ -31,6 +31,8 @@ counters! {
     jobs_unreadable: "predicted sources that could not be read (unmapped): skipped",
     jobs_dropped: "pre-encrypted chunks thrown away unused (prediction passed them)",
     panics: "internal panics caught (the interposer then forwards everything)",
+    in_place: "EncryptUpdate calls whose output overlaps their input (never served)",
+    confirmations: "messages encrypted a second time by us to confirm their context's key",
     hits_watched: "hits on chunks of watched ranges (validated by page protection, no read)",
     stops: "1 once the pipeline stopped (a D2H chunk failed its tag): everything forwarded since",
     d2h_deferred: "D2H chunks answered after the tag check alone, decrypted later off the critical path",

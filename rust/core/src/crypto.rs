@@ -294,6 +294,11 @@ impl AeadKey {
 
 /// Tag comparison whose time does not depend on where the tags differ.
 pub fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
+    ct_eq(a, b)
+}
+
+/// Comparison of two secrets (tags, keys) whose time does not depend on where they differ.
+pub fn ct_eq<const N: usize>(a: &[u8; N], b: &[u8; N]) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     // black_box keeps the compiler from turning the fold into an early-exit compare.
     std::hint::black_box(diff) == 0

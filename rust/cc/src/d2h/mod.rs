@@ -41,6 +41,7 @@ use pools::PendingGuard;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use zeroize::Zeroize;
 
 /// Failed confirmations after which a key is left alone.
 const CONFIRM_TRIES: u8 = 3;
@@ -66,13 +67,17 @@ enum DMsg {
     Fresh,
     /// Ciphertext snapshotted into a sealed destination, Final not seen yet.
     Deferred(Deferred),
-    /// Decrypted by the real library into `out`: confirms the key at Final if needed.
-    Forwarded { out: usize, len: usize },
+    /// Decrypted by the real library. `ours`: when this message confirms the
+    /// key, the tag our AES-GCM computed over the plaintext during the Update (compared with
+    /// the tag the driver set at Final: no buffer is read after its call returned).
+    Forwarded { len: usize, ours: Option<Tag> },
 }
 
 #[derive(Default)]
 struct DecCtx {
     key: Option<Arc<AeadKey>>,
+    /// The raw key, to tell a re-init with the same key (kept state) from a new key.
+    key_bytes: Option<zeroize::Zeroizing<[u8; 32]>>,
     confirmed: bool,
     confirm_failures: u8,
     iv: Option<Iv>,
@@ -154,6 +159,9 @@ pub struct DecInit<'a> {
 
 /// Records a decrypting init. The caller resynced any deferred message first.
 pub fn on_init(ctx: usize, ch: DecInit<'_>) {
+    if crate::engine::engine().is_forked() {
+        return; // a D2H thread may have held these tables at the fork: forward only
+    }
     let mut m = lock(&d2h().ctxs);
     let st = m.entry(ctx).or_default();
     discard(st.msg.take());
@@ -165,11 +173,18 @@ pub fn on_init(ctx: usize, ch: DecInit<'_>) {
         // A cipher without a key: nothing to follow until the key comes.
         st.msg = None;
     }
-    if let Some(k) = ch.key {
+    // The same key again (passed at every init by some drivers) keeps its confirmation;
+    // compared in constant time.
+    let same_key = match (ch.key, &st.key_bytes) {
+        (Some(k), Some(old)) => pipellm_core::crypto::ct_eq(old, k),
+        _ => false,
+    };
+    if let (Some(k), false) = (ch.key, same_key) {
         match AeadKey::new(k) {
             Ok(key) => {
                 *st = DecCtx {
                     key: Some(Arc::new(key)),
+                    key_bytes: Some(zeroize::Zeroizing::new(*k)),
                     ..DecCtx::default()
                 }
             }
@@ -192,6 +207,9 @@ pub fn on_init(ctx: usize, ch: DecInit<'_>) {
 
 /// The context is gone, reset, or left what we model. The caller resynced first.
 pub fn forget(ctx: usize) {
+    if crate::engine::engine().is_forked() {
+        return; // a D2H thread may have held these tables at the fork: forward only
+    }
     let old = lock(&d2h().ctxs).remove(&ctx);
     if let Some(st) = old {
         discard(st.msg);
@@ -210,6 +228,9 @@ fn discard(msg: Option<DMsg>) {
 
 /// `SET_TAG` on a followed context.
 pub fn on_set_tag(ctx: usize, tag: &Tag) {
+    if crate::engine::engine().is_forked() {
+        return; // a D2H thread may have held these tables at the fork: forward only
+    }
     if let Some(st) = lock(&d2h().ctxs).get_mut(&ctx) {
         st.tag = Some(*tag);
     }
@@ -218,6 +239,9 @@ pub fn on_set_tag(ctx: usize, tag: &Tag) {
 /// The current message of the context leaves what we model (CipherUpdate, an empty Update).
 /// The caller resynced first.
 pub fn untrack_message(ctx: usize) {
+    if crate::engine::engine().is_forked() {
+        return; // a D2H thread may have held these tables at the fork: forward only
+    }
     if let Some(st) = lock(&d2h().ctxs).get_mut(&ctx) {
         discard(st.msg.take());
     }
@@ -225,6 +249,9 @@ pub fn untrack_message(ctx: usize) {
 
 /// Takes the deferred message of `ctx` for a resync; the message is not followed further.
 pub fn take_for_resync(ctx: usize) -> Option<Resync> {
+    if crate::engine::engine().is_forked() {
+        return None; // a D2H thread may have held these tables at the fork: forward only
+    }
     let d = d2h();
     if d.in_message.load(Ordering::Acquire) == 0 {
         return None;
@@ -251,6 +278,9 @@ pub fn take_for_resync(ctx: usize) -> Option<Resync> {
 /// `input` must be readable for `len` bytes and `out` writable for `len` bytes (the
 /// EVP_DecryptUpdate contract).
 pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) -> bool {
+    if crate::engine::engine().is_forked() {
+        return false; // a D2H thread may have held these tables at the fork: forward only
+    }
     let d = d2h();
     let (out_a, in_a) = (out as usize, input as usize);
     let (key, iv) = {
@@ -269,7 +299,7 @@ pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) 
             return false;
         }
         // Forwarded unless deferred below (the real library then decrypts into `out`).
-        st.msg = Some(DMsg::Forwarded { out: out_a, len });
+        st.msg = Some(DMsg::Forwarded { len, ours: None });
         if !st.confirmed || stopped() || !config().d2h {
             return false;
         }
@@ -337,6 +367,9 @@ pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) 
 
 /// `DecryptFinal` on a deferred message: the tag check; `None` if there is none (forward).
 pub fn on_final(ctx: usize) -> Option<FinalOutcome> {
+    if crate::engine::engine().is_forked() {
+        return None; // a D2H thread may have held these tables at the fork: forward only
+    }
     let d = d2h();
     let (msg, key, iv, tag) = {
         let mut m = lock(&d.ctxs);
@@ -378,33 +411,82 @@ fn reject(msg: Deferred, why: &str) -> FinalOutcome {
     }
     FinalOutcome::Rejected
 }
-
-/// After a forwarded `DecryptFinal`: confirms the context's key on its first message that
-/// the real library decrypted and verified.
+/// After a real DecryptUpdate of a followed message: if it should confirm the context's
+/// key, re-encrypts the plaintext now, while the caller's buffers are still ours to read,
+/// and keeps the tag for Final. Only for messages into a registered receive pool (the only
+/// ones that can be deferred), so no other program pays the extra encryption.
 ///
 /// # Safety
-/// The `Forwarded` message's output must still be readable for its length (the driver's
-/// destination, read right after its own Final).
-pub unsafe fn after_real_final(ctx: usize, ok: bool) {
+/// `input` and `out` must be readable for `len` bytes: the arguments of the
+/// EVP_DecryptUpdate call that just returned, before returning to its caller.
+pub unsafe fn after_real_update(ctx: usize, input: *const u8, out: *const u8, len: usize) {
+    if crate::engine::engine().is_forked() {
+        return; // a D2H thread may have held these tables at the fork: forward only
+    }
+    let (key, iv) = {
+        let mut m = lock(&d2h().ctxs);
+        let Some(st) = m.get_mut(&ctx) else { return };
+        let Some(DMsg::Forwarded {
+            len: n, ours: None, ..
+        }) = st.msg
+        else {
+            return;
+        };
+        if n != len || st.confirmed || st.confirm_failures >= CONFIRM_TRIES {
+            return;
+        }
+        match (st.key.clone(), st.iv) {
+            (Some(k), Some(iv)) => (k, iv),
+            _ => return,
+        }
+    };
+    if pools::find(out as usize, len, input as usize).is_none() {
+        return;
+    }
+    // SAFETY: per this function's contract, both are readable for len until we return.
+    let (ct, plain) = unsafe {
+        (
+            std::slice::from_raw_parts(input, len),
+            std::slice::from_raw_parts(out, len),
+        )
+    };
+    let mut mine = vec![0u8; len];
+    let result = key.seal(&iv, &[], plain, &mut mine);
+    let same_ct = mine == ct;
+    mine.zeroize();
+    let mut m = lock(&d2h().ctxs);
+    if let Some(DecCtx {
+        msg: Some(DMsg::Forwarded { ours, .. }),
+        ..
+    }) = m.get_mut(&ctx)
+    {
+        if let (Ok(tag), true) = (result, same_ct) {
+            *ours = Some(tag);
+        }
+    }
+}
+
+/// After a real DecryptFinal of a followed message: confirms the key when the tag computed
+/// at the Update matches the one the driver set and the real library accepted.
+pub fn after_real_final(ctx: usize, ok: bool) {
+    if crate::engine::engine().is_forked() {
+        return; // a D2H thread may have held these tables at the fork: forward only
+    }
     let mut m = lock(&d2h().ctxs);
     let Some(st) = m.get_mut(&ctx) else { return };
     let msg = st.msg.take();
     let tag = st.tag.take();
-    let Some(DMsg::Forwarded { out, len }) = msg else {
+    let Some(DMsg::Forwarded { ours, .. }) = msg else {
         return;
     };
     Stats::add(&stats().d2h_forwarded, 1);
     if !ok || st.confirmed || st.confirm_failures >= CONFIRM_TRIES {
         return;
     }
-    let (Some(key), Some(iv), Some(tag)) = (st.key.clone(), st.iv, tag) else {
+    let (Some(ours), Some(tag)) = (ours, tag) else {
         return;
     };
-    // SAFETY: per this function's contract, `out` is readable for `len`.
-    let plain = unsafe { std::slice::from_raw_parts(out as *const u8, len) };
-    let mut ct = vec![0u8; len];
-    let same = matches!(key.seal(&iv, &[], plain, &mut ct), Ok(t) if tags_equal(&t, &tag));
-    if same {
+    if tags_equal(&ours, &tag) {
         st.confirmed = true;
         Stats::add(&stats().d2h_keys_confirmed, 1);
     } else {
