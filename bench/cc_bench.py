@@ -6,7 +6,12 @@ Builds the driver emulator (tests/driver_emulator) and runs, side by side in one
   is served from a pre-encrypted one);
 - `watched`: as `hits`, with the sources registered (`pipellm_cc_watch`): chunks are
   validated by page protection, so a hit copies the ciphertext without reading the source;
-- `misses`: under the interposer, a random chunk order it cannot predict.
+- `misses`: under the interposer, a random chunk order it cannot predict;
+- `rekeyed`, `rekeyed-watched`: as `hits` and `watched`, with the cipher and key passed again at
+  every init (`EVP_EncryptInit_ex(ctx, cipher, NULL, key, iv)`), against `openssl-rekeyed`,
+  the same pattern on the real libcrypto (OpenSSL resets the context at each such init);
+- `fresh-keys`: a new key at every init and a random order (nothing can be served), against
+  `openssl-fresh-keys`: a program that only ever misses.
 Each run also times a plain memcpy of the same 1 MiB from the same (cold) source: the floor.
 The emulator waits GAP_US of "device time" after each chunk, as the driver waits for its
 bounce buffer. Figures are medians over the steady state (first quarter skipped).
@@ -70,12 +75,23 @@ def main() -> None:
         exe = build(Path(tmp))
         shim_env = cc.environment(base, log=True, directory=Path(tmp) / "cc")
         rows = {}
-        for name, env, order in (
-            ("openssl", base, "cycle"),
-            ("hits", shim_env, "cycle"),
-            ("watched", {**shim_env, "PIPELLM_EMU_WATCH": "1"}, "cycle"),
-            ("misses", shim_env, "random"),
-        ):
+        rekey = {"PIPELLM_EMU_REKEY": "1"}
+        fresh = {"PIPELLM_EMU_REKEY": "fresh"}
+        watch = {"PIPELLM_EMU_WATCH": "1"}
+        # name, environment, chunk order, the OpenSSL row it is compared with
+        plan = (
+            ("openssl", base, "cycle", "openssl"),
+            ("hits", shim_env, "cycle", "openssl"),
+            ("watched", {**shim_env, **watch}, "cycle", "openssl"),
+            ("misses", shim_env, "random", "openssl"),
+            ("openssl-rekeyed", {**base, **rekey}, "cycle", "openssl-rekeyed"),
+            ("rekeyed", {**shim_env, **rekey}, "cycle", "openssl-rekeyed"),
+            ("rekeyed-watched", {**shim_env, **rekey, **watch}, "cycle", "openssl-rekeyed"),
+            ("openssl-fresh-keys", {**base, **fresh}, "random", "openssl-fresh-keys"),
+            ("fresh-keys", {**shim_env, **fresh}, "random", "openssl-fresh-keys"),
+        )
+        baseline = {name: ref for name, _, _, ref in plan}
+        for name, env, order, _ in plan:
             args = [a.mode, "bench", str(a.chunks), str(a.gap_us), order]
             rows[name] = run(exe, args, env)
         d2h = run(
@@ -83,20 +99,20 @@ def main() -> None:
             [a.mode, "bench-d2h", str(a.d2h_chunks)],
             {**shim_env, "PIPELLM_EMU_RECEIVE": "1"},
         )
-    ossl = rows["openssl"][0]["chunk_us"]
     print(f"driver emulator ({a.mode}), 1 MiB chunks, {a.gap_us:.0f} us device time per chunk")
     head = ("path", "chunk us", "memcpy us", "/ memcpy", "/ openssl")
-    print(f"{head[0]:10} {head[1]:>9} {head[2]:>10} {head[3]:>9} {head[4]:>10}  counters")
+    print(f"{head[0]:18} {head[1]:>9} {head[2]:>10} {head[3]:>9} {head[4]:>10}  counters")
     out = {}
     for name, (fig, st) in rows.items():
         c, m = fig["chunk_us"], fig["memcpy_us"]
+        ossl = rows[baseline[name]][0]["chunk_us"]
         served = (
             f"hits {st.get('hits', 0)} ({st.get('hits_watched', 0)} watched),"
             f" misses {st.get('misses', 0)}"
             if st
             else "-"
         )
-        print(f"{name:10} {c:9.1f} {m:10.1f} {c / m:8.2f}x {c / ossl:9.2f}x  {served}")
+        print(f"{name:18} {c:9.1f} {m:10.1f} {c / m:8.2f}x {c / ossl:9.2f}x  {served}")
         out[name] = {**fig, "vs_memcpy": c / m, "vs_openssl": c / ossl, "stats": st}
     fig, st = d2h
     if fig.get("bad", 1) != 0:

@@ -365,3 +365,43 @@ def test_an_unpredictable_pattern_costs_the_workers_nothing(emulator: Path, cc_d
     assert stats["misses"] >= 290, stats
     # Up to the first 32 predictions' worth of lookahead (8 each), far from one per message.
     assert stats["jobs_done"] < 150, stats
+
+
+def test_a_context_rekeyed_at_every_init_is_served_like_one_keyed_once(
+    emulator: Path, cc_dir: Path
+) -> None:
+    # EVP_EncryptInit_ex(ctx, cipher, NULL, key, iv) per chunk resets the context in OpenSSL
+    # each time; the same key again must keep what the interposer learned and confirmed.
+    plain, _ = run_emulator(emulator, ["link", "check", "14"], False, cc_dir)
+    once, s1 = run_emulator(
+        emulator, ["link", "check", "14"], True, cc_dir, PIPELLM_CC_WAIT_INFLIGHT="1"
+    )
+    rekeyed_plain, _ = run_emulator(
+        emulator, ["link", "check", "14"], False, cc_dir, PIPELLM_EMU_REKEY="1"
+    )
+    rekeyed, s2 = run_emulator(
+        emulator,
+        ["link", "check", "14"],
+        True,
+        cc_dir,
+        PIPELLM_CC_WAIT_INFLIGHT="1",
+        PIPELLM_EMU_REKEY="1",
+    )
+    assert plain == once and rekeyed_plain == rekeyed
+    assert s1["hits"] > 100, s1
+    # The emulator's check varies by a hit or two between runs (see test above).
+    assert s2["hits"] >= s1["hits"] - 4, (s1, s2)
+    assert s2["keys_confirmed"] == s1["keys_confirmed"], (s1, s2)
+    assert s2["confirmations"] == s1["confirmations"], (s1, s2)  # once per key, not per init
+
+
+def test_a_program_that_only_misses_pays_no_confirmation_per_message(
+    emulator: Path, cc_dir: Path
+) -> None:
+    # A new key at every init (and a random order): nothing can be served, and no message
+    # may be encrypted a second time to confirm a key that never comes back.
+    args = ["link", "bench", "200", "0", "random"]
+    out, stats = run_emulator(emulator, args, True, cc_dir, PIPELLM_EMU_REKEY="fresh")
+    assert out.startswith("chunk_us ")
+    assert stats["hits"] == 0, stats
+    assert stats["confirmations"] == 0 and stats["jobs_done"] == 0, stats

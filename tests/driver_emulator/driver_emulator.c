@@ -28,6 +28,10 @@
  * with pipellm_cc_watch, as an application that allocates its weights or KV swap space once
  * would do; with PIPELLM_EMU_RECEIVE=1 the D2H destination pool (one memfd mapped twice) is
  * registered with pipellm_cc_receive. Without the interposer the variables change nothing.
+ * PIPELLM_EMU_REKEY=1: every H2D chunk's init passes the cipher and the key again,
+ * EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, iv) (a driver may well do this);
+ * PIPELLM_EMU_REKEY=fresh: every chunk gets a new random key and IV (a program the
+ * interposer can never serve: it must cost nothing).
  * Where the check needs the interposer's workers to have finished what they were given (a
  * source modified after its chunk was pre-encrypted, a chunk ready for a split message, a
  * source freed), it calls pipellm_cc_quiesce, which returns once they are idle; without the
@@ -221,6 +225,15 @@ typedef struct {
     enum layout layout;
 } channel;
 
+/* 0: keyed once, IV-only inits (the driver's pattern); 1: cipher + same key at every init;
+ * 2: a fresh key (and the channel's IVs) at every init. */
+static int rekey;
+
+static void bind_rekey(void) {
+    const char *w = getenv("PIPELLM_EMU_REKEY");
+    rekey = !w ? 0 : strcmp(w, "1") == 0 ? 1 : strcmp(w, "fresh") == 0 ? 2 : 0;
+}
+
 static void channel_open(channel *c, enum layout l) {
     c->ctx = api.ctx_new();
     fill(c->key, 32);
@@ -262,8 +275,10 @@ static double encrypt_chunk(channel *c, const unsigned char *src, int len, int s
     unsigned char iv[12], tag[16];
     int n = 0, m = 0;
     next_iv(c, iv);
+    if (rekey == 2) fill(c->key, 32);
     double t0 = now_ns();
-    int ok = api.enc_init(c->ctx, NULL, NULL, NULL, iv) == 1;
+    int ok = rekey ? api.enc_init(c->ctx, api.aes_256_gcm(), NULL, c->key, iv) == 1
+                   : api.enc_init(c->ctx, NULL, NULL, NULL, iv) == 1;
     if (split) {
         /* the whole chunk, then 16 more bytes in the same message */
         static const unsigned char extra[16] = "sixteen  bytes!";
@@ -705,6 +720,7 @@ int main(int argc, char **argv) {
     bind_watch();
     bind_receive();
     bind_quiesce();
+    bind_rekey();
     bounce = map(1 << 21);
     if (strcmp(argv[2], "check") == 0) return check(argc > 3 ? atoi(argv[3]) : 10);
     if (strcmp(argv[2], "bench-d2h") == 0 && argc > 3) return bench_d2h(atoi(argv[3]));
