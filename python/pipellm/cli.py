@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -70,6 +71,74 @@ def _progress(label: str) -> Any:
 
 
 KINDS = ("flexgen", "vllm-swap", "lora")
+
+
+# Numeric arguments are checked by argparse itself (these `type=` functions), so that a bad
+# value is a one-line usage error with exit code 2, never a traceback or a meaningless run.
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+
+
+def int_in(lo: int, hi: int) -> Any:
+    """`type=`: an int in lo..=hi."""
+
+    def parse(text: str) -> int:
+        v = _int(text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {v}")
+        return v
+
+    parse.__name__ = f"int in {lo}..{hi}"
+    return parse
+
+
+def positive_int(hi: int) -> Any:
+    """`type=`: an int in 1..=hi."""
+    return int_in(1, hi)
+
+
+def non_negative_int(hi: int) -> Any:
+    """`type=`: an int in 0..=hi."""
+    return int_in(0, hi)
+
+
+def finite_positive_float(hi: float = math.inf) -> Any:
+    """`type=`: a finite float > 0 (and <= hi)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(v) and 0 < v <= hi):
+            bound = "" if hi == math.inf else f" and at most {hi:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0{bound}, got {text}")
+        return v
+
+    parse.__name__ = "finite positive number"
+    return parse
+
+
+# Upper bounds: what a run on one host can use. Beyond them a run would only exhaust memory
+# or time (a LoRA rank of 100000 allocates gigabytes; thousands of threads oversubscribe).
+MAX_WORKERS = 256  # encryption threads of `bench`
+MAX_CC_WORKERS = 64  # the interposer clamps PIPELLM_CC_WORKERS to 1..64
+MAX_CC_DEPTH = 256  # and PIPELLM_CC_DEPTH to 1..256
+MAX_RANK = 1024  # LoRA adapter rank (typical: 8-64)
+MAX_DISTINCT_LAYERS = 32  # full-size layer buffers held in memory at once
+MAX_LAYERS = 10_000
+MAX_DEPTH = 4096  # transfers predicted ahead
+MAX_CHUNK_MIB = 1024
+MAX_COUNT = 1_000_000  # steps, rounds, iterations
+MAX_THREADS = 256
+MAX_OPS = 10**12
+MAX_SEED = 2**63 - 1
+MAX_LINK_GBPS = 1e6
 
 
 def make_workload(args: argparse.Namespace) -> replay.Workload | None:
@@ -202,31 +271,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument(
         "--link-gbps",
-        type=float,
+        type=finite_positive_float(MAX_LINK_GBPS),
         default=4.0,
         help="simulated CPU-GPU link bandwidth, GB/s (default 4)",
     )
-    b.add_argument("--workers", type=int, default=2, help="encryption threads (default 2)")
-    b.add_argument("--steps", type=int, default=1, help="decode steps (default 1)")
+    b.add_argument(
+        "--workers",
+        type=positive_int(MAX_WORKERS),
+        default=2,
+        help=f"encryption threads, 1-{MAX_WORKERS} (default 2)",
+    )
+    b.add_argument(
+        "--steps", type=positive_int(MAX_COUNT), default=1, help="decode steps (default 1)"
+    )
     b.add_argument(
         "--max-layers",
-        type=int,
+        type=non_negative_int(MAX_LAYERS),
         default=16,
         help="layers streamed per step (default 16; 0: all of the model's)",
     )
     b.add_argument(
         "--distinct-layers",
-        type=int,
+        type=positive_int(MAX_DISTINCT_LAYERS),
         default=3,
-        help="distinct layer buffers held in memory (default 3)",
+        help=f"distinct layer buffers held in memory, 1-{MAX_DISTINCT_LAYERS} (default 3)",
     )
     b.add_argument(
         "--chunk-mib",
-        type=int,
+        type=non_negative_int(MAX_CHUNK_MIB),
         default=0,
-        help="chunk size in MiB (default: the workload's, 4 for flexgen)",
+        help="chunk size in MiB (default, or 0: the workload's, 4 for flexgen)",
     )
-    b.add_argument("--rounds", type=int, default=32, help="vllm-swap: preemption rounds")
+    b.add_argument(
+        "--rounds", type=positive_int(MAX_COUNT), default=32, help="vllm-swap: preemption rounds"
+    )
     b.add_argument(
         "--host-pool",
         action=argparse.BooleanOptionalAction,
@@ -240,10 +318,20 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="pipellm mode: keep sources write-protected between uses (default: on)",
     )
-    b.add_argument("--iterations", type=int, default=40, help="lora: decode iterations")
-    b.add_argument("--rank", type=int, default=16, help="lora: adapter rank (8-64)")
     b.add_argument(
-        "--depth", type=int, default=0, help="transfers predicted ahead (default: the workload's)"
+        "--iterations", type=positive_int(MAX_COUNT), default=40, help="lora: decode iterations"
+    )
+    b.add_argument(
+        "--rank",
+        type=positive_int(MAX_RANK),
+        default=16,
+        help=f"lora: adapter rank, 1-{MAX_RANK} (typically 8-64; default 16)",
+    )
+    b.add_argument(
+        "--depth",
+        type=non_negative_int(MAX_DEPTH),
+        default=0,
+        help="transfers predicted ahead (default, or 0: the workload's)",
     )
     b.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     b.add_argument("--json", action="store_true", help="print one JSON document")
@@ -255,17 +343,34 @@ def main(argv: list[str] | None = None) -> int:
         " compute/bytes ratio (runs the workload again; needs matplotlib)",
     )
     r = sub.add_parser("run", help="run a command with the libcrypto interposer loaded")
-    r.add_argument("--workers", type=int, default=None, help="pre-encryption threads")
-    r.add_argument("--depth", type=int, default=None, help="chunks pre-encrypted ahead")
+    r.add_argument(
+        "--workers",
+        type=positive_int(MAX_CC_WORKERS),
+        default=None,
+        help=f"pre-encryption threads, 1-{MAX_CC_WORKERS}",
+    )
+    r.add_argument(
+        "--depth",
+        type=positive_int(MAX_CC_DEPTH),
+        default=None,
+        help=f"chunks pre-encrypted ahead, 1-{MAX_CC_DEPTH}",
+    )
     r.add_argument("--log", action="store_true", help="log events and counters to stderr")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     so = sub.add_parser("soak", help="mixed workloads on threads for a while; errors must be 0")
-    so.add_argument("--seconds", type=float, default=60.0, help="how long (default 60)")
-    so.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
-    so.add_argument("--seed", type=int, default=0)
+    so.add_argument(
+        "--seconds", type=finite_positive_float(), default=60.0, help="how long (default 60)"
+    )
+    so.add_argument(
+        "--threads",
+        type=positive_int(MAX_THREADS),
+        default=4,
+        help="client threads (default 4)",
+    )
+    so.add_argument("--seed", type=non_negative_int(MAX_SEED), default=0)
     so.add_argument(
         "--ops",
-        type=int,
+        type=positive_int(MAX_OPS),
         default=None,
         help="run exactly this many operations (split over the threads) instead of --seconds",
     )
