@@ -11,6 +11,9 @@ DEFAULT_USAGE_LIMIT: int
 MAX_CHANNEL: int
 HEADER_LEN: int
 MAX_KEEP_ARMED: int
+MAX_TRANSFER_CHUNKS: int
+MAX_HISTORY: int
+MAX_PREDICT: int
 
 Direction = Literal["h2d", "d2h"]
 
@@ -24,6 +27,9 @@ class IvOrderError(PipeLLMError):
 class AuthenticationError(PipeLLMError): ...
 class IvExhaustedError(PipeLLMError): ...
 class PipelineClosedError(PipeLLMError): ...
+
+class ArgumentRangeError(ValueError, OverflowError):
+    """An int argument is negative or too large for its parameter (the message names it)."""
 
 @final
 class SessionKey:

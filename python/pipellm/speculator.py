@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-from ._core import Pipeline, Transfer
+from ._core import MAX_PREDICT, Pipeline, Transfer
 from .predictors import Learned, Predictor
 
 
@@ -17,11 +17,15 @@ class Speculator:
     A key names a transfer; the buffer last requested under a key is what gets pre-encrypted
     when the key is predicted (so unchanged memory gives hits; changed bytes are caught by
     the pipeline's validation, never delivered stale).
+
+    `depth` is at most `pipellm.MAX_PREDICT` (each top-up asks the predictor for `depth` keys).
     """
 
     def __init__(self, pipe: Pipeline, predictor: Predictor | None = None, depth: int = 8) -> None:
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        if isinstance(depth, bool) or not isinstance(depth, int):
+            raise TypeError(f"depth must be an int, got {type(depth).__name__}")
+        if not 1 <= depth <= MAX_PREDICT:
+            raise ValueError(f"depth must be in 1..{MAX_PREDICT}, got {depth}")
         self.pipe = pipe
         self.predictor: Predictor = predictor if predictor is not None else Learned()
         self.depth = depth

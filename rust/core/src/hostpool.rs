@@ -217,17 +217,29 @@ impl HostPool {
     }
 
     /// Copies `data` into the pool at `offset`, through the alias: chunks pre-encrypted from
-    /// the old bytes are invalidated, the view's protection is left as it is.
+    /// the old bytes are invalidated, the view's protection is left as it is. `data` may be a
+    /// part of the pool's own view, overlapping the destination: the copy then has `memmove`
+    /// semantics (the result is as if `data` had been copied out first).
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
-        self.check_range(offset, data.len())?;
-        // SAFETY: the range is in bounds; `copy_nonoverlapping` needs no exclusive borrow of
-        // the pool, so concurrent writers of the same range race only on the bytes (as two
-        // memcpys into shared memory would), never on Rust references.
-        unsafe {
-            self.write_with(offset, data.len(), |dst| {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_mut_ptr(), data.len())
-            })
-        }
+        let len = data.len();
+        // `data` read through the view and the destination written through the alias are
+        // the same pages at two addresses: `memmove` cannot see that they overlap. Read such
+        // a source through the alias too, so that both ranges are in one mapping.
+        let from = data.as_ptr() as usize;
+        let src = match from.checked_sub(self.view as usize) {
+            Some(at) if at < self.len && len <= self.len - at => {
+                // SAFETY: `data` lies in the view (`at + len <= self.len`), so the same range
+                // is in bounds of the alias, which maps the same pages.
+                unsafe { self.alias.add(at) }.cast_const()
+            }
+            _ => data.as_ptr(),
+        };
+        // SAFETY: the range is in bounds (checked by `with_alias`); `src` is valid for `len`
+        // reads (the caller's slice, or its twin in the alias). `ptr::copy` handles overlap
+        // and needs no exclusive borrow of the pool, so concurrent writers of the same range
+        // race only on the bytes (as two memmoves into shared memory would), never on Rust
+        // references.
+        unsafe { self.with_alias(offset, len, |dst| std::ptr::copy(src, dst, len)) }
     }
 
     /// Lets `f` write `len` bytes of the pool at `offset` through the alias (for example a
@@ -242,6 +254,27 @@ impl HostPool {
         offset: usize,
         len: usize,
         f: impl FnOnce(&mut [u8]) -> T,
+    ) -> Result<T> {
+        // SAFETY: `with_alias` hands a pointer to `len` in-bounds bytes of the alias;
+        // exclusive for the closure's duration by the caller's promise.
+        unsafe {
+            self.with_alias(offset, len, |dst| {
+                f(std::slice::from_raw_parts_mut(dst, len))
+            })
+        }
+    }
+
+    /// Runs `f` with a pointer to `len` bytes of the alias at `offset`, announced to the write
+    /// detection (and, when lent to the driver, after pending decryptions into the range).
+    ///
+    /// # Safety
+    /// As for `write_with`, for whatever `f` writes.
+    // SAFETY: an `unsafe fn` for the contract in `# Safety` above.
+    unsafe fn with_alias<T>(
+        &self,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(*mut u8) -> T,
     ) -> Result<T> {
         self.check_range(offset, len)?;
         if self.lent.load(std::sync::atomic::Ordering::Acquire) && len > 0 {
@@ -260,9 +293,9 @@ impl HostPool {
             }
         }
         let marks = crate::writeguard::begin_alias_write(self.view as usize + offset, len);
-        // SAFETY: in bounds (checked); exclusive by the caller's promise; the alias maps the
-        // same pages as the view for the life of `self`.
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.alias.add(offset), len) };
+        // SAFETY: in bounds (checked); the alias maps the same pages as the view for the life
+        // of `self`.
+        let dst = unsafe { self.alias.add(offset) };
         let out = f(dst);
         drop(marks); // also if `f` panicked: the unwind drops it
         Ok(out)
@@ -297,6 +330,26 @@ impl Drop for HostPool {
 mod tests {
     use super::*;
     use crate::writeguard::WriteWatch;
+
+    #[test]
+    fn writes_from_the_pools_own_view_behave_like_memmove() {
+        let n = 3 * 4096;
+        let pool = HostPool::new(n).unwrap();
+        let init: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+        pool.write(0, &init).unwrap();
+        for (dst, src, len) in [(100, 0, 4096), (0, 100, 4096), (5, 5, 64), (4096, 0, 8192)] {
+            let mut expected = pool.view().to_vec();
+            expected.copy_within(src..src + len, dst);
+            // The source is a slice of the view itself, overlapping the destination.
+            // SAFETY: in bounds of the view, which lives as long as `pool`.
+            let data = unsafe { std::slice::from_raw_parts(pool.as_ptr().add(src), len) };
+            pool.write(dst, data).unwrap();
+            assert!(
+                pool.view() == &expected[..],
+                "dst {dst} src {src} len {len}"
+            );
+        }
+    }
 
     #[test]
     fn alias_writes_show_in_the_view_and_invalidate_stamps_without_faults() {

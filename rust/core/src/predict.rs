@@ -9,10 +9,17 @@
 //! 2. **Successors**: otherwise, from the last key, follow the most frequent successor seen
 //!    (a first-order Markov chain), which still catches loops with irregular lengths.
 
+use crate::error::{Error, Result};
 use std::collections::{HashMap, VecDeque};
 
 /// How many periods of history must agree before a period is trusted.
 const CONFIRM: usize = 2;
+
+/// Most requests a predictor remembers (`capacity`): 8 MiB of history.
+pub const MAX_HISTORY: usize = 1 << 20;
+
+/// Most keys one `predict` call returns.
+pub const MAX_PREDICT: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Learned {
@@ -27,15 +34,31 @@ pub struct Learned {
 impl Learned {
     /// `capacity`: requests remembered; `max_period`: longest cycle looked for (at most
     /// `capacity / CONFIRM`).
+    /// `capacity` is clamped to `4..=MAX_HISTORY`.
     pub fn new(capacity: usize, max_period: usize) -> Self {
-        let capacity = capacity.max(4);
+        let capacity = capacity.clamp(4, MAX_HISTORY);
         Self {
-            history: VecDeque::with_capacity(capacity),
+            history: VecDeque::new(),
             capacity,
             max_period: max_period.clamp(1, capacity / CONFIRM),
             successors: HashMap::new(),
             period: None,
         }
+    }
+
+    /// As `new`, but a `capacity` above `MAX_HISTORY` is an error, and the history's memory
+    /// is reserved up front (`OutOfMemory` if it cannot be).
+    pub fn try_new(capacity: usize, max_period: usize) -> Result<Self> {
+        if capacity > MAX_HISTORY {
+            return Err(Error::InvalidArgument(format!(
+                "history must be at most {MAX_HISTORY}, got {capacity}"
+            )));
+        }
+        let mut l = Self::new(capacity, max_period);
+        l.history.try_reserve_exact(l.capacity).map_err(|_| {
+            Error::OutOfMemory(format!("could not allocate a history of {capacity} keys"))
+        })?;
+        Ok(l)
     }
 
     pub fn period(&self) -> Option<usize> {
@@ -79,19 +102,32 @@ impl Learned {
         }
     }
 
-    /// The next `n` keys expected, most likely first.
+    /// The next `n` keys expected, most likely first (`n` is clamped to `MAX_PREDICT`).
     pub fn predict(&self, n: usize) -> Vec<u64> {
-        let mut out = Vec::with_capacity(n);
+        self.try_predict(n.min(MAX_PREDICT)).unwrap_or_default()
+    }
+
+    /// As `predict`, but an `n` above `MAX_PREDICT` is an error, and so is a failure to
+    /// allocate the result (`OutOfMemory`).
+    pub fn try_predict(&self, n: usize) -> Result<Vec<u64>> {
+        if n > MAX_PREDICT {
+            return Err(Error::InvalidArgument(format!(
+                "n must be at most {MAX_PREDICT}, got {n}"
+            )));
+        }
+        let mut out = Vec::new();
+        out.try_reserve_exact(n)
+            .map_err(|_| Error::OutOfMemory(format!("could not allocate {n} predictions")))?;
         if let Some(p) = self.period {
             // The request after the newest is the one p - 1 back from it, and so on.
             for j in 0..n {
                 let k = (p - 1) - (j % p);
                 out.push(self.at_back(k));
             }
-            return out;
+            return Ok(out);
         }
         let Some(mut cur) = self.history.back().copied() else {
-            return out;
+            return Ok(out);
         };
         for _ in 0..n {
             let next = self.successors.get(&cur).and_then(|m| {
@@ -108,7 +144,7 @@ impl Learned {
                 None => break,
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -161,6 +197,24 @@ mod tests {
             }
         }
         assert!(accuracy(&seq, 30) > 0.85, "{}", accuracy(&seq, 30));
+    }
+
+    #[test]
+    fn sizes_from_the_caller_are_bounded() {
+        assert!(matches!(
+            Learned::try_new(MAX_HISTORY + 1, 8),
+            Err(Error::InvalidArgument(_))
+        ));
+        let mut l = Learned::try_new(MAX_HISTORY, 8).unwrap();
+        l.observe(1);
+        l.observe(1);
+        l.observe(1);
+        assert!(matches!(
+            l.try_predict(MAX_PREDICT + 1),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(l.predict(usize::MAX).len(), MAX_PREDICT);
+        assert_eq!(Learned::new(usize::MAX, usize::MAX).capacity, MAX_HISTORY);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Python classes of the secure channel: SessionKey, Sender, Receiver, Message.
 
+use crate::args::Int;
 use crate::buffers::Buffer;
 use crate::errors::{detached, to_py};
 use pipellm_core::header::{IV_LEN, MAX_CHANNEL};
@@ -38,22 +39,15 @@ pub fn kind_name(k: Kind) -> &'static str {
     }
 }
 
-pub fn parse_channel(channel: i64) -> PyResult<u32> {
-    u32::try_from(channel)
-        .ok()
-        .filter(|c| *c <= MAX_CHANNEL)
-        .ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "channel must be in 0..={MAX_CHANNEL}, got {channel}"
-            ))
-        })
+pub fn parse_channel(channel: Int) -> PyResult<u32> {
+    channel.at_most("channel", u64::from(MAX_CHANNEL))
 }
 
 /// The arguments Sender and Receiver share, checked: (channel, direction, policy).
 pub fn parse_end(
-    channel: i64,
+    channel: Int,
     direction: &str,
-    usage_limit: i64,
+    usage_limit: Int,
     rotate: bool,
 ) -> PyResult<(u32, Direction, KeyPolicy)> {
     Ok((
@@ -63,14 +57,9 @@ pub fn parse_end(
     ))
 }
 
-pub fn parse_policy(usage_limit: i64, rotate: bool) -> PyResult<KeyPolicy> {
-    if usage_limit < 2 {
-        return Err(PyValueError::new_err(format!(
-            "usage_limit must be at least 2 units, got {usage_limit}"
-        )));
-    }
+pub fn parse_policy(usage_limit: Int, rotate: bool) -> PyResult<KeyPolicy> {
     Ok(KeyPolicy {
-        usage_limit: usage_limit as u64,
+        usage_limit: usage_limit.get("usage_limit", 2, i128::from(u64::MAX))?,
         rotate,
     })
 }
@@ -181,8 +170,9 @@ impl PyMessage {
     /// Parses the wire encoding (raises ValueError if malformed; authenticity is checked only
     /// by a Receiver).
     #[staticmethod]
-    #[pyo3(signature = (data, offset = 0))]
-    fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>, offset: u64) -> PyResult<Self> {
+    #[pyo3(signature = (data, offset = Int::Fits(0)))]
+    fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>, offset: Int) -> PyResult<Self> {
+        let offset: u64 = offset.at_most("offset", u64::MAX)?;
         let buf = Buffer::get(data, false, "data")?;
         let inner = Message::from_wire(buf.as_slice()).map_err(|e| to_py(py, e))?;
         Ok(Self {
@@ -233,13 +223,13 @@ pub struct PySender {
 #[pymethods]
 impl PySender {
     #[new]
-    #[pyo3(signature = (key, channel = 0, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true))]
+    #[pyo3(signature = (key, channel = Int::Fits(0), *, direction = "h2d", usage_limit = Int::Fits(DEFAULT_USAGE_LIMIT as i128), rotate = true))]
     fn new(
         py: Python<'_>,
         key: &PySessionKey,
-        channel: i64,
+        channel: Int,
         direction: &str,
-        usage_limit: i64,
+        usage_limit: Int,
         rotate: bool,
     ) -> PyResult<Self> {
         let (channel, direction, policy) = parse_end(channel, direction, usage_limit, rotate)?;
@@ -318,13 +308,13 @@ impl PyReceiver {
 #[pymethods]
 impl PyReceiver {
     #[new]
-    #[pyo3(signature = (key, channel = 0, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true))]
+    #[pyo3(signature = (key, channel = Int::Fits(0), *, direction = "h2d", usage_limit = Int::Fits(DEFAULT_USAGE_LIMIT as i128), rotate = true))]
     fn new(
         py: Python<'_>,
         key: &PySessionKey,
-        channel: i64,
+        channel: Int,
         direction: &str,
-        usage_limit: i64,
+        usage_limit: Int,
         rotate: bool,
     ) -> PyResult<Self> {
         let (channel, direction, policy) = parse_end(channel, direction, usage_limit, rotate)?;

@@ -1,8 +1,10 @@
 //! Python exception classes and the one place core errors become them.
 
 use pipellm_core::{Error, OrderViolation};
-use pyo3::exceptions::{PyException, PyMemoryError, PyValueError};
+use pyo3::exceptions::{PyException, PyMemoryError, PyOverflowError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyType};
 
 pyo3::create_exception!(
     pipellm,
@@ -37,6 +39,41 @@ pyo3::create_exception!(
     PipeLLMError,
     "The pipeline was closed; create a new one."
 );
+
+static ARGUMENT_RANGE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// `pipellm.ArgumentRangeError`: an int argument out of its range. A `ValueError`, and an
+/// `OverflowError` too, which is what such values raised before they were checked by name.
+fn argument_range_error_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    ARGUMENT_RANGE_ERROR
+        .get_or_try_init(py, || {
+            let dict = PyDict::new(py);
+            dict.set_item("__module__", "pipellm")?;
+            dict.set_item(
+                "__doc__",
+                "An int argument is negative or too large for its parameter (the message names \
+                 it). A ValueError; also an OverflowError, for code written against earlier \
+                 versions.",
+            )?;
+            let bases = (
+                py.get_type::<PyValueError>(),
+                py.get_type::<PyOverflowError>(),
+            );
+            let ty = py
+                .get_type::<PyType>()
+                .call1(("ArgumentRangeError", bases, dict))?;
+            Ok::<_, PyErr>(ty.cast_into::<PyType>()?.unbind())
+        })
+        .map(|t| t.bind(py))
+}
+
+/// An `ArgumentRangeError` (a `ValueError`) with `msg`.
+pub fn argument_range(msg: String) -> PyErr {
+    Python::attach(|py| match argument_range_error_type(py) {
+        Ok(ty) => PyErr::from_type(ty.clone(), msg),
+        Err(_) => PyValueError::new_err(msg),
+    })
+}
 
 /// Maps a core error onto its Python exception.
 pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
@@ -93,5 +130,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
     m.add("IvExhaustedError", py.get_type::<IvExhaustedError>())?;
     m.add("PipelineClosedError", py.get_type::<PipelineClosedError>())?;
+    m.add("ArgumentRangeError", argument_range_error_type(py)?)?;
     Ok(())
 }

@@ -1,12 +1,12 @@
 //! `HostPool`: host memory that transfers read through one mapping and writes reach through
 //! another (see `pipellm_core::hostpool`).
 
+use crate::args::Int;
 use crate::buffers::Buffer;
 use crate::channel::{PyMessage, PyReceiver};
 use crate::errors::detached;
 use pipellm_core::hostpool::HostPool;
 use pipellm_core::Error;
-use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::os::raw::c_int;
@@ -24,15 +24,11 @@ pub struct PyHostPool {
     writing: Mutex<()>,
 }
 
-fn index(v: i64, what: &str) -> PyResult<usize> {
-    usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{what} must be >= 0, got {v}")))
-}
-
 #[pymethods]
 impl PyHostPool {
     #[new]
-    fn new(py: Python<'_>, nbytes: i64) -> PyResult<Self> {
-        let n = index(nbytes, "nbytes")?;
+    fn new(py: Python<'_>, nbytes: Int) -> PyResult<Self> {
+        let n = nbytes.usize("nbytes")?;
         let inner = detached(py, || HostPool::new(n))?;
         Ok(Self {
             inner,
@@ -51,8 +47,8 @@ impl PyHostPool {
 
     /// Copies `data` (any buffer) into the pool at `offset`.
     #[pyo3(signature = (offset, data))]
-    fn write(&self, py: Python<'_>, offset: i64, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let offset = index(offset, "offset")?;
+    fn write(&self, py: Python<'_>, offset: Int, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let offset = offset.usize("offset")?;
         let src = Buffer::get(data, false, "data")?;
         detached(py, || {
             let _g = self.writing.lock().unwrap_or_else(|e| e.into_inner());
@@ -67,9 +63,9 @@ impl PyHostPool {
         py: Python<'_>,
         receiver: &Bound<'_, PyReceiver>,
         m: &Bound<'_, PyMessage>,
-        offset: i64,
+        offset: Int,
     ) -> PyResult<()> {
-        let offset = index(offset, "offset")?;
+        let offset = offset.usize("offset")?;
         let msg = &m.get().inner;
         let rx = receiver.get();
         detached(py, || {

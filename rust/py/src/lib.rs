@@ -3,6 +3,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod args;
 mod buffers;
 mod channel;
 mod errors;
@@ -37,6 +38,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_CHANNEL", pipellm_core::header::MAX_CHANNEL)?;
     m.add("HEADER_LEN", pipellm_core::header::HEADER_LEN)?;
     m.add("MAX_KEEP_ARMED", pipellm_core::pipeline::MAX_KEEP_ARMED)?;
+    m.add(
+        "MAX_TRANSFER_CHUNKS",
+        pipellm_core::pipeline::MAX_TRANSFER_CHUNKS,
+    )?;
+    m.add("MAX_HISTORY", pipellm_core::predict::MAX_HISTORY)?;
+    m.add("MAX_PREDICT", pipellm_core::predict::MAX_PREDICT)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

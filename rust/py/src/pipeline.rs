@@ -1,5 +1,6 @@
 //! Python classes of the speculative pipeline: Pipeline and Transfer.
 
+use crate::args::Int;
 use crate::buffers::Buffer;
 use crate::channel::{parse_end, PyMessage, PySessionKey};
 use crate::errors::{detached, to_py};
@@ -8,7 +9,7 @@ use pipellm_core::pipeline::{
 };
 use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
 use pipellm_core::staging::StagingBuf;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::mem::ManuallyDrop;
@@ -90,10 +91,7 @@ fn source_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Source> {
 }
 
 fn index(v: &Bound<'_, PyAny>, what: &str) -> PyResult<usize> {
-    let i: i64 = v
-        .extract()
-        .map_err(|_| PyTypeError::new_err(format!("{what} must be an int")))?;
-    usize::try_from(i).map_err(|_| PyValueError::new_err(format!("{what} must be >= 0, got {i}")))
+    Int::of(v, what)?.usize(what)
 }
 
 /// `buf` or `(buf, offset, length)` (length None: to the end) → (source, offset, length).
@@ -147,22 +145,22 @@ pub struct PyPipeline {
 #[pymethods]
 impl PyPipeline {
     #[new]
-    #[pyo3(signature = (key, channel = 0, slots = 64, chunk_bytes = 4 << 20, workers = 2, *, direction = "h2d", usage_limit = DEFAULT_USAGE_LIMIT as i64, rotate = true, max_staging_bytes = 1 << 30, validation = "fingerprint", staging = None, keep_armed = 0))]
+    #[pyo3(signature = (key, channel = Int::Fits(0), slots = Int::Fits(64), chunk_bytes = Int::Fits(4 << 20), workers = Int::Fits(2), *, direction = "h2d", usage_limit = Int::Fits(DEFAULT_USAGE_LIMIT as i128), rotate = true, max_staging_bytes = Int::Fits(1 << 30), validation = "fingerprint", staging = None, keep_armed = Int::Fits(0)))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         key: &PySessionKey,
-        channel: i64,
-        slots: i64,
-        chunk_bytes: i64,
-        workers: i64,
+        channel: Int,
+        slots: Int,
+        chunk_bytes: Int,
+        workers: Int,
         direction: &str,
-        usage_limit: i64,
+        usage_limit: Int,
         rotate: bool,
-        max_staging_bytes: i64,
+        max_staging_bytes: Int,
         validation: &str,
         staging: Option<&Bound<'_, PyAny>>,
-        keep_armed: i64,
+        keep_armed: Int,
     ) -> PyResult<Self> {
         let validation = match validation {
             "fingerprint" => Validation::Fingerprint,
@@ -174,20 +172,16 @@ impl PyPipeline {
             }
         };
         let (channel, direction, policy) = parse_end(channel, direction, usage_limit, rotate)?;
-        let nonneg = |v: i64, what: &str| {
-            usize::try_from(v)
-                .map_err(|_| PyValueError::new_err(format!("{what} must be >= 0, got {v}")))
-        };
         let cfg = PipelineConfig {
             channel,
             direction,
             policy,
-            slots: nonneg(slots, "slots")?,
-            chunk_bytes: nonneg(chunk_bytes, "chunk_bytes")?,
-            workers: nonneg(workers, "workers")?,
-            max_staging_bytes: nonneg(max_staging_bytes, "max_staging_bytes")?,
+            slots: slots.usize("slots")?,
+            chunk_bytes: chunk_bytes.usize("chunk_bytes")?,
+            workers: workers.usize("workers")?,
+            max_staging_bytes: max_staging_bytes.usize("max_staging_bytes")?,
             validation,
-            keep_armed: nonneg(keep_armed, "keep_armed")?,
+            keep_armed: keep_armed.usize("keep_armed")?,
         };
         let session = key.inner.clone();
         let inner = match staging {
@@ -220,23 +214,17 @@ impl PyPipeline {
     /// Returns its messages, in order, as a Transfer (iterate it; each message says where
     /// its payload lands: `m.offset`). The source must not change until every message of the
     /// transfer has been taken.
-    #[pyo3(signature = (buf, offset = 0, length = None))]
+    #[pyo3(signature = (buf, offset = Int::Fits(0), length = None))]
     fn request(
         &self,
         py: Python<'_>,
         buf: &Bound<'_, PyAny>,
-        offset: i64,
-        length: Option<i64>,
+        offset: Int,
+        length: Option<Int>,
     ) -> PyResult<PyTransfer> {
         let src = source_of(buf, "buf")?;
-        let offset = usize::try_from(offset)
-            .map_err(|_| PyValueError::new_err(format!("offset must be >= 0, got {offset}")))?;
-        let length = length
-            .map(|l| {
-                usize::try_from(l)
-                    .map_err(|_| PyValueError::new_err(format!("length must be >= 0, got {l}")))
-            })
-            .transpose()?;
+        let offset = offset.usize("offset")?;
+        let length = length.map(|l| l.usize("length")).transpose()?;
         let t = detached(py, || self.inner.request(&src, offset, length))?;
         drop(src);
         release_dead_views(py);
@@ -361,9 +349,11 @@ impl PyPipeline {
 
     /// Test hook: the next `speculative` speculative jobs and `on_demand` on-demand jobs
     /// panic inside the worker (as a crashing thread would).
-    #[pyo3(signature = (speculative = 0, on_demand = 0))]
-    fn _inject_worker_panics(&self, speculative: u32, on_demand: u32) {
+    #[pyo3(signature = (speculative = Int::Fits(0), on_demand = Int::Fits(0)))]
+    fn _inject_worker_panics(&self, speculative: Int, on_demand: Int) -> PyResult<()> {
         use std::sync::atomic::Ordering::Relaxed;
+        let speculative: u32 = speculative.at_most("speculative", u32::MAX.into())?;
+        let on_demand: u32 = on_demand.at_most("on_demand", u32::MAX.into())?;
         self.inner
             .faults()
             .panic_speculative
@@ -372,6 +362,7 @@ impl PyPipeline {
             .faults()
             .panic_on_demand
             .store(on_demand, Relaxed);
+        Ok(())
     }
 
     fn __repr__(&self) -> String {

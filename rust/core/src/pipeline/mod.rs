@@ -54,12 +54,12 @@ use crate::header::{data_charge, Direction, MAX_MESSAGE_BYTES};
 use crate::message::Message;
 use crate::schedule::{Cursor, KeyPolicy};
 use crate::sender::Sender;
-use crate::staging::{StagingBuf, StagingPool};
+use crate::staging::{StagingBuf, StagingPool, PAGE};
 use crate::{ring, SessionKey};
 use entry::{Check, Entry, CANCELLED, FAILED, READY};
 pub use jobs::Faults;
 use jobs::{Job, JobQueue, OnDemand, OnDemandToken, Signal};
-pub use source::{Chunk, ChunkKey, Source, SourceBytes};
+pub use source::{Chunk, ChunkKey, Source, SourceBytes, MAX_TRANSFER_CHUNKS};
 use stats::Stats;
 pub use stats::StatsSnapshot;
 use std::collections::VecDeque;
@@ -83,7 +83,8 @@ pub struct PipelineConfig {
     pub chunk_bytes: usize,
     /// Encryption threads (0: everything is encrypted by the caller, on demand).
     pub workers: usize,
-    /// Cap on staging memory: `slots * chunk_bytes` must not exceed it.
+    /// Cap on staging memory: `slots * chunk_bytes`, each slot's `chunk_bytes` rounded up to
+    /// whole 4 KiB pages (the memory a staging buffer takes), must not exceed it.
     pub max_staging_bytes: usize,
     /// How a hit is checked against writes to its source since its snapshot.
     pub validation: Validation,
@@ -146,11 +147,16 @@ impl PipelineConfig {
                 self.workers
             ));
         }
-        match self.slots.checked_mul(self.chunk_bytes) {
+        // Each slot's buffer takes whole pages: a 16-byte chunk costs a 4 KiB page (and the
+        // ring entry a few hundred bytes more), so nominal bytes would let tiny chunks take
+        // hundreds of times the cap.
+        let per_slot = self.chunk_bytes.div_ceil(PAGE) * PAGE;
+        match self.slots.checked_mul(per_slot) {
             Some(total) if total <= self.max_staging_bytes => {}
             _ => {
                 return bad(format!(
-                    "slots * chunk_bytes ({} * {}) exceeds max_staging_bytes ({})",
+                    "slots * chunk_bytes ({} * {}, each rounded up to whole {PAGE}-byte pages) \
+                     exceeds max_staging_bytes ({})",
                     self.slots, self.chunk_bytes, self.max_staging_bytes
                 ))
             }
@@ -305,6 +311,9 @@ impl Drop for Transfer {
 
 struct Inner {
     cfg: PipelineConfig,
+    /// Caller-provided staging buffers as (start, end, index), sorted and disjoint: a source
+    /// must not overlap them (empty for buffers allocated here, which no caller can see).
+    staging_ranges: Vec<(usize, usize, usize)>,
     charge: u64,
     sender: Sender,
     producer: ring::Producer<Arc<Entry>>,
@@ -650,7 +659,7 @@ impl Pipeline {
     pub fn new(key: &SessionKey, cfg: PipelineConfig) -> Result<Self> {
         cfg.validate()?;
         let pool = StagingPool::new(cfg.slots, cfg.chunk_bytes)?;
-        Self::start(key, cfg, pool)
+        Self::start(key, cfg, pool, Vec::new())
     }
 
     /// A pipeline over staging buffers the caller provides (for example memory the device
@@ -673,10 +682,30 @@ impl Pipeline {
                 cfg.chunk_bytes
             )));
         }
-        Self::start(key, cfg, StagingPool::from_buffers(buffers))
+        // One buffer per slot: two slots sharing memory would overwrite each other's
+        // ciphertext.
+        let mut ranges: Vec<(usize, usize, usize)> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.as_ptr() as usize, b.as_ptr() as usize + b.len(), i))
+            .collect();
+        ranges.sort_unstable();
+        if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+            let (i, j) = (w[0].2.min(w[1].2), w[0].2.max(w[1].2));
+            return Err(Error::InvalidArgument(format!(
+                "staging buffers {i} and {j} overlap: each slot needs memory of its own"
+            )));
+        }
+        let pool = StagingPool::from_buffers(buffers);
+        Self::start(key, cfg, pool, ranges)
     }
 
-    fn start(key: &SessionKey, cfg: PipelineConfig, pool: StagingPool) -> Result<Self> {
+    fn start(
+        key: &SessionKey,
+        cfg: PipelineConfig,
+        pool: StagingPool,
+        staging_ranges: Vec<(usize, usize, usize)>,
+    ) -> Result<Self> {
         let sender = Sender::new(key, cfg.channel, cfg.direction, cfg.policy)?;
         // The ring holds at least as many entries as there are buffers, so a planner holding
         // a buffer always finds room.
@@ -684,6 +713,7 @@ impl Pipeline {
         let charge = cfg.speculative_charge();
         let inner = Arc::new_cyclic(|me| Inner {
             cfg: cfg.clone(),
+            staging_ranges,
             charge,
             sender,
             producer,
@@ -748,7 +778,23 @@ impl Pipeline {
         offset: usize,
         length: Option<usize>,
     ) -> Result<Vec<Chunk>> {
-        source::split(source, offset, length, self.inner.cfg.chunk_bytes)
+        let chunks = source::split(source, offset, length, self.inner.cfg.chunk_bytes)?;
+        if let (Some(first), Some(last)) = (chunks.first(), chunks.last()) {
+            let start = first.key.addr + first.key.offset;
+            let end = last.key.addr + last.key.offset + last.key.len;
+            let r = &self.inner.staging_ranges;
+            let at = r.partition_point(|&(_, e, _)| e <= start);
+            if let Some(&(s, _, i)) = r.get(at) {
+                if s < end {
+                    return Err(Error::InvalidArgument(format!(
+                        "the source overlaps staging buffer {i}: staging memory belongs to \
+                         the pipeline while it is open (it holds ciphertext), so it cannot be \
+                         a source"
+                    )));
+                }
+            }
+        }
+        Ok(chunks)
     }
 
     /// Queues predicted transfers (in expected order). Never blocks: predictions wait in the
@@ -757,7 +803,17 @@ impl Pipeline {
         self.check_open()?;
         let mut chunks = Vec::new();
         for (src, off, len) in transfers {
-            chunks.extend(self.chunks(src, *off, *len)?);
+            let more = self.chunks(src, *off, *len)?;
+            if chunks.len() + more.len() > MAX_TRANSFER_CHUNKS {
+                return Err(Error::InvalidArgument(format!(
+                    "the transfers of one predict call split into more than \
+                     {MAX_TRANSFER_CHUNKS} chunks: predict fewer or use larger chunks"
+                )));
+            }
+            chunks.try_reserve(more.len()).map_err(|_| {
+                Error::OutOfMemory(format!("could not allocate {} chunks", more.len()))
+            })?;
+            chunks.extend(more);
         }
         let mut plan = lock(&self.inner.plan);
         plan.extend(chunks);

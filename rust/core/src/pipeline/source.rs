@@ -23,6 +23,12 @@ impl SourceBytes for Box<[u8]> {
 
 pub type Source = Arc<dyn SourceBytes>;
 
+/// Most chunks one request (or one `predict` call, all its transfers together) may split
+/// into. Each chunk costs a few hundred bytes of bookkeeping whatever its size, so this
+/// bounds that memory (tens of MiB) when `chunk_bytes` is small; with 4 MiB chunks it is
+/// 256 GiB per call.
+pub const MAX_TRANSFER_CHUNKS: usize = 1 << 16;
+
 /// Which bytes a chunk covers: equal keys mean the same memory range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChunkKey {
@@ -81,7 +87,16 @@ pub fn split(
         )));
     }
     let addr = bytes.as_ptr() as usize;
-    let mut out = Vec::with_capacity(length.div_ceil(chunk_bytes.max(1)));
+    let count = length.div_ceil(chunk_bytes.max(1));
+    if count > MAX_TRANSFER_CHUNKS {
+        return Err(Error::InvalidArgument(format!(
+            "length {length} splits into {count} chunks of chunk_bytes {chunk_bytes}, more than \
+             the {MAX_TRANSFER_CHUNKS} one call may have: use larger chunks or split the transfer"
+        )));
+    }
+    let mut out = Vec::new();
+    out.try_reserve_exact(count)
+        .map_err(|_| Error::OutOfMemory(format!("could not allocate {count} chunks")))?;
     let mut done = 0;
     while done < length {
         let len = chunk_bytes.min(length - done);
