@@ -343,3 +343,233 @@ def test_ints_in_range_and_index_types_still_work() -> None:
     assert p.predict(np.int8(2)) == [2**64 - 1] * 2
     m = Message.from_bytes(Sender(KEY).seal(b"abc").to_bytes(), 2**64 - 1)
     assert m.offset == 2**64 - 1
+
+
+# ---------------------------------------------------------------- 6. failed request, no hole
+
+CB = 4096
+UNITS = CB // 16 + 1  # one data message of CB bytes
+
+
+def _deliver(rx: Receiver, msgs: list[Message], dst: bytearray) -> None:
+    for m in msgs:
+        if m.is_nop:
+            rx.open(m)
+        else:
+            rx.open_into(m, memoryview(dst)[m.offset : m.offset + len(m)])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("then", ["request", "relinquish"])
+def test_a_request_failing_part_way_leaves_the_stream_deliverable(workers: int, then: str) -> None:
+    # Room for 5 chunks and one 16-byte message: the second 3-chunk request fails at its third.
+    limit = 5 * UNITS + 2
+    rx = Receiver(KEY, usage_limit=limit, rotate=False)
+    src, dst = bytearray(os.urandom(3 * CB)), bytearray(3 * CB)
+    with Pipeline(
+        KEY, slots=2, chunk_bytes=CB, workers=workers, usage_limit=limit, rotate=False
+    ) as p:
+        _deliver(rx, list(p.request(src)), dst)
+        assert dst == src
+        with pytest.raises(pipellm.IvExhaustedError):
+            p.request(src)
+        if then == "relinquish":
+            nops = p.relinquish()
+            assert len(nops) == 2 and all(m.is_nop for m in nops)
+            _deliver(rx, nops, dst)
+        small, out = bytearray(b"s" * 16), bytearray(16)
+        msgs = list(p.request(small))
+        # The failed request's two positions lead as NOPs (unless relinquish sent them).
+        assert [m.is_nop for m in msgs] == [True, True, False][2 if then == "relinquish" else 0 :]
+        _deliver(rx, msgs, out)
+        assert out == small
+        _deliver(rx, p.relinquish(), out)
+        assert rx.expected_counter == 6
+        with pytest.raises(pipellm.IvExhaustedError):
+            p.request(small)  # nothing left, and nothing consumed by trying
+        assert p.relinquish() == []
+
+
+def test_hits_of_a_failed_request_become_nops() -> None:
+    # Two speculative positions (2 * 2 * UNITS) and less than one more chunk: the third chunk
+    # of the request can neither be predicted nor encrypted on demand.
+    limit = 4 * UNITS + UNITS - 1
+    rx = Receiver(KEY, usage_limit=limit, rotate=False)
+    src = bytearray(os.urandom(3 * CB))
+    with Pipeline(KEY, slots=2, chunk_bytes=CB, workers=2, usage_limit=limit, rotate=False) as p:
+        p.predict([src])
+        assert p.wait_idle()
+        with pytest.raises(pipellm.IvExhaustedError):
+            p.request(src)
+        small, out = bytearray(b"t" * 16), bytearray(16)
+        msgs = list(p.request(small))
+        assert [m.is_nop for m in msgs] == [True, True, False]
+        _deliver(rx, msgs, out)
+        assert out == small
+        assert p.stats()["hits"] == 2
+
+
+# ---------------------------------------------------------------- 7. sources released once consumed
+
+
+@pytest.mark.parametrize("validation", ["fingerprint", "protect"])
+@pytest.mark.parametrize("predicted", [False, True])
+def test_a_consumed_source_can_be_resized_at_once(validation: str, predicted: bool) -> None:
+    with Pipeline(KEY, slots=4, chunk_bytes=CB, workers=2, validation=validation) as p:
+        for _ in range(3):
+            b = bytearray(os.urandom(3 * CB))
+            if predicted:
+                p.predict([b])
+                assert p.wait_idle()
+            t = p.request(b)
+            for _m in t:
+                pass
+            del b[-1]  # no BufferError: the pipeline let go of its view
+            b.extend(b"xy")
+            del t
+        if predicted:
+            # With page protection a write to a heap page the bytearray shares makes a hit stale.
+            s = p.stats()
+            assert s["hits"] + s["stale"] == 9
+
+
+def test_a_dropped_transfer_releases_its_source() -> None:
+    with Pipeline(KEY, slots=4, chunk_bytes=CB, workers=2) as p:
+        b = bytearray(os.urandom(3 * CB))
+        p.predict([b])
+        assert p.wait_idle()
+        t = p.request(b)
+        next(t)
+        del t  # two messages never taken
+        b.extend(b"x")
+
+
+@pytest.mark.parametrize("predicted", [False, True])
+def test_a_consumed_numpy_source_is_freed(predicted: bool) -> None:
+    import gc
+    import weakref
+
+    import numpy as np
+
+    with Pipeline(KEY, slots=4, chunk_bytes=CB, workers=2) as p:
+        a = np.arange(3 * CB // 8, dtype=np.int64)
+        ref = weakref.ref(a)
+        if predicted:
+            p.predict([a])
+            assert p.wait_idle()
+        msgs = list(p.request(a))
+        assert len(msgs) == 3
+        del a
+        gc.collect()
+        assert ref() is None, "the pipeline still holds the array"
+
+
+# ---------------------------------------------------------------- 8. fork
+
+FORK_SCRIPT = r"""
+import os, sys, threading
+import pipellm
+from pipellm import Pipeline, Receiver, SessionKey
+
+key = SessionKey(bytes(range(32)))
+cb = 1 << 16
+p = Pipeline(key, slots=8, chunk_bytes=cb, workers=2)
+rx = Receiver(key)
+srcs = [bytearray(os.urandom(8 * cb)) for _ in range(4)]
+dst = bytearray(8 * cb)
+stop = False
+
+
+def busy() -> None:
+    # Keeps the workers encrypting (and the pipeline's locks taken) while the parent forks.
+    i = 0
+    while not stop:
+        s = srcs[i % 4]
+        p.predict([srcs[(i + 1) % 4]])
+        for m in p.request(s):
+            if m.is_nop:
+                rx.open(m)
+            else:
+                rx.open_into(m, memoryview(dst)[m.offset : m.offset + len(m)])
+        assert dst == s
+        i += 1
+
+
+t = threading.Thread(target=busy)
+t.start()
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            p.request(srcs[0])
+        except pipellm.PipelineClosedError as e:
+            code = 0 if "belongs to process %d" % os.getppid() in str(e) else 4
+        except BaseException:
+            code = 5
+        try:
+            p.close()
+            assert p.closed
+        except BaseException:
+            code = 6
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+stop = True
+t.join()
+for m in p.request(srcs[0]):  # the parent's pipeline still works
+    if m.is_nop:
+        rx.open(m)
+    else:
+        rx.open_into(m, memoryview(dst)[m.offset : m.offset + len(m)])
+assert dst == srcs[0]
+p.close()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_a_clear_error_and_never_hangs_or_panics() -> None:
+    r = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_SCRIPT, "40"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
+    assert r.stdout.strip() == "ok"
+    assert "PanicException" not in r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_exits_normally_with_its_inherited_pipeline() -> None:
+    # A normal interpreter exit in the child drops the pipeline, its Transfer and messages.
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from pipellm import Pipeline, SessionKey
+        p = Pipeline(SessionKey(bytes(range(32))), slots=4, chunk_bytes=4096, workers=2)
+        b = bytearray(os.urandom(3 * 4096))
+        p.predict([b])
+        t = p.request(b)
+        m = next(t)
+        pid = os.fork()
+        if pid == 0:
+            q = Pipeline(SessionKey(bytes(range(32))), slots=2, chunk_bytes=4096, workers=1)
+            assert len(list(q.request(b))) == 3  # a new pipeline works in the child
+            q.close()
+            sys.exit(0)  # normal exit: p, t and m are dropped
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        print("ok", len(list(t)))
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
+    assert r.stdout.strip() == "ok 2"
+    assert "PanicException" not in r.stderr and "Traceback" not in r.stderr

@@ -41,6 +41,10 @@ pub enum Error {
     /// The pipeline was closed.
     #[error("the pipeline is closed")]
     Closed,
+    /// The pipeline was used in a process forked from the one that created it: its threads
+    /// do not exist there and its locks may have been held at the fork.
+    #[error("this pipeline belongs to process {owner}; create a new one after fork")]
+    Forked { owner: u32 },
     /// Memory could not be allocated or mapped (staging buffers).
     #[error("{0}")]
     OutOfMemory(String),

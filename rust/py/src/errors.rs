@@ -102,7 +102,7 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::IvExhausted(_) => IvExhaustedError::new_err(msg),
         Error::InvalidLength(_) | Error::InvalidArgument(_) => PyValueError::new_err(msg),
         Error::Backend(_) => PipeLLMError::new_err(msg),
-        Error::Closed => PipelineClosedError::new_err(msg),
+        Error::Closed | Error::Forked { .. } => PipelineClosedError::new_err(msg),
         Error::OutOfMemory(_) => PyMemoryError::new_err(msg),
     }
 }

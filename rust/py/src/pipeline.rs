@@ -13,6 +13,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,11 +21,44 @@ use std::time::Duration;
 /// (a worker): releasing a view needs the GIL, and taking it there could deadlock against a
 /// thread that holds the GIL while it waits for that worker. They wait here until a call
 /// that holds the GIL releases them.
-static GRAVEYARD: Mutex<Vec<Buffer>> = Mutex::new(Vec::new());
+///
+/// A lock-free stack (push one, take all), not a mutex: a process forked while a pipeline
+/// thread held a mutex here would find it locked forever.
+static GRAVEYARD: AtomicPtr<Grave> = AtomicPtr::new(std::ptr::null_mut());
+
+struct Grave {
+    view: Buffer,
+    next: *mut Grave,
+}
+
+fn bury(view: Buffer) {
+    let node = Box::into_raw(Box::new(Grave {
+        view,
+        next: std::ptr::null_mut(),
+    }));
+    let mut head = GRAVEYARD.load(Ordering::Relaxed);
+    loop {
+        // SAFETY: `node` came from Box::into_raw above and is not shared until the CAS
+        // below publishes it, so this thread may write it.
+        unsafe { (*node).next = head };
+        match GRAVEYARD.compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(h) => head = h,
+        }
+    }
+}
 
 fn release_dead_views(_py: Python<'_>) {
-    let dead = std::mem::take(&mut *GRAVEYARD.lock().unwrap_or_else(PoisonError::into_inner));
-    drop(dead); // GIL held: Buffer::drop releases each view
+    // Taking the whole list at once: no node is ever popped singly, so there is no ABA.
+    let mut p = GRAVEYARD.swap(std::ptr::null_mut(), Ordering::Acquire);
+    while !p.is_null() {
+        // SAFETY: every node was made by Box::into_raw in `bury` and published by its CAS
+        // (the Acquire swap sees its writes); the swap took the list out of the stack, so
+        // this thread owns each node exactly once.
+        let Grave { view, next } = *unsafe { Box::from_raw(p) };
+        p = next;
+        drop(view); // GIL held: Buffer::drop releases the view
+    }
 }
 
 /// A Python buffer as a pipeline source. Holding the view keeps the exporter alive and its
@@ -43,10 +77,7 @@ impl Drop for PySource {
     fn drop(&mut self) {
         // SAFETY: `view` is taken exactly once, here, and never used again.
         let view = unsafe { ManuallyDrop::take(&mut self.view) };
-        GRAVEYARD
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(view);
+        bury(view);
     }
 }
 
@@ -57,10 +88,7 @@ impl Drop for ViewKeeper {
     fn drop(&mut self) {
         // SAFETY: taken exactly once, here.
         let view = unsafe { ManuallyDrop::take(&mut self.0) };
-        GRAVEYARD
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(view);
+        bury(view);
     }
 }
 
@@ -142,6 +170,13 @@ pub struct PyPipeline {
     inner: Pipeline,
 }
 
+impl PyPipeline {
+    /// PipelineClosedError in a process forked from the pipeline's creator.
+    fn owner(&self, py: Python<'_>) -> PyResult<()> {
+        self.inner.check_owner().map_err(|e| to_py(py, e))
+    }
+}
+
 #[pymethods]
 impl PyPipeline {
     #[new]
@@ -199,6 +234,7 @@ impl PyPipeline {
     /// Queues the expected next transfers, in order: each a buffer or (buffer, offset,
     /// length). Never blocks on the ring.
     fn predict(&self, py: Python<'_>, transfers: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.owner(py)?;
         let mut specs = Vec::new();
         for (i, item) in transfers.try_iter()?.enumerate() {
             specs.push(transfer_spec(&item?, &format!("transfers[{i}]"))?);
@@ -222,6 +258,7 @@ impl PyPipeline {
         offset: Int,
         length: Option<Int>,
     ) -> PyResult<PyTransfer> {
+        self.owner(py)?;
         let src = source_of(buf, "buf")?;
         let offset = offset.usize("offset")?;
         let length = length.map(|l| l.usize("length")).transpose()?;
@@ -237,6 +274,7 @@ impl PyPipeline {
     /// NOPs for every position still reserved in the ring (and pending predictions are
     /// dropped): send them and the receiver has every position this pipeline reserved.
     fn relinquish(&self, py: Python<'_>) -> PyResult<Vec<PyMessage>> {
+        self.owner(py)?;
         let out = detached(py, || self.inner.relinquish_all())?;
         release_dead_views(py);
         Ok(out.into_iter().map(|(o, m)| message_obj(o, m)).collect())
@@ -247,6 +285,7 @@ impl PyPipeline {
     /// validation_bytes_hashed, positions_reserved, worker_failures, requests,
     /// bytes_requested, watches_reused, watches_kept.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.owner(py)?;
         let s = self.inner.stats();
         let d = PyDict::new(py);
         d.set_item("hits", s.hits)?;
@@ -273,14 +312,17 @@ impl PyPipeline {
 
     /// Holds (True) or releases (False) the worker threads: held, they finish the chunk in
     /// hand and start nothing new. For simulations that stop their clock.
-    fn hold_workers(&self, held: bool) {
+    fn hold_workers(&self, py: Python<'_>, held: bool) -> PyResult<()> {
+        self.owner(py)?;
         self.inner.hold_workers(held);
+        Ok(())
     }
 
     /// Releases the chunks of `buf` kept write-protected between uses (`keep_armed`): its
     /// pages become writable again and the pipeline drops its reference to the buffer.
     /// Returns how many chunks were released.
     fn unwatch(&self, py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.owner(py)?;
         let src = source_of(buf, "buf")?;
         let n = detached(py, || Ok(self.inner.unwatch(&src)))?;
         drop(src);
@@ -289,16 +331,18 @@ impl PyPipeline {
     }
 
     /// Forgets predictions not yet in the ring; returns how many.
-    fn clear_plan(&self, py: Python<'_>) -> usize {
+    fn clear_plan(&self, py: Python<'_>) -> PyResult<usize> {
+        self.owner(py)?;
         let n = py.detach(|| self.inner.clear_plan());
         release_dead_views(py);
-        n
+        Ok(n)
     }
 
     /// (entries in the ring, predictions waiting for a slot), read at one moment.
-    fn queued(&self, py: Python<'_>) -> (usize, usize) {
+    fn queued(&self, py: Python<'_>) -> PyResult<(usize, usize)> {
+        self.owner(py)?;
         // Takes the request path's locks: wait for them without the GIL.
-        py.detach(|| self.inner.queued())
+        Ok(py.detach(|| self.inner.queued()))
     }
 
     /// Waits until the workers have nothing to do: the ring is refilled from the pending
@@ -308,6 +352,7 @@ impl PyPipeline {
     /// `timeout` seconds passed first.
     #[pyo3(signature = (timeout = 10.0))]
     fn wait_idle(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        self.owner(py)?;
         let timeout = if timeout == f64::INFINITY {
             Duration::MAX // no deadline
         } else {
@@ -325,7 +370,8 @@ impl PyPipeline {
         self.inner.is_closed()
     }
 
-    /// Stops the threads, drops unsent reserved positions and wipes staging memory.
+    /// Stops the threads, drops unsent reserved positions and wipes staging memory. In a
+    /// process forked from the creator it does nothing (the child's copy is leaked).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.inner.close());
         release_dead_views(py);
@@ -350,7 +396,13 @@ impl PyPipeline {
     /// Test hook: the next `speculative` speculative jobs and `on_demand` on-demand jobs
     /// panic inside the worker (as a crashing thread would).
     #[pyo3(signature = (speculative = Int::Fits(0), on_demand = Int::Fits(0)))]
-    fn _inject_worker_panics(&self, speculative: Int, on_demand: Int) -> PyResult<()> {
+    fn _inject_worker_panics(
+        &self,
+        py: Python<'_>,
+        speculative: Int,
+        on_demand: Int,
+    ) -> PyResult<()> {
+        self.owner(py)?;
         use std::sync::atomic::Ordering::Relaxed;
         let speculative: u32 = speculative.at_most("speculative", u32::MAX.into())?;
         let on_demand: u32 = on_demand.at_most("on_demand", u32::MAX.into())?;
@@ -399,6 +451,23 @@ impl PyTransfer {
     }
 }
 
+impl Drop for PyTransfer {
+    fn drop(&mut self) {
+        let t = self
+            .inner
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = t {
+            // Dropping finishes the on-demand chunks nobody took (no pipeline thread needs
+            // the GIL, see GRAVEYARD) and drops the transfer's retired entries; then the
+            // views of its sources are released (a pyclass is dropped with the GIL held).
+            drop(t);
+            Python::attach(release_dead_views);
+        }
+    }
+}
+
 #[pymethods]
 impl PyTransfer {
     /// Number of messages (taken or not).
@@ -419,6 +488,9 @@ impl PyTransfer {
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyMessage>> {
         // The lock is taken with the GIL released (see Receiver.open_into).
         let next = py.detach(|| self.with(|t| t.next_message()).flatten());
+        // After the last message the pipeline dropped its references to the source: release
+        // the buffer views now rather than at the next pipeline call.
+        release_dead_views(py);
         match next {
             None => Ok(None),
             Some(Ok((offset, m))) => Ok(Some(message_obj(offset, m))),

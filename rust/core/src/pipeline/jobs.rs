@@ -71,9 +71,14 @@ const OD_DONE: u8 = 2;
 
 /// One chunk encrypted on demand, by a worker or by the waiting caller, whoever comes first.
 pub(crate) struct OnDemand {
-    pub chunk: Chunk,
+    /// The chunk's length (the chunk itself leaves with the token).
+    len: usize,
     state: AtomicU8,
-    token: Mutex<Option<OnDemandToken>>,
+    /// The position and the chunk, taken by whoever seals (or abandons) the job. The chunk
+    /// (and with it the last reference to its source's memory) is dropped when the seal is
+    /// done, before the job counts as done: a job that lingers in the queue or in a worker's
+    /// hands after its message was taken does not keep the source alive.
+    work: Mutex<Option<(OnDemandToken, Chunk)>>,
     /// A staging buffer to seal into, when the pool had one free: its pages are already
     /// mapped, where a fresh allocation of megabytes would page-fault on every 4 KiB.
     staging: Mutex<Option<(StagingBuf, Weak<Inner>)>>,
@@ -87,17 +92,17 @@ impl OnDemand {
         staging: Option<(StagingBuf, Weak<Inner>)>,
     ) -> Self {
         Self {
-            chunk,
+            len: chunk.len(),
             state: AtomicU8::new(OD_QUEUED),
-            token: Mutex::new(Some(token)),
+            work: Mutex::new(Some((token, chunk))),
             staging: Mutex::new(staging),
             result: Mutex::new(None),
         }
     }
 
     /// Seals into the staging buffer if there is one (returning a lease), else a new Vec.
-    fn seal(&self, token: OnDemandToken) -> Result<Message<Payload>> {
-        let src = self.chunk.bytes();
+    fn seal(&self, token: OnDemandToken, chunk: Chunk) -> Result<Message<Payload>> {
+        let src = chunk.bytes();
         let staged = lock(&self.staging).take();
         if let Some((mut buf, home)) = staged {
             if let Some(home) = home.upgrade() {
@@ -128,6 +133,26 @@ impl OnDemand {
         Ok(m.map_payload(Payload::Owned))
     }
 
+    /// Takes the position back from a job nobody can have started (it was never queued for
+    /// the threads), returning its staging buffer to the pool; the chunk is dropped. None if
+    /// it was taken already.
+    pub fn abandon(&self) -> Option<OnDemandToken> {
+        if self
+            .state
+            .compare_exchange(OD_QUEUED, OD_DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return None;
+        }
+        if let Some((buf, home)) = lock(&self.staging).take() {
+            if let Some(home) = home.upgrade() {
+                home.return_staging(buf);
+            }
+        }
+        *lock(&self.result) = Some(Err(Error::Backend("on-demand job abandoned")));
+        lock(&self.work).take().map(|(token, _chunk)| token)
+    }
+
     pub fn is_done(&self) -> bool {
         self.state.load(Ordering::Acquire) == OD_DONE
     }
@@ -147,16 +172,16 @@ impl OnDemand {
             }
             // Nothing above can lose the token; from here on nothing panics (length checks
             // return the token, AWS-LC reports errors by value).
-            let token = lock(&self.token)
+            let (token, chunk) = lock(&self.work)
                 .take()
                 .expect("token present while QUEUED/RUNNING");
-            self.seal(token)
+            self.seal(token, chunk) // drops the chunk
         }));
         match outcome {
             Ok(result) => {
                 if result.is_ok() {
                     Stats::add(&stats.chunks_on_demand, 1);
-                    Stats::add(&stats.bytes_on_demand, self.chunk.len() as u64);
+                    Stats::add(&stats.bytes_on_demand, self.len as u64);
                 }
                 *lock(&self.result) = Some(result);
                 self.state.store(OD_DONE, Ordering::Release);
@@ -165,7 +190,7 @@ impl OnDemand {
                 // The token is still in place (the only panic point is before taking it):
                 // hand the job back so another thread, or the waiting caller, runs it.
                 Stats::add(&stats.worker_failures, 1);
-                if lock(&self.token).is_some() {
+                if lock(&self.work).is_some() {
                     self.state.store(OD_QUEUED, Ordering::Release);
                 } else {
                     *lock(&self.result) = Some(Err(Error::Backend(

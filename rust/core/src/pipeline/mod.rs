@@ -54,6 +54,7 @@ use crate::header::{data_charge, Direction, MAX_MESSAGE_BYTES};
 use crate::message::Message;
 use crate::schedule::{Cursor, KeyPolicy};
 use crate::sender::Sender;
+use crate::sequencer::Fallback;
 use crate::staging::{StagingBuf, StagingPool, PAGE};
 use crate::{ring, SessionKey};
 use entry::{Check, Entry, CANCELLED, FAILED, READY};
@@ -228,6 +229,12 @@ impl AsRef<[u8]> for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
+            if self.home.forked() {
+                // In a forked child the pool's lock may have been held at the fork, and the
+                // memory is the child's copy of the parent's: leak it.
+                std::mem::forget(b);
+                return;
+            }
             self.home.return_staging(b);
         }
     }
@@ -238,6 +245,9 @@ pub type Outgoing = (u64, Message<Payload>);
 
 enum Piece {
     Ready(Outgoing),
+    /// A hit while the request is being routed: the position's fallback is kept until every
+    /// chunk is routed, so that a request failing part-way can still turn it into a NOP.
+    Hit(Outgoing, Fallback),
     Waiting(u64, Arc<OnDemand>),
     Taken,
 }
@@ -250,6 +260,8 @@ pub struct Transfer {
     pieces: Vec<Piece>,
     next: usize,
     inner: Arc<Inner>,
+    /// The ring entries retired while routing were dropped (see `release`).
+    released: bool,
 }
 
 impl Transfer {
@@ -264,23 +276,43 @@ impl Transfer {
         self.pieces.len() - self.next
     }
 
-    /// The next message in order, waiting for (or doing) its encryption if needed.
+    /// The next message in order, waiting for (or doing) its encryption if needed. Once the
+    /// last one is taken, the pipeline holds no reference to the transfer's source any more
+    /// (except predictions not yet requested, and chunks kept armed).
     pub fn next_message(&mut self) -> Option<Result<Outgoing>> {
         let i = self.next;
         if i >= self.pieces.len() {
+            self.release();
             return None;
+        }
+        if let Err(e) = self.inner.check_owner() {
+            return Some(Err(e));
         }
         self.next += 1;
         let piece = std::mem::replace(&mut self.pieces[i], Piece::Taken);
-        Some(match piece {
-            Piece::Ready(out) => Ok(out),
+        let out = Some(match piece {
+            Piece::Ready(out) | Piece::Hit(out, _) => Ok(out),
             Piece::Waiting(offset, job) => {
                 let inner = &self.inner;
                 job.finish(&inner.stats, &inner.faults, &inner.signal)
                     .map(|m| (offset, m))
             }
             Piece::Taken => Err(Error::InvalidArgument("message already taken".into())),
-        })
+        });
+        if self.next == self.pieces.len() {
+            self.release();
+        }
+        out
+    }
+
+    /// Drops the ring entries retired so far (those of this transfer among them), which hold
+    /// the predicted chunks' sources (and, with page protection, their write watches), rather
+    /// than leaving them to the planner's next turn. Once per transfer.
+    fn release(&mut self) {
+        if !self.released && !self.inner.forked() {
+            self.released = true;
+            self.inner.drain_retired();
+        }
     }
 
     /// All remaining messages, in order.
@@ -302,10 +334,17 @@ impl Iterator for Transfer {
 
 impl Drop for Transfer {
     fn drop(&mut self) {
+        if self.inner.forked() {
+            // No thread of the pipeline exists in a forked child and its locks may have been
+            // held at the fork: finishing or dropping the pieces could wait forever. Leak them.
+            std::mem::forget(std::mem::take(&mut self.pieces));
+            return;
+        }
         // On-demand chunks nobody took are still finished (their positions must be filled
         // for the stream to stay whole if the caller sends what it did take); their messages
         // are dropped. Waiting here keeps the position accounting exact.
         while self.next_message().is_some() {}
+        self.release();
     }
 }
 
@@ -336,9 +375,27 @@ struct Inner {
     draining: Mutex<()>,
     /// With page protection: the write watches (and those kept armed between uses).
     watches: Option<Arc<watches::Watches>>,
+    /// NOPs for the positions a failed request had consumed (see `abandon`): they go out
+    /// first, ahead of the next request's messages or of `relinquish_all`'s NOPs. Touched
+    /// under the consumer lock only, so their place in the order is fixed.
+    pending: Mutex<Vec<Outgoing>>,
+    /// The process that created the pipeline (see `check_owner`).
+    owner: u32,
 }
 
 impl Inner {
+    /// True in a process forked from the one that created the pipeline.
+    fn forked(&self) -> bool {
+        std::process::id() != self.owner
+    }
+
+    fn check_owner(&self) -> Result<()> {
+        if self.forked() {
+            return Err(Error::Forked { owner: self.owner });
+        }
+        Ok(())
+    }
+
     fn warn(&self, msg: String) {
         let mut w = lock(&self.warnings);
         if w.len() < 1000 {
@@ -449,20 +506,56 @@ impl Inner {
         let staging = staging
             .or_else(|| self.pool.try_take())
             .map(|b| (b, self.me.clone()));
+        // Queued for the threads only once the whole request is routed (see
+        // `Pipeline::request`): until then the position can still be taken back.
         let job = Arc::new(OnDemand::new(chunk, token, staging));
-        if self.cfg.workers > 0 {
-            self.jobs.push(Job::OnDemand(job.clone()));
-        }
         out.push(Piece::Waiting(offset, job));
     }
 
     fn nop(&self, m: Message) -> Piece {
+        Piece::Ready(self.nop_out(m))
+    }
+
+    fn nop_out(&self, m: Message) -> Outgoing {
         Stats::add(&self.stats.nops, 1);
         let (h, t) = (*m.header(), *m.tag());
-        Piece::Ready((
+        (
             0,
             Message::new(h, t, Payload::Owned(Vec::new())).expect("empty NOP"),
-        ))
+        )
+    }
+
+    /// A request failed part-way: every position its routed pieces consumed becomes a NOP,
+    /// kept in `pending` (consumer lock held), so the stream stays whole. Nothing of the
+    /// request was handed out: hits still hold their fallback, on-demand jobs were not queued.
+    fn abandon(&self, pieces: Vec<Piece>) {
+        let mut nops = Vec::new();
+        for p in pieces {
+            let nop = match p {
+                // NOPs (skipped positions, or pending from an earlier failure).
+                Piece::Ready(out) => {
+                    nops.push(out);
+                    continue;
+                }
+                Piece::Hit(msg, fallback) => {
+                    drop(msg); // its staging buffer goes back to the pool
+                    fallback.into_nop().map_err(|e| e.error)
+                }
+                Piece::Waiting(_, job) => match job.abandon() {
+                    Some(OnDemandToken::Fresh(r)) => r.into_nop().map_err(|e| e.error),
+                    Some(OnDemandToken::Replace(f)) => f.into_nop().map_err(|e| e.error),
+                    None => Err(Error::Backend("on-demand job taken before its request")),
+                },
+                Piece::Taken => continue,
+            };
+            match nop {
+                Ok(m) => nops.push(self.nop_out(m)),
+                Err(e) => self.warn(format!(
+                    "a position of a failed request could not be turned into a NOP: {e}"
+                )),
+            }
+        }
+        lock(&self.pending).extend(nops);
     }
 
     /// Waits (if a worker is encrypting it) until `entry` is settled, and locks its data.
@@ -544,8 +637,13 @@ impl Inner {
                         len: chunk.len(),
                         home: self.self_arc(),
                     };
-                    let m = Message::new(sealed.header, sealed.tag, Payload::Staged(lease))?;
-                    out.push(Piece::Ready((chunk.transfer_offset, m)));
+                    match Message::new(sealed.header, sealed.tag, Payload::Staged(lease)) {
+                        Ok(m) => out.push(Piece::Hit((chunk.transfer_offset, m), fallback)),
+                        Err(e) => {
+                            out.push(self.nop(fallback.into_nop().map_err(|e| e.error)?));
+                            return Err(e);
+                        }
+                    }
                 } else {
                     Stats::add(&self.stats.stale, 1);
                     Stats::add(&self.stats.wasted_bytes, chunk.len() as u64);
@@ -732,6 +830,8 @@ impl Pipeline {
             draining: Mutex::new(()),
             watches: (cfg.validation == Validation::PageProtection)
                 .then(|| watches::Watches::new(cfg.keep_armed)),
+            pending: Mutex::new(Vec::new()),
+            owner: std::process::id(),
         });
         let mut threads = Vec::with_capacity(cfg.workers + 1);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
@@ -764,7 +864,15 @@ impl Pipeline {
         &self.inner.cfg
     }
 
+    /// Refuses a pipeline used in a process forked from the one that created it (its threads
+    /// do not exist there, and its locks may have been held at the fork) with
+    /// [`Error::Forked`]. Every method that takes a lock checks this first.
+    pub fn check_owner(&self) -> Result<()> {
+        self.inner.check_owner()
+    }
+
     fn check_open(&self) -> Result<()> {
+        self.inner.check_owner()?;
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -843,8 +951,30 @@ impl Pipeline {
         {
             let mut consumer = lock(&inner.consumer);
             self.check_open()?;
+            // NOPs a failed request left come first: their positions precede ours.
+            pieces.extend(lock(&inner.pending).drain(..).map(Piece::Ready));
             for c in chunks {
-                inner.route(&mut consumer, c, &mut pieces)?;
+                if let Err(e) = inner.route(&mut consumer, c, &mut pieces) {
+                    // Nothing was handed out yet: the positions consumed so far become NOPs.
+                    inner.abandon(pieces);
+                    drop(consumer);
+                    inner.plan_cv.notify_all();
+                    return Err(e);
+                }
+            }
+        }
+        // Every chunk has its position: the request can no longer fail, so hits let go of
+        // their fallback and on-demand chunks go to the threads.
+        for p in &mut pieces {
+            if let Piece::Hit(..) = p {
+                if let Piece::Hit(out, fallback) = std::mem::replace(p, Piece::Taken) {
+                    drop(fallback);
+                    *p = Piece::Ready(out);
+                }
+            } else if let Piece::Waiting(_, job) = p {
+                if inner.cfg.workers > 0 {
+                    inner.jobs.push(Job::OnDemand(job.clone()));
+                }
             }
         }
         inner.plan_cv.notify_all();
@@ -852,15 +982,19 @@ impl Pipeline {
             pieces,
             next: 0,
             inner: inner.clone(),
+            released: false,
         })
     }
 
     /// NOPs for every position still in the ring, and forgets pending predictions: after
     /// sending them the receiver has every position this pipeline reserved.
     pub fn relinquish_all(&self) -> Result<Vec<Outgoing>> {
+        self.inner.check_owner()?;
         let inner = &self.inner;
         let mut out = Vec::new();
         let mut consumer = lock(&inner.consumer);
+        // NOPs a failed request left first: their positions precede the ring's.
+        out.extend(lock(&inner.pending).drain(..).map(Piece::Ready));
         let mut plan = lock(&inner.plan);
         plan.clear();
         while let Some(e) = consumer.pop() {
@@ -880,6 +1014,9 @@ impl Pipeline {
     /// Forgets predictions that have no ring entry yet (entries already in the ring stay:
     /// their positions are reserved). For a predictor that changed its mind.
     pub fn clear_plan(&self) -> usize {
+        if self.inner.forked() {
+            return 0;
+        }
         let mut plan = lock(&self.inner.plan);
         let n = plan.len();
         plan.clear();
@@ -888,6 +1025,9 @@ impl Pipeline {
 
     pub fn stats(&self) -> StatsSnapshot {
         let mut s = self.inner.stats.snapshot();
+        if self.inner.forked() {
+            return s; // the watches' lock may have been held at the fork
+        }
         if let Some(w) = &self.inner.watches {
             s.watches_reused = w.reused();
             s.watches_kept = w.kept() as u64;
@@ -899,6 +1039,9 @@ impl Pipeline {
     /// their pages become writable and the pipeline lets go of the memory. Chunks in the
     /// ring keep their watches until consumed. Returns how many were released.
     pub fn unwatch(&self, source: &Source) -> usize {
+        if self.inner.forked() {
+            return 0;
+        }
         let b = source.bytes();
         self.inner
             .watches
@@ -910,6 +1053,9 @@ impl Pipeline {
     /// position `positions_reserved` counted before this call is either consumed or in the
     /// ring length returned (if no request runs on another thread meanwhile).
     pub fn queued(&self) -> (usize, usize) {
+        if self.inner.forked() {
+            return (0, 0);
+        }
         // Consumer lock, then plan lock: the order `request` (in `route`) and
         // `relinquish_all` take them in. The ring is read under both: no request pops
         // (consumer lock), and no refill is half done (it counts a position reserved and then
@@ -936,6 +1082,9 @@ impl Pipeline {
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now().checked_add(timeout);
         let inner = &self.inner;
+        if inner.forked() {
+            return true; // no thread of the pipeline exists in a forked child
+        }
         inner.drain_retired();
         {
             // The same refill the planner does, under the plan lock (ring order stays
@@ -960,6 +1109,9 @@ impl Pipeline {
 
     /// Warnings since the last call (worker failures, paused speculation).
     pub fn take_warnings(&self) -> Vec<String> {
+        if self.inner.forked() {
+            return Vec::new();
+        }
         std::mem::take(&mut *lock(&self.inner.warnings))
     }
 
@@ -968,6 +1120,9 @@ impl Pipeline {
     /// checks), so that the workers do not get free time; the request path still runs (a
     /// chunk it needs is then encrypted by the caller).
     pub fn hold_workers(&self, held: bool) {
+        if self.inner.forked() {
+            return;
+        }
         self.inner.jobs.hold(held);
     }
 
@@ -976,14 +1131,23 @@ impl Pipeline {
         &self.inner.faults
     }
 
+    /// Closed, or used in a process forked from its creator (where it cannot work).
     pub fn is_closed(&self) -> bool {
-        self.inner.closed.load(Ordering::Acquire)
+        self.inner.closed.load(Ordering::Acquire) || self.inner.forked()
     }
 
     /// Stops the threads, drops every reserved position that was not sent (the stream ends
     /// there; no IV is reused) and wipes all staging memory. Idempotent.
+    ///
+    /// In a process forked from the creator it does nothing: the threads do not exist there,
+    /// the locks may have been held at the fork, and the memory is the child's copy of the
+    /// parent's; the child's copy of the pipeline is leaked.
     pub fn close(&self) {
         let inner = &self.inner;
+        if inner.forked() {
+            return;
+        }
+        lock(&inner.pending).clear();
         if inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -1010,6 +1174,18 @@ impl Pipeline {
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
+        if self.inner.forked() {
+            // The handles name threads of the parent: joining or detaching them in the child
+            // is meaningless (joining one panics). Leak them, and with them `inner`, whose
+            // other references those threads held.
+            let threads = std::mem::take(
+                self.threads
+                    .get_mut()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            std::mem::forget(threads);
+            return;
+        }
         self.close();
     }
 }
