@@ -306,6 +306,10 @@ macro_rules! init_hook {
                     let change = InitChange { cipher_ok, key, iv };
                     engine().on_init(ctx as usize, change)
                 });
+            } else if rc == 1 && !$cipher.is_null() {
+                // An init naming a cipher resets the context in OpenSSL (key, last tag,
+                // message), whatever its direction: nothing we kept for it holds any more.
+                guarded(|| engine().forget(ctx as usize));
             } else {
                 guarded(|| engine().untrack(ctx as usize));
             }
@@ -674,17 +678,19 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_reset(ctx: Ctx) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_copy(out: Ctx, input: Ctx) -> c_int {
     let Some(r) = with_real() else { return 0 };
-    if !passthrough() {
+    let follow = !passthrough();
+    if follow {
+        // Both contexts brought up to date first: a copy that fails leaves `out` as it was,
+        // which must then still answer as OpenSSL's.
         resync(r, input);
-        // The copy is not followed (it has no key we saw being set).
-        resync_d2h(r, out);
-        guarded(|| d2h::forget(out as usize));
-        guarded(|| engine().forget(out as usize));
+        resync(r, out);
     }
     // SAFETY: forwarding the caller's arguments unchanged.
     let rc = forward(|| unsafe { (r.ctx_copy)(out, input) });
-    if rc == 1 && !passthrough() {
-        // The copy holds the real context's tag buffer: it needs the same correction.
+    if rc == 1 && follow {
+        // The copy is not followed (it has no key we saw being set), but it holds the real
+        // context's tag buffer: it needs the same correction.
+        guarded(|| d2h::forget(out as usize));
         guarded(|| engine().after_copy(out as usize, input as usize));
     }
     rc

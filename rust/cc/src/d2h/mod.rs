@@ -169,9 +169,11 @@ pub fn on_init(ctx: usize, ch: DecInit<'_>) {
         *st = DecCtx::default();
         return;
     }
-    if ch.cipher_ok == Some(true) && st.key.is_none() && ch.key.is_none() {
-        // A cipher without a key: nothing to follow until the key comes.
-        st.msg = None;
+    if ch.cipher_ok.is_some() && ch.key.is_none() {
+        // An init naming a cipher resets the context in OpenSSL, key included: nothing to
+        // follow until a key comes.
+        *st = DecCtx::default();
+        return;
     }
     // The same key again (passed at every init by some drivers) keeps its confirmation;
     // compared in constant time.
