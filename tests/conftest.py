@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,23 @@ def ray() -> str:
             pytest.fail("PIPELLM_REQUIRE_RAY=1 but ray is not installed")
         pytest.skip("ray is not installed")
     return spec.origin
+
+
+EMULATOR_SRC = Path(__file__).resolve().parent / "driver_emulator" / "driver_emulator.c"
+
+
+def compile_c(source: Path, out_dir: Path) -> Path:
+    """Builds one of the tests' C programs (warnings are errors), linked against the
+    system's libcrypto.so.3 the way a driver binds it at load time."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    assert compiler, f"a C compiler is needed to build {source.name}"
+    out = out_dir / source.stem
+    flags = ["-O2", "-Wall", "-Werror", "-pthread"]
+    subprocess.run([compiler, *flags, "-o", str(out), str(source), "-l:libcrypto.so.3"], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The driver emulator (tests/driver_emulator), built once per module."""
+    return compile_c(EMULATOR_SRC, tmp_path_factory.mktemp("emu"))

@@ -16,7 +16,6 @@ import pytest
 from pipellm import cc
 
 ROOT = Path(__file__).resolve().parent.parent
-EMULATOR_SRC = ROOT / "tests" / "driver_emulator" / "driver_emulator.c"
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -24,18 +23,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 def plain_env() -> dict[str, str]:
     """This process's environment without loader settings or interposer options."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("PIPELLM_CC", "LD_"))}
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    assert compiler, "a C compiler is needed to build the driver emulator"
-    out = tmp_path_factory.mktemp("emu") / "driver_emulator"
-    flags = ["-O2", "-Wall", "-Werror", "-pthread"]
-    subprocess.run(
-        [compiler, *flags, "-o", str(out), str(EMULATOR_SRC), "-l:libcrypto.so.3"], check=True
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

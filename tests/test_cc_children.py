@@ -28,7 +28,6 @@ import pytest
 from pipellm import cc
 
 ROOT = Path(__file__).resolve().parent.parent
-EMULATOR_SRC = ROOT / "tests" / "driver_emulator" / "driver_emulator.c"
 EMULATOR_ARGS = ["link", "check", "4"]
 MESSAGES = 48  # what one report() of the child script encrypts (CHILD: MESSAGES)
 _console = Path(sys.executable).with_name("pipellm")
@@ -272,18 +271,6 @@ def reference(child_script: Path) -> str:
     r = run_json([sys.executable, str(child_script), "report"])
     assert r["loaded"] is False and r["grew"] == {}, r
     return str(r["digest"])
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    assert compiler, "a C compiler is needed to build the driver emulator"
-    out = tmp_path_factory.mktemp("emu") / "driver_emulator"
-    flags = ["-O2", "-Wall", "-Werror", "-pthread"]
-    subprocess.run(
-        [compiler, *flags, "-o", str(out), str(EMULATOR_SRC), "-l:libcrypto.so.3"], check=True
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import compile_c
 
 from pipellm import cc
 
@@ -64,12 +64,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def evp_diff(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    assert compiler, "a C compiler is needed to build evp_diff"
-    out = tmp_path_factory.mktemp("evp_diff") / "evp_diff"
-    flags = ["-O2", "-Wall", "-Werror", "-pthread"]
-    subprocess.run([compiler, *flags, "-o", str(out), str(SOURCE), "-l:libcrypto.so.3"], check=True)
-    return out
+    return compile_c(SOURCE, tmp_path_factory.mktemp("evp_diff"))
 
 
 @pytest.fixture(scope="module")
