@@ -99,9 +99,9 @@ def prepare(directory: str | os.PathLike[str] | None = None) -> Path:
     library."""
     shim, real = shim_path(), real_libcrypto()
     if directory is None:
-        # Keyed on both files' identity, so an upgraded package or library gets a new copy.
-        ident = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (shim, real))
-        tag = hashlib.sha256(f"{ident}|{os.getuid()}".encode()).hexdigest()[:16]
+        # One directory per (interposer, library, user); `_write_matching_copy` renews the
+        # copy in it when either file changes.
+        tag = hashlib.sha256(f"{shim}|{real}|{os.getuid()}".encode()).hexdigest()[:16]
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         directory = base / "pipellm" / "cc" / tag
     d = Path(directory)

@@ -603,9 +603,8 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_ctrl(
         }
         let rc = call();
         if rc == 1 && arg == TAG_LEN as c_int {
-            let mut tag = [0u8; TAG_LEN];
             // SAFETY: the real call just wrote 16 bytes at ptr.
-            unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), tag.as_mut_ptr(), TAG_LEN) };
+            let tag = unsafe { read_tag(ptr) };
             guarded(|| engine().after_real_tag(ctx as usize, &tag));
         }
         return rc;
@@ -619,11 +618,8 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_ctrl(
             // The real context's tag buffer now holds the tag set, as OpenSSL's would.
             guarded(|| engine().real_tag_set(ctx as usize));
             if arg == TAG_LEN as c_int && !ptr.is_null() {
-                let mut tag = [0u8; TAG_LEN];
                 // SAFETY: SET_TAG with arg 16 means ptr is 16 readable bytes.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), tag.as_mut_ptr(), TAG_LEN)
-                };
+                let tag = unsafe { read_tag(ptr) };
                 guarded(|| d2h::on_set_tag(ctx as usize, &tag));
             }
         }
@@ -642,6 +638,17 @@ pub unsafe extern "C" fn pipellm_EVP_CIPHER_CTX_ctrl(
         guarded(|| d2h::forget(ctx as usize));
     }
     rc
+}
+
+/// A copy of the 16-byte tag at `ptr`.
+///
+/// # Safety
+/// `ptr` must be readable for 16 bytes.
+unsafe fn read_tag(ptr: *const c_void) -> [u8; TAG_LEN] {
+    let mut tag = [0u8; TAG_LEN];
+    // SAFETY: readable for 16 bytes per this function's contract; `tag` is our own.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), tag.as_mut_ptr(), TAG_LEN) };
+    tag
 }
 
 /// # Safety
