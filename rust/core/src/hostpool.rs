@@ -44,6 +44,17 @@ pub fn overlaps_a_pool(addr: usize, len: usize) -> bool {
         .any(|&(s, e)| s < end && addr < e)
 }
 
+/// True if all of `[start, end)` is inside one live pool's view: shared memory, but only
+/// this process maps it and every write through its other mapping is announced
+/// ([`HostPool::write`]), so a write watch over it is exact.
+pub(crate) fn within_a_pool(start: usize, end: usize) -> bool {
+    VIEWS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .any(|&(s, e)| s <= start && end <= e)
+}
+
 /// Host memory mapped twice: a view that transfers read, an alias that writes go through.
 pub struct HostPool {
     view: *mut u8,

@@ -317,7 +317,9 @@ mod tests {
     #[test]
     fn watched_pages_cannot_be_sealed() {
         let len = 2 * page();
-        let (view, _alias) = double_map(len);
+        // Private anonymous memory: what a write watch accepts.
+        let mut buf = crate::staging::StagingBuf::alloc(len).unwrap();
+        let view = buf.as_mut_slice().as_mut_ptr();
         // SAFETY: our mapping, written only by this test's code.
         let w = unsafe { crate::writeguard::WriteWatch::register(view, 10) }.unwrap();
         // SAFETY: as in the other tests (the call is refused).
