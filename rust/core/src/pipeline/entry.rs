@@ -38,8 +38,14 @@ pub(crate) enum Check {
     /// Not encrypted yet.
     None,
     Fingerprint(Fingerprint),
+    /// The watch over the chunk's whole pages, and the fingerprints of its edges' snapshot
+    /// (head, tail; see `watches::Edges`) when it has any.
     #[cfg(target_os = "linux")]
-    Watch(super::watches::HeldWatch, crate::writeguard::Stamp),
+    Watch(
+        super::watches::HeldWatch,
+        crate::writeguard::Stamp,
+        Option<(Fingerprint, Fingerprint)>,
+    ),
 }
 
 pub(crate) struct EntryData {

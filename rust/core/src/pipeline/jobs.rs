@@ -419,9 +419,23 @@ pub(crate) fn run_speculative(
             .expect("queued entry has its reservation");
         let sealed = match watched {
             #[cfg(target_os = "linux")]
-            Some((w, stamp)) => {
-                d.check = Check::Watch(w, stamp);
+            Some((w, stamp)) if w.edges().is_empty() => {
+                d.check = Check::Watch(w, stamp, None);
                 r.speculate_into(entry.chunk.bytes(), buf)
+            }
+            #[cfg(target_os = "linux")]
+            Some((w, stamp)) => {
+                // Bytes on pages shared with other memory are not watched: seal a snapshot
+                // (the watched middle cannot change unseen while it is copied) and keep the
+                // edges' fingerprints, which are then exact for what was sealed.
+                buf.copy_from_slice(entry.chunk.bytes());
+                let e = w.edges();
+                let prints = (
+                    fingerprint(&buf[..e.head]),
+                    fingerprint(&buf[len - e.tail..]),
+                );
+                d.check = Check::Watch(w, stamp, Some(prints));
+                r.speculate_in_place(buf)
             }
             _ => {
                 buf.copy_from_slice(entry.chunk.bytes());

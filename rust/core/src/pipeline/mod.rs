@@ -623,7 +623,19 @@ impl Inner {
                         fingerprint(chunk.bytes()) == *f
                     }
                     #[cfg(target_os = "linux")]
-                    Check::Watch(w, stamp) => w.unchanged_since(*stamp),
+                    Check::Watch(w, stamp, edges) => {
+                        w.unchanged_since(*stamp)
+                            && edges.is_none_or(|(head, tail)| {
+                                let e = w.edges();
+                                let b = chunk.bytes();
+                                Stats::add(
+                                    &self.stats.validation_bytes_hashed,
+                                    (e.head + e.tail) as u64,
+                                );
+                                fingerprint(&b[..e.head]) == head
+                                    && fingerprint(&b[b.len() - e.tail..]) == tail
+                            })
+                    }
                     Check::None => false,
                 };
                 Stats::add_time(&self.stats.validation_ns, t0.elapsed());

@@ -11,6 +11,13 @@
 //! ones are released first); each keeps its source alive and its pages read-only until it is
 //! released: by eviction, by [`Watches::forget`] or when the pipeline closes.
 //!
+//! Only pages wholly inside the chunk's source are watched: a source that does not start or
+//! end on a page boundary shares its first or last page with other memory (a neighbouring
+//! allocation, the allocator's header), whose writes would cost spurious re-encryptions and,
+//! with the mprotect tracker, make kernel writes into it fail with EFAULT. The chunk's bytes
+//! on such a page ([`Edges`]: less than a page at either end) are validated by fingerprint
+//! instead; a chunk with no whole page of its source is validated by fingerprint alone.
+//!
 //! Safety argument for keeping pages protected past the request: a kept watch holds a
 //! reference to its source, so the memory cannot be freed (and the range reused by another
 //! mapping) while it is protected; a write by this process's code faults once, is recorded
@@ -57,16 +64,59 @@ pub(crate) struct Watches {
     reused: AtomicU64,
 }
 
+/// The bytes at the start (`head`) and end (`tail`) of a chunk that lie on pages its source
+/// shares with other memory: not watched, validated by fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Edges {
+    pub head: usize,
+    pub tail: usize,
+}
+
+impl Edges {
+    pub fn is_empty(&self) -> bool {
+        self.head == 0 && self.tail == 0
+    }
+}
+
+/// The part of `key`'s chunk to watch, as (start, length), and its edges; None if no page
+/// of the chunk lies wholly inside the source.
+fn watched_part(key: &ChunkKey, page: usize) -> Option<(usize, usize, Edges)> {
+    let (src_start, src_end) = (key.addr, key.addr + key.source_len);
+    let (start, end) = (src_start + key.offset, src_start + key.offset + key.len);
+    // Pages wholly inside the source, clipped to the chunk's pages.
+    let first = src_start.div_ceil(page) * page;
+    let last = src_end / page * page;
+    let from = start.max(first);
+    let to = end.min(last);
+    if from >= to {
+        return None;
+    }
+    Some((
+        from,
+        to - from,
+        Edges {
+            head: from - start,
+            tail: end - to,
+        },
+    ))
+}
+
 /// A watch in use by one ring entry. Dropping it hands it back to its pipeline's keep (or,
 /// without one, unregisters it: its pages become writable).
 pub(crate) struct HeldWatch {
     watch: Option<WriteWatch>,
+    edges: Edges,
     source: Option<Source>,
     key: ChunkKey,
     home: Weak<Watches>,
 }
 
 impl HeldWatch {
+    /// The chunk's bytes this watch does not cover (see [`Edges`]).
+    pub fn edges(&self) -> Edges {
+        self.edges
+    }
+
     pub fn unchanged_since(&self, stamp: Stamp) -> bool {
         self.watch
             .as_ref()
@@ -118,6 +168,7 @@ impl Watches {
     /// the stamp to check it against later; None where the pages cannot be protected (the
     /// caller then falls back to fingerprints).
     pub fn arm(self: &Arc<Self>, source: &Source, key: ChunkKey) -> Option<(HeldWatch, Stamp)> {
+        let (from, len, edges) = watched_part(&key, crate::writeguard::page())?;
         let kept = if self.keep > 0 {
             lock(&self.state).remove(&key)
         } else {
@@ -131,13 +182,13 @@ impl Watches {
                 (k.watch, k.source)
             }
             None => {
-                let b = &source.bytes()[key.offset..key.offset + key.len];
                 // SAFETY: the returned HeldWatch holds `source` (a reference to this memory)
                 // for as long as it holds the watch, and drops the watch first (`release`), so
                 // the memory stays mapped while it is watched. The pipeline's documentation of
                 // `Validation::PageProtection` makes the caller promise that only user-space
                 // code writes its sources.
-                let w = unsafe { WriteWatch::register(b.as_ptr(), b.len()) }.ok()?;
+                // `[from, from + len)` lies inside the source's bytes (`watched_part`).
+                let w = unsafe { WriteWatch::register(from as *const u8, len) }.ok()?;
                 (w, source.clone())
             }
         };
@@ -156,6 +207,7 @@ impl Watches {
         Some((
             HeldWatch {
                 watch: Some(watch),
+                edges,
                 source: Some(source),
                 key,
                 home,
@@ -253,6 +305,52 @@ mod tests {
     }
 
     #[test]
+    fn only_pages_wholly_inside_the_source_are_watched() {
+        let key = |addr, source_len, offset, len| ChunkKey {
+            addr,
+            source_len,
+            offset,
+            len,
+        };
+        let p = 4096;
+        // Page-aligned source, chunks of whole pages: all watched.
+        assert_eq!(
+            watched_part(&key(p, 4 * p, 0, 2 * p), p),
+            Some((p, 2 * p, Edges::default()))
+        );
+        // A source starting 16 bytes into a page (a large malloc): its first page is
+        // shared with the allocator's header, its last with whatever follows.
+        let k = key(p + 16, 3 * p, 0, 3 * p);
+        assert_eq!(
+            watched_part(&k, p),
+            Some((
+                2 * p,
+                2 * p,
+                Edges {
+                    head: p - 16,
+                    tail: 16
+                }
+            ))
+        );
+        // A chunk of that source starting on its shared first page and ending inside the
+        // source: the head by fingerprint, the end's page (all the source's) watched.
+        let k = key(p + 16, 3 * p, 100, 2 * p);
+        assert_eq!(
+            watched_part(&k, p),
+            Some((
+                2 * p,
+                p + 116,
+                Edges {
+                    head: p - 16 - 100,
+                    tail: 0
+                }
+            ))
+        );
+        // A small source on a shared page: nothing to watch.
+        assert_eq!(watched_part(&key(p + 8, 100, 0, 100), p), None);
+    }
+
+    #[test]
     fn a_kept_watch_is_reused_until_its_pages_are_written() {
         let w = Watches::new(4);
         let (src, p) = source(2);
@@ -325,17 +423,8 @@ mod tests {
         assert!(writable(p as usize), "close left the pages writable");
     }
 
-    /// Whether the page at `addr` is mapped writable, from /proc/self/maps.
     fn writable(addr: usize) -> bool {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        maps.lines().any(|l| {
-            let mut f = l.split_whitespace();
-            let (range, perms) = (f.next().unwrap(), f.next().unwrap());
-            let (s, e) = range.split_once('-').unwrap();
-            let s = usize::from_str_radix(s, 16).unwrap();
-            let e = usize::from_str_radix(e, 16).unwrap();
-            s <= addr && addr < e && perms.as_bytes()[1] == b'w'
-        })
+        !crate::writeguard::page_protected(addr)
     }
 
     #[test]
