@@ -268,6 +268,7 @@ impl PyPipeline {
         log_warnings(py, &self.inner)?;
         Ok(PyTransfer {
             inner: Mutex::new(Some(t)),
+            interrupted: Mutex::default(),
         })
     }
 
@@ -439,6 +440,9 @@ impl PyPipeline {
 #[pyclass(frozen, module = "pipellm", name = "Transfer")]
 pub struct PyTransfer {
     inner: Mutex<Option<Transfer>>,
+    /// Messages `messages()` had taken when a signal handler raised (Ctrl-C): handed out
+    /// first by the next call, so an interrupt loses no position of the stream.
+    interrupted: Mutex<std::collections::VecDeque<PyMessage>>,
 }
 
 impl PyTransfer {
@@ -478,7 +482,12 @@ impl PyTransfer {
     /// Messages not taken yet.
     #[getter]
     fn remaining(&self) -> usize {
-        self.with(|t| t.remaining()).unwrap_or(0)
+        let held = self
+            .interrupted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        held + self.with(|t| t.remaining()).unwrap_or(0)
     }
 
     fn __iter__(slf: Py<Self>) -> Py<Self> {
@@ -486,6 +495,14 @@ impl PyTransfer {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyMessage>> {
+        let held = self
+            .interrupted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front();
+        if let Some(m) = held {
+            return Ok(Some(m));
+        }
         // The lock is taken with the GIL released (see Receiver.open_into).
         let next = py.detach(|| self.with(|t| t.next_message()).flatten());
         // After the last message the pipeline dropped its references to the source: release
@@ -498,13 +515,27 @@ impl PyTransfer {
         }
     }
 
-    /// All remaining messages, in order.
+    /// All remaining messages, in order. Signal handlers run between messages: if one
+    /// raises (Ctrl-C), the messages taken so far are kept and come first from the next
+    /// call, and the exception propagates.
     fn messages(&self, py: Python<'_>) -> PyResult<Vec<PyMessage>> {
         let mut out = Vec::new();
-        while let Some(m) = self.__next__(py)? {
-            out.push(m);
+        loop {
+            if let Err(e) = py.check_signals() {
+                let mut held = self
+                    .interrupted
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                for m in out.into_iter().rev() {
+                    held.push_front(m);
+                }
+                return Err(e);
+            }
+            match self.__next__(py)? {
+                Some(m) => out.push(m),
+                None => return Ok(out),
+            }
         }
-        Ok(out)
     }
 
     fn __repr__(&self) -> String {
