@@ -22,7 +22,8 @@ def test_py_typed_and_stub_ship_with_the_package() -> None:
 
 
 def stub_names() -> dict[str, set[str]]:
-    """Top-level names of _core.pyi, and for each class the names it declares."""
+    """Top-level names (constants, functions, classes) of _core.pyi, and for each class the
+    names it declares."""
     tree = ast.parse((PKG / "_core.pyi").read_text())
     names: dict[str, set[str]] = {}
     for node in tree.body:
@@ -36,6 +37,8 @@ def stub_names() -> dict[str, set[str]]:
             names[node.name] = members
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names[node.target.id] = set()
+        elif isinstance(node, ast.FunctionDef):
+            names[node.name] = set()
     return names
 
 

@@ -28,6 +28,7 @@ from ._core import (
     SessionKey,
     Transfer,
     __version__,
+    write_tracker,
 )
 from .predictors import AdapterQueue, LayerCycle, Learned, SwapFifo
 from .speculator import Speculator
@@ -60,4 +61,5 @@ __all__ = [
     "SwapFifo",
     "Transfer",
     "__version__",
+    "write_tracker",
 ]

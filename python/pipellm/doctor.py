@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import __version__, cc
+from . import __version__, cc, write_tracker
 
 
 def _cc_mode() -> tuple[str, str]:
@@ -63,6 +63,7 @@ def report() -> dict[str, Any]:
     except cc.InterposerError as e:
         out["interposer"] = None
         out["interposer_error"] = str(e)
+    out["write_tracker"] = write_tracker()
     st = cc.status()
     out["interposer_loaded"] = st["loaded"]
     out["interposer_active"] = st["active"]
@@ -90,6 +91,14 @@ def render(r: dict[str, Any]) -> str:
         + ("loaded, active" if r["interposer_active"] else "loaded, inert")
         if r["interposer_loaded"]
         else "interposer in this process: not loaded (use `pipellm run -- CMD`)",
+        f"write tracker for validation='protect': {r['write_tracker']}"
+        + (
+            " (kernel write protection: no signal handler)"
+            if r["write_tracker"] == "uffd"
+            else " (page protection + SIGSEGV handler)"
+            if r["write_tracker"] == "mprotect"
+            else ""
+        ),
         f"backend pipellm will use: {r['backend']}"
         + (
             ""

@@ -14,6 +14,15 @@ mod predict;
 
 use pyo3::prelude::*;
 
+/// Which write tracker `validation="protect"` uses in this process: "uffd" (the kernel's
+/// asynchronous write protection), "mprotect" (page protection and a SIGSEGV handler) or
+/// "unavailable" (`PIPELLM_WRITE_TRACKER=uffd` where the kernel lacks it).
+#[cfg(target_os = "linux")]
+#[pyfunction]
+fn write_tracker() -> &'static str {
+    pipellm_core::writeguard::tracker_name()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -29,6 +38,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hostpool::_host_pool_lend, m)?)?;
     m.add_function(wrap_pyfunction!(hostpool::_host_pool_end_loan, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::_buffer_span, m)?)?;
+    #[cfg(target_os = "linux")]
+    m.add_function(wrap_pyfunction!(write_tracker, m)?)?;
     m.add_class::<pipeline::PyTransfer>()?;
     m.add_class::<predict::PyLearned>()?;
     m.add(
