@@ -29,7 +29,7 @@ def own_pages(nbytes: int, value: int = 0) -> np.ndarray:
     one, may share its first and last pages with other objects once malloc's mmap threshold
     has grown (a test run frees large buffers), and their writes would count as writes to the
     protected chunks there, whenever they happen to come."""
-    a = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+    a = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
     a[:] = value
     return a
 

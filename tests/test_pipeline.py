@@ -71,7 +71,7 @@ def test_page_protection_detects_python_writes_and_checks_in_constant_time() -> 
     chunk = 1 << 20
     # Pages of its own (an anonymous mapping): a heap allocation, even a large one, may share
     # its first and last pages with other objects, whose writes would dirty those chunks.
-    a = np.frombuffer(mmap.mmap(-1, 16 * chunk), dtype=np.uint8)
+    a = np.frombuffer(mmap.mmap(-1, 16 * chunk, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
     with Pipeline(KEY, slots=16, chunk_bytes=chunk, workers=2, validation="protect") as pipe:
         pipe.predict([a])
         wait_for(pipe, "chunks_pre_encrypted", 16)

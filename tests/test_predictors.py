@@ -23,7 +23,7 @@ from pipellm.workloads import (
 def page_aligned(nbytes: int, value: int) -> np.ndarray:
     """An array on pages of its own (an anonymous mapping): under page protection no other
     object's writes share them, so a chunk can only be stale if the test writes it."""
-    a = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+    a = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
     a[:] = value
     return a
 
