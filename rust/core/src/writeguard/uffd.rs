@@ -27,13 +27,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-/// `_IOWR`/`_IOR` as the generic Linux ioctl encoding (x86, arm, riscv): direction in bits
+/// `_IOWR` as the generic Linux ioctl encoding (x86, arm, riscv): direction in bits
 /// 30-31, argument size in 16-29, type in 8-15, number in 0-7.
 const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
 }
 const READ_WRITE: u64 = 3;
-const READ: u64 = 2;
 
 #[repr(C)]
 #[derive(Default)]
@@ -95,7 +94,6 @@ const UFFDIO_REGISTER: u64 = ioc(
     0x00,
     std::mem::size_of::<UffdioRegister>(),
 );
-const UFFDIO_UNREGISTER: u64 = ioc(READ, 0xAA, 0x01, std::mem::size_of::<UffdioRange>());
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const PAGEMAP_SCAN: u64 = ioc(
     READ_WRITE,
@@ -233,16 +231,6 @@ impl Tracker {
         // SAFETY: UFFDIO_REGISTER reads and writes the struct we pass; it changes only the
         // tracking of the range (which the caller owns), not its contents or access.
         check(unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) })
-    }
-
-    /// Ends tracking of `[start, end)`: write protection is removed with it.
-    pub fn unregister(&self, start: usize, end: usize) {
-        let mut r = UffdioRange {
-            start: start as u64,
-            len: (end - start) as u64,
-        };
-        // SAFETY: UFFDIO_UNREGISTER reads the struct we pass; it removes tracking we added.
-        unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut r) };
     }
 
     /// Write-protects every page of `[start, end)` (registered) that was written since it
