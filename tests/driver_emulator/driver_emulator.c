@@ -13,7 +13,7 @@
  * Usage: driver_emulator {link|dlopen} check ROUNDS
  *          prints a digest of every ciphertext and tag, D2H results and tamper checks:
  *          the output must be identical with and without the interposer.
- *        driver_emulator {link|dlopen} bench CHUNKS GAP_US {cycle|random}
+ *        driver_emulator {link|dlopen} bench CHUNKS GAP_US {cycle|random|cold}
  *          times the critical path (Update + Final + GET_TAG) of 1 MiB chunks, with GAP_US
  *          of busy "device time" after each, and a plain memcpy of the same bytes.
  *        driver_emulator {link|dlopen} stress-d2h THREADS CHUNKS
@@ -591,22 +591,42 @@ static int bench_d2h(int chunks) {
     return bad != 0;
 }
 
-static int bench(int chunks, double gap_us, int random_order) {
-    enum { SRC_LAYERS = 8, CHUNK = 1 << 20, PER_LAYER = 4 };
+/* Orders of `bench`: a layer cycle (8 sources of 4 chunks, over and over), random chunks of
+ * those sources, or cold: tensors of 32 chunks, all allocated up front and each copied once
+ * in order (a model load: no address is ever copied twice). */
+enum order { CYCLE, RANDOM, COLD };
+
+static int bench(int chunks, double gap_us, enum order order) {
+    enum { SRC_LAYERS = 8, CHUNK = 1 << 20, PER_LAYER = 4, PER_TENSOR = 32 };
+    if (chunks <= 0 || chunks > 1 << 20) {
+        fprintf(stderr, "bench: CHUNKS must be in 1..%d\n", 1 << 20);
+        return 2;
+    }
     channel c;
     channel_open(&c, MSG32);
-    unsigned char *src[SRC_LAYERS];
-    for (int i = 0; i < SRC_LAYERS; i++) {
-        src[i] = map((size_t)CHUNK * PER_LAYER);
-        fill(src[i], (size_t)CHUNK * PER_LAYER);
-        watch_range(src[i], (size_t)CHUNK * PER_LAYER);
+    int sources = order == COLD ? (chunks + PER_TENSOR - 1) / PER_TENSOR : SRC_LAYERS;
+    size_t per_source = (size_t)CHUNK * (order == COLD ? PER_TENSOR : PER_LAYER);
+    unsigned char **src = calloc((size_t)sources, sizeof(*src));
+    for (int i = 0; i < sources; i++) {
+        src[i] = map(per_source);
+        fill(src[i], per_source);
+        watch_range(src[i], per_source);
     }
     double *t = calloc((size_t)chunks, sizeof(double));
     double *tm = calloc((size_t)chunks, sizeof(double));
     unsigned char *copy_dst = map(CHUNK);
     for (int k = 0; k < chunks; k++) {
-        int l = random_order ? (int)(rnd() % SRC_LAYERS) : (k / PER_LAYER) % SRC_LAYERS;
-        int j = random_order ? (int)(rnd() % PER_LAYER) : k % PER_LAYER;
+        int l, j;
+        if (order == COLD) {
+            l = k / PER_TENSOR;
+            j = k % PER_TENSOR;
+        } else if (order == RANDOM) {
+            l = (int)(rnd() % SRC_LAYERS);
+            j = (int)(rnd() % PER_LAYER);
+        } else {
+            l = (k / PER_LAYER) % SRC_LAYERS;
+            j = k % PER_LAYER;
+        }
         const unsigned char *p = src[l] + (size_t)j * CHUNK;
         t[k] = encrypt_chunk(&c, p, CHUNK, 0);
         spin_us(gap_us);
@@ -616,8 +636,9 @@ static int bench(int chunks, double gap_us, int random_order) {
         tm[k] = now_ns() - t0;
         __asm__ volatile("" ::: "memory");
     }
-    /* steady state: skip the first quarter (learning, cold start) */
-    int skip = chunks / 4;
+    /* steady state: skip the first quarter (learning, cold start); a cold load is all
+     * start, so every chunk counts */
+    int skip = order == COLD ? 0 : chunks / 4;
     qsort(t + skip, (size_t)(chunks - skip), sizeof(double), cmp_double);
     qsort(tm + skip, (size_t)(chunks - skip), sizeof(double), cmp_double);
     int mid = skip + (chunks - skip) / 2;
@@ -712,7 +733,7 @@ static int stress_d2h(int threads, int chunks) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s {link|dlopen} check ROUNDS | bench CHUNKS GAP_US {cycle|random}\n",
+        fprintf(stderr, "usage: %s {link|dlopen} check ROUNDS | bench CHUNKS GAP_US {cycle|random|cold}\n",
                 argv[0]);
         return 1;
     }
@@ -727,7 +748,10 @@ int main(int argc, char **argv) {
     if (strcmp(argv[2], "stress-d2h") == 0 && argc > 4)
         return stress_d2h(atoi(argv[3]), atoi(argv[4]));
     if (strcmp(argv[2], "bench") == 0 && argc > 5)
-        return bench(atoi(argv[3]), atof(argv[4]), strcmp(argv[5], "random") == 0);
+        return bench(atoi(argv[3]), atof(argv[4]),
+                     strcmp(argv[5], "random") == 0 ? RANDOM
+                     : strcmp(argv[5], "cold") == 0 ? COLD
+                                                    : CYCLE);
     fprintf(stderr, "unknown command\n");
     return 1;
 }

@@ -22,7 +22,7 @@ use crate::ivmodel::{Iv, IvModel, ModelState};
 use crate::stats::Stats;
 use pipellm_core::crypto::AeadKey;
 use pipellm_core::predict::Learned;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -135,7 +135,11 @@ pub struct CtxState {
     keys: HashMap<(usize, usize), u64>,
     spans: Vec<(usize, usize)>,
     pub prepared: HashMap<Iv, Prepared>,
-    pub inflight: HashSet<Iv>,
+    /// The chunk of the message before: whether this one continues the same copy.
+    last_span: Option<(usize, usize)>,
+    /// IVs being pre-encrypted, each with the chunk it is being encrypted from: a result
+    /// for a chunk the prediction no longer expects at that IV is thrown away (`settle`).
+    pub inflight: HashMap<Iv, (usize, usize)>,
     /// While probing: the message predicted for an IV, not encrypted (see PROBE_BELOW_HITS).
     shadow: Option<(Iv, (usize, usize))>,
     /// Outcomes of the last 32 messages that had a prediction (bit set: served), newest in
@@ -149,6 +153,10 @@ pub struct CtxState {
 /// an unpredictable pattern costs the workers nothing and the caller only the bookkeeping;
 /// once enough shadow predictions hold, pre-encryption resumes.
 const PROBE_BELOW_HITS: u32 = 8;
+
+/// How far ahead a copy's continuation is guessed before any chunk of it continued the one
+/// before (see `complete`).
+const CONTINUE_UNSURE: usize = 2;
 
 /// With `PIPELLM_CC_WAIT_INFLIGHT=1`: the longest an EncryptUpdate waits for its chunk (a
 /// worker that died with it, or no worker at all, costs this once per message, then the
@@ -184,7 +192,8 @@ impl CtxState {
             keys: HashMap::new(),
             spans: Vec::new(),
             prepared: HashMap::new(),
-            inflight: HashSet::new(),
+            last_span: None,
+            inflight: HashMap::new(),
             shadow: None,
             outcomes: 0,
             outcomes_seen: 0,
@@ -534,7 +543,9 @@ impl Engine {
                     st.record(span == (input as usize, len));
                 }
             }
-            if config().wait_inflight && !st.prepared.contains_key(&iv) && st.inflight.contains(&iv)
+            if config().wait_inflight
+                && !st.prepared.contains_key(&iv)
+                && st.inflight.contains_key(&iv)
             {
                 m = self.wait_settled(m, ctx, iv);
             }
@@ -542,7 +553,7 @@ impl Engine {
                 return Decision::Forward; // freed while we waited: a caller bug
             };
             let p = st.prepared.remove(&iv);
-            if p.is_none() && st.inflight.contains(&iv) {
+            if p.is_none() && st.inflight.contains_key(&iv) {
                 Stats::add(&self.stats.late, 1);
                 st.record(false);
             }
@@ -639,7 +650,7 @@ impl Engine {
         loop {
             let pending = m
                 .get(&ctx)
-                .is_some_and(|st| st.inflight.contains(&iv) && !st.prepared.contains_key(&iv));
+                .is_some_and(|st| st.inflight.contains_key(&iv) && !st.prepared.contains_key(&iv));
             let now = Instant::now();
             if !pending || now >= deadline {
                 return m;
@@ -922,6 +933,13 @@ impl Engine {
     fn complete(&self, ctx: usize, st: &mut CtxState, span: (usize, usize)) -> Vec<Job> {
         let k = st.key_of(span);
         st.history.observe(k);
+        // A copy's continuation is guessed a little way ahead after its first chunk, and as
+        // far as the lookahead goes once a chunk did continue the one before (a stream):
+        // so a pattern of unrelated chunks costs the workers little before probing starts.
+        let streaming = st
+            .last_span
+            .is_some_and(|(i, l)| l == span.1 && i.checked_add(l) == Some(span.0));
+        st.last_span = Some(span);
         let mut jobs = Vec::new();
         let cfg = config();
         let Some(key) = st.key.clone() else {
@@ -934,7 +952,7 @@ impl Engine {
         {
             return jobs;
         }
-        let mut wanted = HashSet::new();
+        let mut wanted = HashMap::new();
         let probing = st.probing();
         st.shadow = None;
         let depth = if probing { 1 } else { cfg.depth };
@@ -942,24 +960,51 @@ impl Engine {
         // counted from the next one until the first that is not.
         let mut covered_ahead = 0;
         let mut counting = true;
-        for (j, k) in st.history.predict(depth).into_iter().enumerate() {
+        // What the learned model expects, or where it expects nothing (a copy this context
+        // never made: a model load, a first KV restore), the copy's continuation: the next
+        // chunks of the same length right after this one. A stream that ends there costs at
+        // most `depth` encryptions (`jobs_dropped`; unmapped memory beyond an allocation is
+        // never read, `jobs_unreadable`), and a context whose predictions keep failing is
+        // only probed (see `probing`).
+        let learned = st.history.predict(depth);
+        let continued = learned.is_empty();
+        let ahead: Vec<(usize, usize)> = if continued {
+            continuation(
+                span,
+                if streaming {
+                    depth
+                } else {
+                    depth.min(CONTINUE_UNSURE)
+                },
+            )
+        } else {
+            learned.into_iter().map(|k| st.spans[k as usize]).collect()
+        };
+        for (j, (input, len)) in ahead.into_iter().enumerate() {
             let Some(iv) = st.model.predict(j as u64 + 1) else {
                 break;
             };
-            let (input, len) = st.spans[k as usize];
             if probing {
                 st.shadow = Some((iv, (input, len)));
                 break;
             }
-            wanted.insert(iv);
+            wanted.insert(iv, (input, len));
+            // Covered: a chunk for this IV made (or being made) from this very memory. One
+            // from other memory (an earlier guess: a continuation past the end of a copy)
+            // is replaced.
+            let made = st.prepared.get(&iv).map(|p| (p.input, p.len));
+            let making = st.inflight.get(&iv).copied();
             if len < cfg.min_bytes.max(1)
-                || st.prepared.contains_key(&iv)
-                || st.inflight.contains(&iv)
+                || made == Some((input, len))
+                || making == Some((input, len))
             {
                 covered_ahead += counting as usize;
                 continue;
             }
             counting = false;
+            if continued {
+                Stats::add(&self.stats.continued, 1);
+            }
             jobs.push(Job {
                 ctx,
                 gen: st.gen,
@@ -977,14 +1022,15 @@ impl Engine {
             jobs.clear();
         }
         for j in &jobs {
-            st.inflight.insert(j.iv);
+            st.inflight.insert(j.iv, (j.input, j.len));
         }
-        // Chunks for IVs the prediction no longer expects will never be used.
+        // Chunks for IVs the prediction no longer expects (or expects from other memory)
+        // will never be used.
         let stale: Vec<Iv> = st
             .prepared
-            .keys()
-            .filter(|iv| !wanted.contains(*iv))
-            .copied()
+            .iter()
+            .filter(|(iv, p)| wanted.get(*iv) != Some(&(p.input, p.len)))
+            .map(|(iv, _)| *iv)
             .collect();
         for iv in stale {
             if let Some(p) = st.prepared.remove(&iv) {
@@ -992,7 +1038,7 @@ impl Engine {
                 self.recycle(p.ct);
             }
         }
-        st.inflight.retain(|iv| wanted.contains(iv));
+        st.inflight.retain(|iv, span| wanted.get(iv) == Some(span));
         jobs
     }
 
@@ -1100,7 +1146,9 @@ impl Engine {
     fn settle(&self, job: &Job, p: Option<Prepared>) {
         let mut m = lock(&self.ctxs);
         let keep = match m.get_mut(&job.ctx) {
-            Some(st) if st.gen == job.gen && st.inflight.contains(&job.iv) => {
+            Some(st)
+                if st.gen == job.gen && st.inflight.get(&job.iv) == Some(&(job.input, job.len)) =>
+            {
                 st.inflight.remove(&job.iv);
                 if let Some(p) = p {
                     st.prepared.insert(job.iv, p);
@@ -1169,6 +1217,17 @@ pub fn background_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: changes only the calling thread's policy (pid 0), with a valid parameter.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+}
+
+/// The `n` chunks that follow `(input, len)` in the same copy: `(input + len, len)`, then
+/// `(input + 2 len, len)`, and so on (fewer where the addresses would wrap).
+fn continuation((input, len): (usize, usize), n: usize) -> Vec<(usize, usize)> {
+    if len == 0 {
+        return Vec::new();
+    }
+    (1..=n)
+        .map_while(|k| Some((input.checked_add(len.checked_mul(k)?)?, len)))
+        .collect()
 }
 
 /// Copies `buf.len()` bytes of our own memory at `addr` into `buf`, or returns false if any
@@ -1252,6 +1311,20 @@ mod tests {
         assert!(lock(&e.jobs).is_empty());
         assert_eq!(crate::exports::pipellm_cc_quiesce(-1), -1);
         assert_eq!(crate::exports::pipellm_cc_quiesce(1000), 0);
+    }
+
+    #[test]
+    fn the_continuation_of_a_chunk_is_the_next_chunks_of_its_copy() {
+        assert_eq!(
+            continuation((0x1000, 0x100), 3),
+            vec![(0x1100, 0x100), (0x1200, 0x100), (0x1300, 0x100)]
+        );
+        assert_eq!(continuation((0x1000, 0), 3), vec![]);
+        assert_eq!(
+            continuation((usize::MAX - 0x250, 0x100), 3),
+            vec![(usize::MAX - 0x150, 0x100), (usize::MAX - 0x50, 0x100)],
+            "no address wraps"
+        );
     }
 
     #[test]

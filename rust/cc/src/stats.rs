@@ -30,6 +30,7 @@ counters! {
     jobs_done: "chunks pre-encrypted",
     jobs_unreadable: "predicted sources that could not be read (unmapped): skipped",
     jobs_dropped: "pre-encrypted chunks thrown away unused (prediction passed them)",
+    continued: "chunks pre-encrypted as the continuation of a copy (no learned prediction)",
     panics: "internal panics caught (the interposer then forwards everything)",
     in_place: "EncryptUpdate calls whose output overlaps their input (never served)",
     confirmations: "messages encrypted a second time by us to confirm their context's key",
