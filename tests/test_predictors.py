@@ -79,6 +79,27 @@ def test_random_requests_give_a_low_hit_rate_and_no_errors() -> None:
     assert hit_rate(LayerCycle([("rand", i) for i in range(1000)]), events, 500) < 0.05
 
 
+def test_load_once_predicts_each_key_once_in_order() -> None:
+    from pipellm import LoadOnce
+
+    p = LoadOnce(["a", "b", "c", "d"])
+    assert p.predict(2) == ["a", "b"]  # before any transfer: the first ones
+    p.observe("a")
+    assert p.predict(2) == ["b", "c"]
+    p.observe("c")  # one skipped: the order goes on after it
+    assert p.predict(5) == ["d"]
+    p.observe("zz")  # not in the load: changes nothing
+    assert p.predict(1) == ["d"]
+    p.observe("b")  # a late one never moves the load back
+    assert p.predict(1) == ["d"]
+    p.observe("d")
+    assert p.predict(3) == []  # after the last, nothing (not a cycle)
+    with pytest.raises(ValueError, match="once"):
+        LoadOnce(["a", "a"])
+    with pytest.raises(ValueError):
+        LoadOnce([])
+
+
 def test_layer_cycle_and_queues_behave() -> None:
     lc = LayerCycle(["a", "b", "c"])
     assert lc.predict(2) == ["a", "b"]

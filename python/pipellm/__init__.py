@@ -30,7 +30,7 @@ from ._core import (
     __version__,
     write_tracker,
 )
-from .predictors import AdapterQueue, LayerCycle, Learned, SwapFifo
+from .predictors import AdapterQueue, LayerCycle, Learned, LoadOnce, SwapFifo
 from .speculator import Speculator
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "LayerCycle",
     "Learned",
     "LearnedPredictor",
+    "LoadOnce",
     "Message",
     "PipeLLMError",
     "Pipeline",

@@ -3,7 +3,8 @@
     pipellm bench [--workload flexgen-opt-13b] [--link-gbps 4] [--workers 2] [--json]
 
 replays a serving workload through the secure channel on a simulated device in four modes
-(plain, cc, cc-parallel, pipellm) and prints throughput and overhead against plain.
+(plain, cc, cc-parallel, pipellm) and prints throughput (for `load-<model>`, a server start
+copying every layer once: load time and GB/s) and overhead against plain.
 
     pipellm run [--workers N] [--depth N] [--log] -- CMD [ARGS...]
 
@@ -70,7 +71,7 @@ def _progress(label: str) -> Any:
     return show
 
 
-KINDS = ("flexgen", "vllm-swap", "lora")
+KINDS = ("flexgen", "vllm-swap", "lora", "load")
 
 
 # Numeric arguments are checked by argparse itself (these `type=` functions), so that a bad
@@ -154,6 +155,12 @@ def make_workload(args: argparse.Namespace) -> replay.Workload | None:
                     distinct_layers=args.distinct_layers,
                     max_layers=args.max_layers,
                 )
+            if kind == "load":
+                return replay.load(
+                    shape,
+                    distinct_layers=args.distinct_layers,
+                    max_layers=args.load_layers or None,
+                )
             if kind == "vllm-swap":
                 return replay.vllm_swap(shape, rounds=args.rounds, host_pool=args.host_pool)
             return replay.multi_lora(shape, iterations=args.iterations, rank=args.rank)
@@ -203,10 +210,13 @@ def bench(args: argparse.Namespace) -> int:
         "demand_Bps": demand,
         "modes": {},
     }
+    load = w.measure == "load"
     for mode, r in results.items():
-        entry = {k: r[k] for k in ("throughput", "elapsed_s", "tokens", "bytes", "bytes_verified")}
+        fields = ("throughput", "load_Bps", "elapsed_s", "tokens", "bytes", "bytes_verified")
+        entry = {k: r[k] for k in fields}
         if plain:
-            entry["overhead_vs_plain"] = 1 - r["throughput"] / plain["throughput"]
+            rate = "load_Bps" if load else "throughput"
+            entry["overhead_vs_plain"] = 1 - r[rate] / plain[rate]
         if r["pipeline"]:
             entry["pipeline"] = r["pipeline"]
         out["modes"][mode] = entry
@@ -240,17 +250,22 @@ def bench(args: argparse.Namespace) -> int:
             "  capacity < demand: the CPU is the limit; pipellm cannot beat capacity/demand"
             f" = {capacity / demand:.0%} of plain"
         )
+    rate_head = f"{'load s':>8} {'GB/s':>6}" if load else f"{'tokens/s':>10}"
     print(
-        f"\n  {'mode':12} {'tokens/s':>10} {'vs plain':>9} {'hits':>6} {'on-demand':>10}"
-        f" {'verified':>9}"
+        f"\n  {'mode':12} {rate_head} {'vs plain':>9} {'hits':>6} {'on-demand':>10} {'verified':>9}"
     )
     for mode, e in out["modes"].items():
         p = e.get("pipeline") or {}
         ov = f"{-e['overhead_vs_plain']:+.1%}" if "overhead_vs_plain" in e else "-"
         ov = ov.replace("-0.0%", "+0.0%")
         od = p.get("bytes_on_demand")
+        rate = (
+            f"{e['elapsed_s']:8.2f} {e['load_Bps'] / 1e9:6.2f}"
+            if load
+            else f"{e['throughput']:10.2f}"
+        )
         print(
-            f"  {mode:12} {e['throughput']:10.2f} {ov:>9} {p.get('hits', '-'):>6}"
+            f"  {mode:12} {rate} {ov:>9} {p.get('hits', '-'):>6}"
             f" {'-' if od is None else f'{od / 2**20:.0f} MiB':>10}"
             f" {'all' if e['bytes_verified'] == e['bytes'] else 'NO':>9}"
         )
@@ -289,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         type=non_negative_int(MAX_LAYERS),
         default=16,
         help="layers streamed per step (default 16; 0: all of the model's)",
+    )
+    b.add_argument(
+        "--load-layers",
+        type=non_negative_int(MAX_LAYERS),
+        default=0,
+        help="layers a load-<model> workload copies (default 0: all of the model's)",
     )
     b.add_argument(
         "--distinct-layers",

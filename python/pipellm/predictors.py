@@ -12,6 +12,8 @@ predictor to a `Pipeline`.
   does). Tell it about swap-outs with `swapped_out(key)`.
 - `AdapterQueue()`: multi-LoRA serving: the adapters of the requests waiting in the queue load
   in queue order. Tell it about arrivals with `enqueue(key)`.
+- `LoadOnce(order)`: a model load (or any one-time sequence: a first KV restore, new
+  adapters): these transfers, once each, in this order; after the last, nothing.
 - `Learned()`: no hint: learns repetition in the observed stream (period detection, then
   successor statistics; implemented in Rust).
 """
@@ -49,6 +51,29 @@ class LayerCycle:
         start = -1 if self._pos is None else self._pos
         m = len(self._order)
         return [self._order[(start + 1 + j) % m] for j in range(n)]
+
+
+class LoadOnce:
+    """Each key of `order` once, in order (a server start loading every layer's weights):
+    before any transfer, the first keys; after `observe(k)`, the keys after k; after the
+    last, nothing. A key outside `order` changes nothing."""
+
+    def __init__(self, order: Sequence[Hashable]) -> None:
+        if not order:
+            raise ValueError("order must name at least one transfer")
+        self._order = list(order)
+        self._index = {k: i for i, k in enumerate(self._order)}
+        if len(self._index) != len(self._order):
+            raise ValueError("order names a transfer twice: a load copies each one once")
+        self._next = 0
+
+    def observe(self, key: Hashable) -> None:
+        i = self._index.get(key)
+        if i is not None:
+            self._next = max(self._next, i + 1)
+
+    def predict(self, n: int) -> list[Hashable]:
+        return self._order[self._next : self._next + n]
 
 
 class SwapFifo:

@@ -67,6 +67,12 @@ class Workload:
     note: str
     depth: int = 2  # transfers predicted ahead in the pipellm mode
     chunk_bytes: int = 4 << 20
+    # The pipellm mode may keep its sources write-protected between uses. False where no
+    # source is used twice in the real workload (a load): buffers reused here only to bound
+    # memory must cost what distinct ones would.
+    keep_armed: bool = True
+    # What a run is judged by: tokens per second, or (a load) the time to move every byte.
+    measure: str = "tokens"
 
     @property
     def bytes_total(self) -> int:
@@ -110,6 +116,42 @@ def flexgen(
         f" {steps} decode step(s)"
     )
     return Workload(f"flexgen-{shape.name}", plan, lambda: LayerCycle(order), note)
+
+
+def load(
+    shape: ModelShape,
+    distinct_layers: int,
+    max_layers: int | None = None,
+    seed: int = 0,
+) -> Workload:
+    """A server start: every layer's weights copied to the device once, in order, one copy
+    after another (each issued once the previous one arrived, as a synchronous copy per
+    tensor does), no compute in between. Memory holds `distinct_layers` real layer buffers
+    (full size; layer i uses buffer i % distinct_layers); the pipellm mode keeps nothing
+    armed between uses, so a reused buffer costs what a distinct one would, and it is told
+    the order up front (`LoadOnce`)."""
+    from .predictors import LoadOnce
+
+    rng = np.random.default_rng(seed)
+    nbytes = shape.layer_weight_bytes()
+    bufs = [rng.integers(0, 256, nbytes, dtype=np.uint8) for _ in range(distinct_layers)]
+    n = min(shape.layers, max_layers or shape.layers)
+    order = [("layer", i) for i in range(n)]
+    plan = [Step(key, bufs[i % distinct_layers], 0.0, 0) for i, key in enumerate(order)]
+    scaled = "" if n == shape.layers else f" (first {n} of {shape.layers} layers)"
+    note = (
+        f"{shape.name} ({shape.source}): loading {n} layers of {nbytes / 2**20:.0f} MiB fp16"
+        f"{scaled}, {n * nbytes / 2**30:.1f} GiB, each copied once ({distinct_layers}"
+        f" distinct buffers in memory)"
+    )
+    return Workload(
+        f"load-{shape.name}",
+        plan,
+        lambda: LoadOnce(order),
+        note,
+        keep_armed=False,
+        measure="load",
+    )
 
 
 def model_decode_seconds(shape: ModelShape, batch: int, ctx: int) -> float:
@@ -400,7 +442,9 @@ def run(
             workers=workers,
             validation="protect",
             max_staging_bytes=slots * chunk_bytes,
-            keep_armed=keep_armed_for(workload, chunk_bytes) if keep_armed else 0,
+            keep_armed=(
+                keep_armed_for(workload, chunk_bytes) if keep_armed and workload.keep_armed else 0
+            ),
         )
         spec = Speculator(pipe, workload.predictor(), depth=depth)
         for s in workload.steps:
@@ -485,6 +529,7 @@ def run(
             pipe.close()
     return {
         "throughput": tokens / elapsed,
+        "load_Bps": workload.bytes_total / elapsed,
         "elapsed_s": elapsed,
         "tokens": tokens,
         "bytes": workload.bytes_total,
@@ -533,7 +578,9 @@ def encryption_capacity(
         sample.append(b)
         total += b.nbytes
     n = sum(-(-b.nbytes // chunk_bytes) for b in sample)
-    keep = min(n, keep_armed_for(workload, chunk_bytes)) if keep_armed else 0
+    keep = (
+        min(n, keep_armed_for(workload, chunk_bytes)) if keep_armed and workload.keep_armed else 0
+    )
     with Pipeline(
         key,
         slots=n,
