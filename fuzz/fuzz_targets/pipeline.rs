@@ -90,9 +90,7 @@ fuzz_target!(|input: Input| {
     let mut rx = Receiver::new(&key, 1, Direction::HostToDevice, policy).expect("receiver");
     // Sources of a few pages: page protection watches only the pages wholly inside a
     // source (its first and last are fingerprinted), so smaller ones would never reach it.
-    let mut sources: Vec<Source> = (0..4)
-        .map(|i| make(3 * 4096 + 300 * i, i as u8))
-        .collect();
+    let mut sources: Vec<Source> = (0..4).map(|i| make(3 * 4096 + 300 * i, i as u8)).collect();
     let mut delivered = 0u64;
     let mut deliver = |rx: &mut Receiver, m: &pipellm_core::Message<_>, expect: &[u8]| {
         let got = rx
@@ -143,10 +141,7 @@ fuzz_target!(|input: Input| {
     }
     let stats = pipe.stats();
     let reserved = stats.positions_reserved;
-    if protect
-        && stats.hits > 0
-        && stats.validation_bytes_hashed < stats.hits * CHUNK as u64
-    {
+    if protect && stats.hits > 0 && stats.validation_bytes_hashed < stats.hits * CHUNK as u64 {
         WATCHED_RUNS.fetch_add(1, Ordering::Relaxed);
     }
     pipe.close();
