@@ -135,11 +135,15 @@ pub struct CtxState {
     keys: HashMap<(usize, usize), u64>,
     spans: Vec<(usize, usize)>,
     pub prepared: HashMap<Iv, Prepared>,
-    /// The chunk of the message before: whether this one continues the same copy.
+    /// The chunk of the message before, and how many messages in a row continued the one
+    /// before them (the current stream's length so far).
     last_span: Option<(usize, usize)>,
+    streak: usize,
     /// IVs being pre-encrypted, each with the chunk it is being encrypted from: a result
     /// for a chunk the prediction no longer expects at that IV is thrown away (`settle`).
     pub inflight: HashMap<Iv, (usize, usize)>,
+    /// When a worker began each in-flight chunk (absent while it waits in the queue).
+    started: HashMap<Iv, Instant>,
     /// While probing: the message predicted for an IV, not encrypted (see PROBE_BELOW_HITS).
     shadow: Option<(Iv, (usize, usize))>,
     /// Outcomes of the last 32 messages that had a prediction (bit set: served), newest in
@@ -153,10 +157,6 @@ pub struct CtxState {
 /// an unpredictable pattern costs the workers nothing and the caller only the bookkeeping;
 /// once enough shadow predictions hold, pre-encryption resumes.
 const PROBE_BELOW_HITS: u32 = 8;
-
-/// How far ahead a copy's continuation is guessed before any chunk of it continued the one
-/// before (see `complete`).
-const CONTINUE_UNSURE: usize = 2;
 
 /// With `PIPELLM_CC_WAIT_INFLIGHT=1`: the longest an EncryptUpdate waits for its chunk (a
 /// worker that died with it, or no worker at all, costs this once per message, then the
@@ -193,7 +193,9 @@ impl CtxState {
             spans: Vec::new(),
             prepared: HashMap::new(),
             last_span: None,
+            streak: 0,
             inflight: HashMap::new(),
+            started: HashMap::new(),
             shadow: None,
             outcomes: 0,
             outcomes_seen: 0,
@@ -232,6 +234,10 @@ pub struct Engine {
     /// Paired with `ctxs`: notified when a worker settles a chunk (its IV leaves
     /// `inflight`), only with `PIPELLM_CC_WAIT_INFLIGHT=1` (see `wait_settled`).
     settled: Condvar,
+    /// Callers waiting on `settled` for a chunk that is nearly done (see `nearly_done`).
+    waiters: AtomicUsize,
+    /// How long a worker takes for a chunk, a moving average in ns (0: none done yet).
+    job_ns: std::sync::atomic::AtomicU64,
     next_gen: std::sync::atomic::AtomicU64,
     jobs: Mutex<VecDeque<Job>>,
     job_ready: Condvar,
@@ -268,6 +274,8 @@ pub fn engine() -> &'static Engine {
     E.get_or_init(|| Engine {
         ctxs: Mutex::new(HashMap::new()),
         settled: Condvar::new(),
+        waiters: AtomicUsize::new(0),
+        job_ns: std::sync::atomic::AtomicU64::new(0),
         next_gen: std::sync::atomic::AtomicU64::new(1),
         jobs: Mutex::new(VecDeque::new()),
         job_ready: Condvar::new(),
@@ -372,6 +380,7 @@ impl Engine {
             st.gen = self.gen();
             let drained: Vec<Prepared> = st.prepared.drain().map(|(_, p)| p).collect();
             st.inflight.clear();
+            st.started.clear();
             drop(m);
             for p in drained {
                 self.recycle(p.ct);
@@ -543,18 +552,32 @@ impl Engine {
                     st.record(span == (input as usize, len));
                 }
             }
-            if config().wait_inflight
-                && !st.prepared.contains_key(&iv)
-                && st.inflight.contains_key(&iv)
-            {
-                m = self.wait_settled(m, ctx, iv);
+            let span = (input as usize, len);
+            if !st.prepared.contains_key(&iv) && st.inflight.get(&iv) == Some(&span) {
+                if config().wait_inflight {
+                    m = self.wait_settled(m, ctx, iv, WAIT_INFLIGHT_CAP);
+                } else if let Some(rest) = self.nearly_done(st, iv) {
+                    // Waiting for the rest beats encrypting the whole chunk again here.
+                    Stats::add(&self.stats.waited, 1);
+                    m = self.wait_settled(m, ctx, iv, rest * 2);
+                }
             }
             let Some(st) = m.get_mut(&ctx) else {
                 return Decision::Forward; // freed while we waited: a caller bug
             };
             let p = st.prepared.remove(&iv);
             if p.is_none() && st.inflight.contains_key(&iv) {
-                Stats::add(&self.stats.late, 1);
+                // Being encrypted: from this memory (late), or from other memory (a guess
+                // that did not hold).
+                let ours = st.inflight.get(&iv) == Some(&span);
+                Stats::add(
+                    if ours {
+                        &self.stats.late
+                    } else {
+                        &self.stats.mispredicted
+                    },
+                    1,
+                );
                 st.record(false);
             }
             // Until the outcome is known the message counts as missed (the fallback).
@@ -635,9 +658,20 @@ impl Engine {
         }
     }
 
-    /// Test aid (`PIPELLM_CC_WAIT_INFLIGHT=1`): releases the contexts' lock until the chunk
-    /// a worker has for `iv` on `ctx` is settled (ready, or dropped), at most
-    /// `WAIT_INFLIGHT_CAP`. `settle` changes `inflight` under this lock and notifies after
+    /// If a worker has been encrypting the chunk for `iv` for at least half the time a chunk
+    /// takes, the time it should still need: waiting that long costs the driver less than
+    /// encrypting the whole chunk itself (the real library takes about as long as a worker).
+    /// None for a chunk still queued or just begun: encrypting it here is faster.
+    fn nearly_done(&self, st: &CtxState, iv: Iv) -> Option<Duration> {
+        let avg = self.job_ns.load(Ordering::Relaxed);
+        let begun = st.started.get(&iv)?.elapsed().as_nanos() as u64;
+        (avg > 0 && begun * 2 >= avg)
+            .then(|| Duration::from_nanos(avg.saturating_sub(begun).max(20_000)))
+    }
+
+    /// Releases the contexts' lock until the chunk a worker has for `iv` on `ctx` is settled
+    /// (ready, or dropped), at most `cap` (a chunk nearly done; or, as a test aid with
+    /// `PIPELLM_CC_WAIT_INFLIGHT=1`, any chunk in flight, up to `WAIT_INFLIGHT_CAP`). `settle` changes `inflight` under this lock and notifies after
     /// it, and the condition is checked under the lock before each wait, so no notification
     /// is lost; a spurious or unrelated wake-up only re-checks.
     fn wait_settled<'m>(
@@ -645,8 +679,13 @@ impl Engine {
         mut m: MutexGuard<'m, HashMap<usize, CtxState>>,
         ctx: usize,
         iv: Iv,
+        cap: Duration,
     ) -> MutexGuard<'m, HashMap<usize, CtxState>> {
-        let deadline = Instant::now() + WAIT_INFLIGHT_CAP;
+        let deadline = Instant::now() + cap;
+        // Counted under the lock `settle` changes `inflight` under: a settle after this sees
+        // a waiter and notifies.
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let _counted = Uncount(&self.waiters);
         loop {
             let pending = m
                 .get(&ctx)
@@ -933,12 +972,16 @@ impl Engine {
     fn complete(&self, ctx: usize, st: &mut CtxState, span: (usize, usize)) -> Vec<Job> {
         let k = st.key_of(span);
         st.history.observe(k);
-        // A copy's continuation is guessed a little way ahead after its first chunk, and as
-        // far as the lookahead goes once a chunk did continue the one before (a stream):
-        // so a pattern of unrelated chunks costs the workers little before probing starts.
-        let streaming = st
+        // How far a copy's continuation is guessed grows with the stream seen so far: two
+        // chunks ahead after a copy's first (one would leave a worker a single device gap to
+        // encrypt it in), one more for each chunk that continued the one before, up to the
+        // lookahead. A long copy (a model load) is soon covered as far as
+        // the lookahead goes; short copies and unrelated chunks cost the workers little (what
+        // a stream's end wastes is about as long as the stream was, at most the lookahead).
+        let continues = st
             .last_span
             .is_some_and(|(i, l)| l == span.1 && i.checked_add(l) == Some(span.0));
+        st.streak = if continues { st.streak + 1 } else { 0 };
         st.last_span = Some(span);
         let mut jobs = Vec::new();
         let cfg = config();
@@ -969,14 +1012,7 @@ impl Engine {
         let learned = st.history.predict(depth);
         let continued = learned.is_empty();
         let ahead: Vec<(usize, usize)> = if continued {
-            continuation(
-                span,
-                if streaming {
-                    depth
-                } else {
-                    depth.min(CONTINUE_UNSURE)
-                },
-            )
+            continuation(span, depth.min(st.streak + 1))
         } else {
             learned.into_iter().map(|k| st.spans[k as usize]).collect()
         };
@@ -988,16 +1024,20 @@ impl Engine {
                 st.shadow = Some((iv, (input, len)));
                 break;
             }
-            wanted.insert(iv, (input, len));
             // Covered: a chunk for this IV made (or being made) from this very memory. One
-            // from other memory (an earlier guess: a continuation past the end of a copy)
-            // is replaced.
+            // from other memory (an earlier guess: a continuation past the end of a copy) is
+            // replaced where the learned model says so. A continuation is only a guess: it
+            // fills IVs that have nothing, and displaces nothing (so a moment without a
+            // learned prediction costs a learned pattern nothing).
             let made = st.prepared.get(&iv).map(|p| (p.input, p.len));
             let making = st.inflight.get(&iv).copied();
-            if len < cfg.min_bytes.max(1)
-                || made == Some((input, len))
-                || making == Some((input, len))
-            {
+            let covered = if continued {
+                made.is_some() || making.is_some()
+            } else {
+                made == Some((input, len)) || making == Some((input, len))
+            };
+            wanted.insert(iv, (!continued).then_some((input, len)));
+            if len < cfg.min_bytes.max(1) || covered {
                 covered_ahead += counting as usize;
                 continue;
             }
@@ -1026,10 +1066,15 @@ impl Engine {
         }
         // Chunks for IVs the prediction no longer expects (or expects from other memory)
         // will never be used.
+        let expected = |iv: &Iv, span: (usize, usize)| match wanted.get(iv) {
+            Some(None) => true, // a continuation keeps whatever is there
+            Some(Some(w)) => *w == span,
+            None => false,
+        };
         let stale: Vec<Iv> = st
             .prepared
             .iter()
-            .filter(|(iv, p)| wanted.get(*iv) != Some(&(p.input, p.len)))
+            .filter(|(iv, p)| !expected(iv, (p.input, p.len)))
             .map(|(iv, _)| *iv)
             .collect();
         for iv in stale {
@@ -1038,7 +1083,9 @@ impl Engine {
                 self.recycle(p.ct);
             }
         }
-        st.inflight.retain(|iv, span| wanted.get(iv) == Some(span));
+        st.inflight.retain(|iv, span| expected(iv, *span));
+        let inflight = &st.inflight;
+        st.started.retain(|iv, _| inflight.contains_key(iv));
         jobs
     }
 
@@ -1099,6 +1146,14 @@ impl Engine {
     }
 
     fn run(&self, job: Job) {
+        {
+            let mut m = lock(&self.ctxs);
+            if let Some(st) = m.get_mut(&job.ctx) {
+                if st.gen == job.gen && st.inflight.get(&job.iv) == Some(&(job.input, job.len)) {
+                    st.started.insert(job.iv, Instant::now());
+                }
+            }
+        }
         let mut buf = self.buffer(job.len);
         // A chunk of a watched range is armed before it is read: a write from then on is seen.
         let watched = crate::watched::arm(job.input, job.len);
@@ -1150,6 +1205,12 @@ impl Engine {
                 if st.gen == job.gen && st.inflight.get(&job.iv) == Some(&(job.input, job.len)) =>
             {
                 st.inflight.remove(&job.iv);
+                if let Some(t) = st.started.remove(&job.iv) {
+                    let d = t.elapsed().as_nanos() as u64;
+                    let old = self.job_ns.load(Ordering::Relaxed);
+                    let avg = if old == 0 { d } else { old - old / 8 + d / 8 };
+                    self.job_ns.store(avg, Ordering::Relaxed);
+                }
                 if let Some(p) = p {
                     st.prepared.insert(job.iv, p);
                 }
@@ -1158,7 +1219,7 @@ impl Engine {
             _ => p,
         };
         drop(m);
-        if config().wait_inflight {
+        if config().wait_inflight || self.waiters.load(Ordering::Acquire) > 0 {
             // After the change, made under the lock `wait_settled` checks under.
             self.settled.notify_all();
         }
@@ -1217,6 +1278,15 @@ pub fn background_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: changes only the calling thread's policy (pid 0), with a valid parameter.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+}
+
+/// Decrements a counter when dropped (see `wait_settled`).
+struct Uncount<'a>(&'a AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The `n` chunks that follow `(input, len)` in the same copy: `(input + len, len)`, then

@@ -23,6 +23,7 @@ counters! {
     mispredicted: "a chunk was ready for the IV but for other memory or length",
     stale: "a chunk was ready but its source changed since it was encrypted",
     late: "the chunk for the IV was still being encrypted",
+    waited: "chunks nearly encrypted when the driver needed them: waited for, not encrypted again",
     resyncs: "calls after a hit that needed the real context brought up to date",
     keys_confirmed: "keys whose real ciphertext and tag we reproduced",
     keys_refused: "keys whose real output we could not reproduce (context left alone)",
