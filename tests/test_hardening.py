@@ -259,3 +259,18 @@ def test_soak_command_runs_clean_for_a_fixed_number_of_operations() -> None:
     assert p.returncode == 0 and r["errors"] == 0, r["error_messages"]
     assert r["ops"] == 6000 and r["bytes_verified"] > 0
     assert set(r["patterns"]) == {"layer-cycle", "swap-fifo", "adapter-queue", "random"}
+
+
+def test_a_timed_soak_stops_after_its_progress_reports() -> None:
+    # A progress report used to overwrite the `ops` argument with the count so far, which
+    # turned a timed soak into one waiting for quotas it never had: it ran until killed.
+    # Here reports come every 0.05 s of a 0.3 s soak; the timeout only catches that hang.
+    code = (
+        "from pipellm import soak; r = soak.soak(0.3, threads=1, report_every=0.05);"
+        " assert r['errors'] == 0, r['error_messages']; print(r['seconds'])"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert float(p.stdout.split()[-1]) >= 0.3

@@ -194,9 +194,9 @@ def soak(
         if rss0 is None and el >= min(10.0, seconds / 4):
             rss0 = rss  # after warm-up: pools, caches and the allocator have settled
         if el >= next_report:
-            ops = sum(c.ops for c in counters)
+            done = sum(c.ops for c in counters)
             errs = sum(len(c.errors) for c in counters)
-            line = f"  {el:6.0f} s  ops {ops:9d}  errors {errs}  rss {rss / 1024:7.1f} MiB"
+            line = f"  {el:6.0f} s  ops {done:9d}  errors {errs}  rss {rss / 1024:7.1f} MiB"
             print(line, flush=True)
             next_report += report_every
         if any(c.errors for c in counters):
