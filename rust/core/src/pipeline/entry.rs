@@ -114,7 +114,6 @@ mod loom_tests {
     use crate::pipeline::jobs::{run_speculative, Faults, Signal};
     use crate::pipeline::source::{split, Source};
     use crate::pipeline::stats::Stats;
-    use crate::pipeline::Validation;
     use crate::schedule::KeyPolicy;
     use crate::sequencer::Sequencer;
     use std::sync::Arc;
