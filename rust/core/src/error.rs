@@ -51,6 +51,33 @@ pub enum Error {
     /// The cryptographic library reported a failure it should never report (out of memory).
     #[error("crypto backend failure: {0}")]
     Backend(&'static str),
+    /// The operating system refused a call: `what` says which, `errno` is its error (see
+    /// [`Error::os`]; `ENOMEM` becomes `OutOfMemory` instead).
+    #[error("{what}: {}", std::io::Error::from_raw_os_error(*errno))]
+    Os { what: String, errno: i32 },
+    /// A fixed-size process-wide table is full (write-watched regions, open seals).
+    #[error("{0}")]
+    Capacity(String),
+}
+
+impl Error {
+    /// The error for an OS call `what` that failed with `e`: `OutOfMemory` for `ENOMEM`,
+    /// `Os` otherwise.
+    pub fn os(what: impl Into<String>, e: &std::io::Error) -> Self {
+        let what = what.into();
+        match e.raw_os_error() {
+            Some(libc::ENOMEM) => Error::OutOfMemory(format!("{what}: {e}")),
+            errno => Error::Os {
+                what,
+                errno: errno.unwrap_or(libc::EIO),
+            },
+        }
+    }
+
+    /// `os(what, last OS error)`.
+    pub fn last_os(what: impl Into<String>) -> Self {
+        Self::os(what, &std::io::Error::last_os_error())
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -63,4 +90,24 @@ pub(crate) fn check_same_len(dst: usize, src: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_keep_their_errno_and_enomem_is_out_of_memory() {
+        let e = Error::os("mprotect", &std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(
+            e,
+            Error::Os {
+                what: "mprotect".into(),
+                errno: libc::EPERM
+            }
+        );
+        assert!(e.to_string().starts_with("mprotect: "), "{e}");
+        let e = Error::os("mmap", &std::io::Error::from_raw_os_error(libc::ENOMEM));
+        assert!(matches!(e, Error::OutOfMemory(_)), "{e:?}");
+    }
 }

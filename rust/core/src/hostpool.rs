@@ -73,10 +73,6 @@ unsafe impl Send for HostPool {}
 // SAFETY: see Send; `&HostPool` gives reads of the view and bracketed writes.
 unsafe impl Sync for HostPool {}
 
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
-}
-
 impl HostPool {
     /// A zeroed pool of `len` bytes (rounded up to whole pages in memory).
     pub fn new(len: usize) -> Result<Self> {
@@ -92,13 +88,13 @@ impl HostPool {
         // SAFETY: memfd_create reads the NUL-terminated name; a negative result is an error.
         let fd = unsafe { libc::memfd_create(c"pipellm-host-pool".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
-            return Err(Error::OutOfMemory(os_err("memfd_create")));
+            return Err(Error::last_os("memfd_create"));
         }
         // SAFETY: `fd` is a fresh descriptor we own; OwnedFd closes it exactly once.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: ftruncate on our own descriptor.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-            return Err(Error::OutOfMemory(os_err("sizing the host pool")));
+            return Err(Error::last_os("sizing the host pool"));
         }
         let map = || {
             // SAFETY: a new shared mapping of our memfd at an address the kernel picks; it
@@ -114,7 +110,7 @@ impl HostPool {
                 )
             };
             if p == libc::MAP_FAILED {
-                Err(Error::OutOfMemory(os_err("mapping the host pool")))
+                Err(Error::last_os("mapping the host pool"))
             } else {
                 Ok(p as *mut u8)
             }
@@ -142,7 +138,7 @@ impl HostPool {
         for p in [view, alias] {
             // SAFETY: `p` is one of the two mappings of `size` bytes made above.
             if unsafe { libc::madvise(p.cast(), size, libc::MADV_DONTFORK) } != 0 {
-                return Err(Error::OutOfMemory(os_err("madvise(MADV_DONTFORK)")));
+                return Err(Error::last_os("madvise(MADV_DONTFORK)"));
             }
         }
         VIEWS

@@ -141,7 +141,7 @@ pub unsafe fn seal(ptr: *const u8, len: usize) -> Result<Seal> {
     let slot = SLOTS
         .iter()
         .position(|s| !s.active.load(Ordering::Acquire))
-        .ok_or_else(|| Error::InvalidArgument(format!("more than {MAX_SEALS} seals open")))?;
+        .ok_or_else(|| Error::Capacity(format!("more than {MAX_SEALS} seals open")))?;
     let s = &SLOTS[slot];
     let activate = || {
         s.start.store(start, Ordering::Relaxed);
@@ -162,9 +162,7 @@ pub unsafe fn seal(ptr: *const u8, len: usize) -> Result<Seal> {
         // Pages a failed mprotect may have closed in part are opened again by the same
         // rule as any seal's.
         release(slot);
-        return Err(Error::InvalidArgument(format!(
-            "cannot seal the destination pages: {err}"
-        )));
+        return Err(Error::os("cannot seal the destination pages", &err));
     }
     Ok(Seal { slot })
 }

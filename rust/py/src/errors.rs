@@ -1,7 +1,7 @@
 //! Python exception classes and the one place core errors become them.
 
 use pipellm_core::{Error, OrderViolation};
-use pyo3::exceptions::{PyException, PyMemoryError, PyOverflowError, PyValueError};
+use pyo3::exceptions::{PyException, PyMemoryError, PyOSError, PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyType};
@@ -38,6 +38,14 @@ pyo3::create_exception!(
     PipelineClosedError,
     PipeLLMError,
     "The pipeline was closed; create a new one."
+);
+
+pyo3::create_exception!(
+    pipellm,
+    CapacityError,
+    PipeLLMError,
+    "A fixed-size process-wide table is full: write-watched regions (pipellm.MAX_KEEP_ARMED \
+     bounds one pipeline's share), open D2H seals. Release some (close a pipeline, unwatch)."
 );
 
 static ARGUMENT_RANGE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -104,7 +112,52 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::Backend(_) => PipeLLMError::new_err(msg),
         Error::Closed | Error::Forked { .. } => PipelineClosedError::new_err(msg),
         Error::OutOfMemory(_) => PyMemoryError::new_err(msg),
+        // OSError(errno, message): Python picks the subclass (PermissionError for EPERM...).
+        Error::Os { errno, .. } => PyOSError::new_err((errno, msg)),
+        Error::Capacity(_) => CapacityError::new_err(msg),
     }
+}
+
+/// One core error of every kind, each as `to_py` maps it, by variant name: the test of the
+/// mapping (tests/test_errors.py) checks every class. A new variant fails to build until
+/// `to_py` maps it, and must be added here to be tested.
+#[pyo3::pyfunction]
+pub fn _error_examples(py: Python<'_>) -> Vec<(&'static str, PyErr)> {
+    use pipellm_core::header::Position;
+    let at = Position {
+        epoch: 0,
+        counter: 0,
+    };
+    let examples = [
+        (
+            "IvOrder",
+            Error::IvOrder {
+                violation: OrderViolation::Gap,
+                expected: at,
+                got: at,
+            },
+        ),
+        ("Authentication", Error::Authentication("tag")),
+        ("IvExhausted", Error::IvExhausted("limit")),
+        ("InvalidLength", Error::InvalidLength("length".into())),
+        ("InvalidArgument", Error::InvalidArgument("argument".into())),
+        ("Closed", Error::Closed),
+        ("Forked", Error::Forked { owner: 1 }),
+        ("OutOfMemory", Error::OutOfMemory("memory".into())),
+        ("Backend", Error::Backend("backend")),
+        (
+            "Os",
+            Error::Os {
+                what: "mprotect".into(),
+                errno: libc::EPERM,
+            },
+        ),
+        ("Capacity", Error::Capacity("table".into())),
+    ];
+    examples
+        .into_iter()
+        .map(|(name, e)| (name, to_py(py, e)))
+        .collect()
 }
 
 /// Runs `f` with the GIL released, turning a panic (a bug) into `PipeLLMError` rather than
@@ -131,5 +184,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("IvExhaustedError", py.get_type::<IvExhaustedError>())?;
     m.add("PipelineClosedError", py.get_type::<PipelineClosedError>())?;
     m.add("ArgumentRangeError", argument_range_error_type(py)?)?;
+    m.add("CapacityError", py.get_type::<CapacityError>())?;
+    m.add_function(pyo3::wrap_pyfunction!(_error_examples, m)?)?;
     Ok(())
 }

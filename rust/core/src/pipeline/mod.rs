@@ -850,9 +850,7 @@ impl Pipeline {
             std::thread::Builder::new()
                 .name(name)
                 .spawn(f)
-                .map_err(|e| {
-                    Error::InvalidArgument(format!("could not start a pipeline thread: {e}"))
-                })
+                .map_err(|e| Error::os("could not start a pipeline thread", &e))
         };
         let planner = inner.clone();
         threads.push(spawn(

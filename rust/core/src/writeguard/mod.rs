@@ -95,6 +95,8 @@ const SEGV_ACCERR: libc::c_int = 2;
 static REGISTRY: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 static INSTALL: Once = Once::new();
 static INSTALLED_OK: AtomicBool = AtomicBool::new(false);
+/// Why installing failed (an errno), if it did.
+static INSTALL_ERRNO: AtomicI32 = AtomicI32::new(0);
 /// Serialises installing our handler again over a later one (`reassert`).
 static REASSERT: Mutex<()> = Mutex::new(());
 /// The handler that faults not ours go to: the SIGSEGV action that was in place before ours
@@ -465,16 +467,20 @@ pub(crate) fn install() -> Result<()> {
             // SAFETY: installs our handler, which is valid for the life of the process.
             if unsafe { libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut()) } == 0 {
                 INSTALLED_OK.store(true, Ordering::Release);
+                return;
             }
         }
+        let e = std::io::Error::last_os_error();
+        INSTALL_ERRNO.store(e.raw_os_error().unwrap_or(libc::EIO), Ordering::Release);
     });
     reassert();
     if INSTALLED_OK.load(Ordering::Acquire) {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(
-            "could not install the write-detection signal handler".into(),
-        ))
+        Err(Error::Os {
+            what: "could not install the write-detection signal handler".into(),
+            errno: INSTALL_ERRNO.load(Ordering::Acquire),
+        })
     }
 }
 
@@ -621,14 +627,13 @@ impl WriteWatch {
             .iter()
             .position(|r| !r.in_use.load(Ordering::Acquire))
             .ok_or_else(|| {
-                Error::InvalidArgument(format!("more than {MAX_REGIONS} watched regions"))
+                Error::Capacity(format!("more than {MAX_REGIONS} watched regions"))
             })?;
         if let Some(t) = tracker {
             // Registering again pages another region registered is a no-op for the kernel;
             // pages of another userfaultfd (another copy of this library) are refused.
-            t.register(start, end).map_err(|e| {
-                Error::InvalidArgument(format!("cannot track writes to these pages: {e}"))
-            })?;
+            t.register(start, end)
+                .map_err(|e| Error::os("cannot track writes to these pages", &e))?;
         }
         let r = &REGIONS[slot];
         lock_region(r);
@@ -715,10 +720,7 @@ fn arm_mprotect(slot: usize) -> Result<Stamp> {
     let g = r.generation.load(Ordering::Acquire);
     unlock_region(r);
     if rc != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "cannot write-protect the source pages: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(Error::last_os("cannot write-protect the source pages"));
     }
     Ok(Stamp(g))
 }
@@ -776,9 +778,7 @@ fn arm_tracked(slot: usize) -> Result<Stamp> {
         }
         Err(err) => {
             r.protected.store(false, Ordering::Release);
-            Err(Error::InvalidArgument(format!(
-                "cannot write-protect the source pages: {err}"
-            )))
+            Err(Error::os("cannot write-protect the source pages", &err))
         }
     }
 }
