@@ -626,9 +626,7 @@ impl WriteWatch {
         let slot = REGIONS
             .iter()
             .position(|r| !r.in_use.load(Ordering::Acquire))
-            .ok_or_else(|| {
-                Error::Capacity(format!("more than {MAX_REGIONS} watched regions"))
-            })?;
+            .ok_or_else(|| Error::Capacity(format!("more than {MAX_REGIONS} watched regions")))?;
         if let Some(t) = tracker {
             // Registering again pages another region registered is a no-op for the kernel;
             // pages of another userfaultfd (another copy of this library) are refused.
