@@ -107,7 +107,7 @@ const PAGE_IS_WRITTEN: u64 = 1 << 1;
 
 pub(super) struct Tracker {
     uffd: OwnedFd,
-    pagemap: OwnedFd,
+    pagemap: std::fs::File,
 }
 
 static TRACKER: OnceLock<Option<Tracker>> = OnceLock::new();
@@ -138,13 +138,18 @@ pub(super) enum Kind {
 }
 
 pub(super) fn tracker_kind() -> Kind {
-    if TRACKER.get_or_init(open).is_some() {
-        Kind::Uffd
-    } else if requested() == Some("uffd") {
-        Kind::Unavailable
-    } else {
-        Kind::Mprotect
-    }
+    // Decided with the tracker: every registration asks, and reading the environment each
+    // time would take its lock and allocate.
+    static KIND: OnceLock<Kind> = OnceLock::new();
+    *KIND.get_or_init(|| {
+        if TRACKER.get_or_init(open).is_some() {
+            Kind::Uffd
+        } else if requested() == Some("uffd") {
+            Kind::Unavailable
+        } else {
+            Kind::Mprotect
+        }
+    })
 }
 
 /// Which tracker `PIPELLM_WRITE_TRACKER` asks for: `uffd` (fail where unavailable: tests),
@@ -188,18 +193,8 @@ fn open() -> Option<Tracker> {
     if api.features & want != want {
         return None;
     }
-    // SAFETY: a NUL-terminated literal path; the result is checked.
-    let pm = unsafe {
-        libc::open(
-            c"/proc/self/pagemap".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if pm < 0 {
-        return None;
-    }
-    // SAFETY: `open` returned a new descriptor that nothing else owns.
-    let pagemap = unsafe { OwnedFd::from_raw_fd(pm) };
+    // (std opens it close-on-exec.)
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
     // SAFETY: registers a function with no preconditions, run in the child after fork.
     unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
     let t = Tracker { uffd, pagemap };

@@ -9,8 +9,9 @@
 //! mapping replaced after registration (`mmap(MAP_FIXED)` over a watched source) is not
 //! seen: the docs tell programs not to do that to a source in use.
 
+use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 #[repr(C)]
 #[derive(Default)]
@@ -39,18 +40,9 @@ const PROCMAP_QUERY_VMA_SHARED: u64 = 0x8;
 
 /// True if every byte of `[start, end)` lies in private anonymous mappings.
 pub(super) fn private_anonymous(start: usize, end: usize) -> bool {
-    // SAFETY: a NUL-terminated literal path; the result is checked.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/maps".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
+    let Ok(maps) = File::open("/proc/self/maps") else {
         return false;
-    }
-    // SAFETY: `open` returned a new descriptor that nothing else owns.
-    let maps = unsafe { OwnedFd::from_raw_fd(fd) };
+    };
     match by_query(&maps, start, end) {
         Some(answer) => answer,
         None => by_text(maps, start, end),
@@ -58,7 +50,7 @@ pub(super) fn private_anonymous(start: usize, end: usize) -> bool {
 }
 
 /// The answer from `PROCMAP_QUERY`, or None where the kernel does not have it.
-fn by_query(maps: &OwnedFd, start: usize, end: usize) -> Option<bool> {
+fn by_query(maps: &File, start: usize, end: usize) -> Option<bool> {
     let mut at = start as u64;
     while at < end as u64 {
         let mut q = ProcmapQuery {
@@ -86,10 +78,9 @@ fn by_query(maps: &OwnedFd, start: usize, end: usize) -> Option<bool> {
     Some(true)
 }
 
-fn by_text(maps: OwnedFd, start: usize, end: usize) -> bool {
+fn by_text(mut maps: File, start: usize, end: usize) -> bool {
     let mut text = String::new();
-    let mut file = std::fs::File::from(maps);
-    if file.read_to_string(&mut text).is_err() {
+    if maps.read_to_string(&mut text).is_err() {
         return false;
     }
     let mut at = start;
@@ -169,10 +160,7 @@ mod tests {
         for &((s, e), want) in &cases {
             assert_eq!(private_anonymous(s, e), want, "query {s:#x}");
             assert_eq!(private_anonymous(s + 100, s + 200), want);
-            // SAFETY: a NUL-terminated literal path.
-            let fd = unsafe { libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY) };
-            // SAFETY: a new descriptor.
-            let maps = unsafe { OwnedFd::from_raw_fd(fd) };
+            let maps = File::open("/proc/self/maps").unwrap();
             assert_eq!(by_text(maps, s, e), want, "text {s:#x}");
         }
         // A range running past the end of its mapping into a hole is refused.
