@@ -175,12 +175,7 @@ impl Watches {
             None
         };
         let (watch, source) = match kept {
-            Some(k) => {
-                if k.watch.is_protected() {
-                    self.reused.fetch_add(1, Ordering::Relaxed);
-                }
-                (k.watch, k.source)
-            }
+            Some(k) => (k.watch, k.source),
             None => {
                 // SAFETY: the returned HeldWatch holds `source` (a reference to this memory)
                 // for as long as it holds the watch, and drops the watch first (`release`), so
@@ -192,8 +187,14 @@ impl Watches {
                 (w, source.clone())
             }
         };
-        let stamp = match watch.arm() {
-            Ok(s) => s,
+        let stamp = match watch.arm_again() {
+            Ok((s, still_protected)) => {
+                // Only a kept watch can have been armed before.
+                if still_protected {
+                    self.reused.fetch_add(1, Ordering::Relaxed);
+                }
+                s
+            }
             Err(_) => {
                 release(watch, source);
                 return None;

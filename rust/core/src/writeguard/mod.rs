@@ -270,36 +270,23 @@ pub(crate) unsafe fn open_pages_except(
     end: usize,
     keep_closed: impl Fn(usize) -> bool,
 ) {
-    for_runs_except(start, end, keep_closed, |s0, e0| {
-        // SAFETY: a page-aligned run inside the range the caller vouched for (see
-        // `# Safety`).
-        unsafe {
-            libc::mprotect(
-                s0 as *mut libc::c_void,
-                e0 - s0,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-    });
-}
-
-/// Calls `f` on each maximal run of pages of `[start, end)` (page-aligned) for which `skip`
-/// is false. Async-signal-safe if `skip` and `f` are.
-fn for_runs_except(
-    start: usize,
-    end: usize,
-    skip: impl Fn(usize) -> bool,
-    mut f: impl FnMut(usize, usize),
-) {
     let p = page();
     let mut run: Option<usize> = None;
     let mut addr = start;
     while addr <= end {
-        let free = addr < end && !skip(addr);
+        let free = addr < end && !keep_closed(addr);
         match (free, run) {
             (true, None) => run = Some(addr),
             (false, Some(s0)) => {
-                f(s0, addr);
+                // SAFETY: a page-aligned run inside the range the caller vouched for (see
+                // `# Safety`).
+                unsafe {
+                    libc::mprotect(
+                        s0 as *mut libc::c_void,
+                        addr - s0,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    )
+                };
                 run = None;
             }
             _ => {}
@@ -653,6 +640,12 @@ impl WriteWatch {
     /// Write-protects the pages (if not already) and returns the current stamp. Take the
     /// snapshot *after* this: a write between the two is then caught.
     pub fn arm(&self) -> Result<Stamp> {
+        self.arm_again().map(|(stamp, _)| stamp)
+    }
+
+    /// As `arm`, and whether the pages were still protected from the last arm with nothing
+    /// written since (this arm then changed nothing: no `mprotect`, nothing re-protected).
+    pub fn arm_again(&self) -> Result<(Stamp, bool)> {
         let _g = registry();
         let r = &REGIONS[self.slot];
         let result = if r.uffd.load(Ordering::Relaxed) {
@@ -699,14 +692,15 @@ impl WriteWatch {
     }
 }
 
-/// `arm` with the mprotect tracker (registry mutex held).
-fn arm_mprotect(slot: usize) -> Result<Stamp> {
+/// `arm_again` with the mprotect tracker (registry mutex held).
+fn arm_mprotect(slot: usize) -> Result<(Stamp, bool)> {
     // A handler installed since our last look would see the coming faults first.
     reassert();
     let r = &REGIONS[slot];
     lock_region(r);
     let mut rc = 0;
-    if !r.protected.load(Ordering::Acquire) {
+    let was = r.protected.load(Ordering::Acquire);
+    if !was {
         let (s, e) = range(slot);
         // SAFETY: the registrant vouched for the range (see `register`); read-only is a
         // subset of the access it had.
@@ -720,7 +714,7 @@ fn arm_mprotect(slot: usize) -> Result<Stamp> {
     if rc != 0 {
         return Err(Error::last_os("cannot write-protect the source pages"));
     }
-    Ok(Stamp(g))
+    Ok((Stamp(g), was))
 }
 
 /// `arm` with the userfaultfd tracker (registry mutex held). Protecting a page again erases
@@ -729,7 +723,7 @@ fn arm_mprotect(slot: usize) -> Result<Stamp> {
 /// the page tables are touched until the regions whose pages were found written have a new
 /// generation. A validator of a neighbour either sees the page written (its scan came
 /// first) or sees the mark.
-fn arm_tracked(slot: usize) -> Result<Stamp> {
+fn arm_tracked(slot: usize) -> Result<(Stamp, bool)> {
     let t = uffd::tracker()
         .ok_or_else(|| Error::InvalidArgument("cannot watch pages in a forked child".into()))?;
     let (s, e) = range(slot);
@@ -742,12 +736,14 @@ fn arm_tracked(slot: usize) -> Result<Stamp> {
     }
     std::sync::atomic::fence(Ordering::SeqCst);
     let mut found = [uffd::PageRegion::default(); 32];
+    let mut own_written = false;
     let mut at = s;
     let outcome = loop {
         match t.protect_written(at, e, &mut found) {
             Ok((n, walk_end)) => {
                 for w in &found[..n] {
                     let (ws, we) = (w.start as usize, w.end as usize);
+                    own_written |= ws < e && s < we;
                     for (j, r) in REGIONS.iter().enumerate().take(high) {
                         if overlapping(j, ws, we) {
                             r.generation.fetch_add(1, Ordering::AcqRel);
@@ -771,8 +767,8 @@ fn arm_tracked(slot: usize) -> Result<Stamp> {
     let r = &REGIONS[slot];
     match outcome {
         Ok(()) => {
-            r.protected.store(true, Ordering::Release);
-            Ok(Stamp(r.generation.load(Ordering::Acquire)))
+            let was = r.protected.swap(true, Ordering::AcqRel) && !own_written;
+            Ok((Stamp(r.generation.load(Ordering::Acquire)), was))
         }
         Err(err) => {
             r.protected.store(false, Ordering::Release);
