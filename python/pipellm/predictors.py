@@ -32,16 +32,23 @@ class Predictor(Protocol):
     def predict(self, n: int) -> list[Hashable]: ...
 
 
+def _ordered(order: Sequence[Hashable], twice: str) -> tuple[list[Hashable], dict[Hashable, int]]:
+    """`order` as a list and each key's index in it; `twice` says why a key named twice is
+    refused."""
+    if not order:
+        raise ValueError("order must name at least one transfer")
+    keys = list(order)
+    index = {k: i for i, k in enumerate(keys)}
+    if len(index) != len(keys):
+        raise ValueError(f"order names a transfer twice{twice}")
+    return keys, index
+
+
 class LayerCycle:
     """Keys in a fixed cyclic order; after `observe(k)`, the keys that follow k."""
 
     def __init__(self, order: Sequence[Hashable]) -> None:
-        if not order:
-            raise ValueError("order must name at least one transfer")
-        self._order = list(order)
-        self._index = {k: i for i, k in enumerate(self._order)}
-        if len(self._index) != len(self._order):
-            raise ValueError("order names a transfer twice; use Learned for such cycles")
+        self._order, self._index = _ordered(order, "; use Learned for such cycles")
         self._pos: int | None = None
 
     def observe(self, key: Hashable) -> None:
@@ -59,12 +66,7 @@ class LoadOnce:
     last, nothing. A key outside `order` changes nothing."""
 
     def __init__(self, order: Sequence[Hashable]) -> None:
-        if not order:
-            raise ValueError("order must name at least one transfer")
-        self._order = list(order)
-        self._index = {k: i for i, k in enumerate(self._order)}
-        if len(self._index) != len(self._order):
-            raise ValueError("order names a transfer twice: a load copies each one once")
+        self._order, self._index = _ordered(order, ": a load copies each one once")
         self._next = 0
 
     def observe(self, key: Hashable) -> None:
