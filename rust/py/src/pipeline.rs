@@ -446,6 +446,12 @@ pub struct PyTransfer {
 }
 
 impl PyTransfer {
+    fn interrupted(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<PyMessage>> {
+        self.interrupted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut Transfer) -> R) -> Option<R> {
         self.inner
             .lock()
@@ -482,11 +488,7 @@ impl PyTransfer {
     /// Messages not taken yet.
     #[getter]
     fn remaining(&self) -> usize {
-        let held = self
-            .interrupted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
+        let held = self.interrupted().len();
         held + self.with(|t| t.remaining()).unwrap_or(0)
     }
 
@@ -495,11 +497,7 @@ impl PyTransfer {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyMessage>> {
-        let held = self
-            .interrupted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front();
+        let held = self.interrupted().pop_front();
         if let Some(m) = held {
             return Ok(Some(m));
         }
@@ -522,10 +520,7 @@ impl PyTransfer {
         let mut out = Vec::new();
         loop {
             if let Err(e) = py.check_signals() {
-                let mut held = self
-                    .interrupted
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
+                let mut held = self.interrupted();
                 for m in out.into_iter().rev() {
                     held.push_front(m);
                 }
