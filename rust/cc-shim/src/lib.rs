@@ -12,7 +12,7 @@ pub use pipellm_cc::exports::*;
 macro_rules! versioned {
     ($($ours:literal => $theirs:literal),* $(,)?) => {
         $(
-            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            #[cfg(target_arch = "x86_64")]
             std::arch::global_asm!(
                 concat!(".globl shim_", $theirs),
                 concat!(".type shim_", $theirs, ",@function"),
@@ -20,7 +20,7 @@ macro_rules! versioned {
                 concat!("jmp ", $ours, "@PLT"),
                 concat!(".symver shim_", $theirs, ", ", $theirs, "@@OPENSSL_3.0.0"),
             );
-            #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+            #[cfg(target_arch = "aarch64")]
             std::arch::global_asm!(
                 concat!(".globl shim_", $theirs),
                 concat!(".type shim_", $theirs, ",%function"),

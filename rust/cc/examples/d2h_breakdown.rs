@@ -5,7 +5,6 @@
 //! destinations are a shared memfd mapping, as a receive pool's are.
 //! `cargo run --release -p pipellm-cc --example d2h_breakdown`.
 
-#[cfg(target_os = "linux")]
 fn main() {
     use pipellm_core::crypto::AeadKey;
     use std::time::Instant;
@@ -78,6 +77,3 @@ fn main() {
         println!("{n:12} median {:8.2} us", v[v.len() / 2]);
     }
 }
-
-#[cfg(not(target_os = "linux"))]
-fn main() {}

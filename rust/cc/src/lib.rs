@@ -18,28 +18,11 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
-#[cfg(target_os = "linux")]
 pub mod d2h;
 pub mod engine;
-#[cfg(target_os = "linux")]
 pub mod exports;
 pub mod helpers;
 pub mod ivmodel;
-#[cfg(target_os = "linux")]
 pub mod real;
 pub mod stats;
-#[cfg(target_os = "linux")]
 pub mod watched;
-/// Page protection is Linux-only: elsewhere no range is watched and every chunk is
-/// fingerprinted.
-#[cfg(not(target_os = "linux"))]
-pub mod watched {
-    #[derive(Debug, Clone, Copy)]
-    pub struct SpanStamp;
-    pub fn arm(_input: usize, _len: usize) -> Option<SpanStamp> {
-        None
-    }
-    pub fn unchanged(_s: &SpanStamp) -> bool {
-        false
-    }
-}

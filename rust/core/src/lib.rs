@@ -11,12 +11,21 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+// pipellm is Linux-only, and this is the one place that says so: the confidential-computing
+// GPU drivers it serves are Linux drivers, and validation by page protection (userfaultfd,
+// `PAGEMAP_SCAN`, `mprotect` with a SIGSEGV handler), the host pools (`memfd`, `MADV_DONTFORK`)
+// and the interposer's safe reads of the caller's memory (`process_vm_readv`) are Linux APIs.
+// Every crate of the workspace builds on this one, so none repeats the gate.
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "pipellm supports Linux only (see the comment above this line in rust/core/src/lib.rs)"
+);
+
 pub mod crypto;
 pub mod error;
 pub mod fingerprint;
 pub mod gf128;
 pub mod header;
-#[cfg(target_os = "linux")]
 pub mod hostpool;
 pub mod key;
 pub mod message;
@@ -25,13 +34,11 @@ pub mod predict;
 pub mod receiver;
 pub mod ring;
 pub mod schedule;
-#[cfg(target_os = "linux")]
 pub mod sealed;
 pub mod sender;
 pub mod sequencer;
 pub mod staging;
 mod sync;
-#[cfg(target_os = "linux")]
 pub mod writeguard;
 
 pub use error::{Error, OrderViolation, Result};

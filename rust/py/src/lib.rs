@@ -7,7 +7,6 @@ mod args;
 mod buffers;
 mod channel;
 mod errors;
-#[cfg(target_os = "linux")]
 mod hostpool;
 mod pipeline;
 mod predict;
@@ -17,7 +16,6 @@ use pyo3::prelude::*;
 /// Which write tracker `validation="protect"` uses in this process: "uffd" (the kernel's
 /// asynchronous write protection), "mprotect" (page protection and a SIGSEGV handler) or
 /// "unavailable" (`PIPELLM_WRITE_TRACKER=uffd` where the kernel lacks it).
-#[cfg(target_os = "linux")]
 #[pyfunction]
 fn write_tracker() -> &'static str {
     pipellm_core::writeguard::tracker_name()
@@ -31,14 +29,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channel::PyReceiver>()?;
     m.add_class::<channel::PyMessage>()?;
     m.add_class::<pipeline::PyPipeline>()?;
-    #[cfg(target_os = "linux")]
     m.add_class::<hostpool::PyHostPool>()?;
-    #[cfg(target_os = "linux")]
     m.add_function(wrap_pyfunction!(hostpool::_in_host_pool, m)?)?;
     m.add_function(wrap_pyfunction!(hostpool::_host_pool_lend, m)?)?;
     m.add_function(wrap_pyfunction!(hostpool::_host_pool_end_loan, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::_buffer_span, m)?)?;
-    #[cfg(target_os = "linux")]
     m.add_function(wrap_pyfunction!(write_tracker, m)?)?;
     m.add_class::<pipeline::PyTransfer>()?;
     m.add_class::<predict::PyLearned>()?;

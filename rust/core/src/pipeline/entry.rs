@@ -40,7 +40,6 @@ pub(crate) enum Check {
     Fingerprint(Fingerprint),
     /// The watch over the chunk's whole pages, and the fingerprints of its edges' snapshot
     /// (head, tail; see `watches::Edges`) when it has any.
-    #[cfg(target_os = "linux")]
     Watch(
         super::watches::HeldWatch,
         crate::writeguard::Stamp,

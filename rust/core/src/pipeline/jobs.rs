@@ -418,12 +418,10 @@ pub(crate) fn run_speculative(
             .take()
             .expect("queued entry has its reservation");
         let sealed = match watched {
-            #[cfg(target_os = "linux")]
             Some((w, stamp)) if w.edges().is_empty() => {
                 d.check = Check::Watch(w, stamp, None);
                 r.speculate_into(entry.chunk.bytes(), buf)
             }
-            #[cfg(target_os = "linux")]
             Some((w, stamp)) => {
                 // Bytes on pages shared with other memory are not watched: seal a snapshot
                 // (the watched middle cannot change unseen while it is copied) and keep the
@@ -469,15 +467,9 @@ pub(crate) fn run_speculative(
     signal.notify();
 }
 
-#[cfg(target_os = "linux")]
 fn watch(
     watches: &Arc<Watches>,
     chunk: &Chunk,
 ) -> Option<(super::watches::HeldWatch, crate::writeguard::Stamp)> {
     watches.arm(&chunk.source, chunk.key)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn watch(_watches: &Arc<Watches>, _chunk: &Chunk) -> Option<()> {
-    None
 }

@@ -23,29 +23,7 @@ mod entry;
 mod jobs;
 pub mod source;
 mod stats;
-#[cfg(target_os = "linux")]
 mod watches;
-/// Page protection is Linux-only: elsewhere there is nothing to keep armed.
-#[cfg(not(target_os = "linux"))]
-mod watches {
-    pub(crate) struct Watches;
-    pub const MAX_KEEP_ARMED: usize = 0;
-    impl Watches {
-        pub fn new(_keep: usize) -> std::sync::Arc<Self> {
-            std::sync::Arc::new(Self)
-        }
-        pub fn reused(&self) -> u64 {
-            0
-        }
-        pub fn kept(&self) -> usize {
-            0
-        }
-        pub fn forget(&self, _addr: usize, _len: usize) -> usize {
-            0
-        }
-        pub fn close(&self) {}
-    }
-}
 pub use watches::MAX_KEEP_ARMED;
 
 use crate::error::{Error, Result};
@@ -104,8 +82,9 @@ pub enum Validation {
     /// Write-protect the source's pages when the snapshot is taken; a write faults once, is
     /// recorded and goes ahead. The check is a load, whatever the size. Only for sources that
     /// nothing but user-space code of this process writes (not read(2) targets, not device
-    /// DMA targets: those writes would fail instead). Linux only; elsewhere, or where pages
-    /// cannot be protected, chunks fall back to fingerprints.
+    /// DMA targets: under the mprotect tracker those writes would fail instead). Where pages
+    /// cannot be protected (shared or file mappings, a full region table), chunks fall back
+    /// to fingerprints.
     PageProtection,
 }
 
@@ -622,7 +601,6 @@ impl Inner {
                         Stats::add(&self.stats.validation_bytes_hashed, chunk.len() as u64);
                         fingerprint(chunk.bytes()) == *f
                     }
-                    #[cfg(target_os = "linux")]
                     Check::Watch(w, stamp, edges) => {
                         w.unchanged_since(*stamp)
                             && edges.is_none_or(|(head, tail)| {

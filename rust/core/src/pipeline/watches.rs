@@ -285,7 +285,7 @@ impl Watches {
     }
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::pipeline::source::split;
