@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 /// Byte ranges of a message cut into `n` pieces (page multiples, the last one shorter).
 pub fn pieces(len: usize, n: usize) -> Vec<(usize, usize)> {
     let n = n.max(1);
-    let step = len.div_ceil(n).div_ceil(4096) * 4096;
+    let step = pipellm_core::page::round_up(len.div_ceil(n));
     let mut out = Vec::with_capacity(n);
     let mut at = 0;
     while at < len || out.is_empty() {

@@ -81,7 +81,7 @@ impl HostPool {
                 "a host pool needs at least 1 byte".into(),
             ));
         }
-        let page = crate::staging::PAGE;
+        let page = crate::page::size();
         let size = len
             .checked_next_multiple_of(page)
             .ok_or_else(|| Error::InvalidLength(format!("host pool of {len} bytes")))?;
@@ -158,7 +158,7 @@ impl HostPool {
 
     /// Bytes mapped (the length rounded up to whole pages).
     pub fn mapped_len(&self) -> usize {
-        self.len.next_multiple_of(crate::staging::PAGE)
+        crate::page::round_up(self.len)
     }
 
     /// The alias's first byte: for lending the pool to the driver interposer, which writes
@@ -288,7 +288,7 @@ impl HostPool {
             // A D2H chunk may still be decrypting into this range (the interposer seals its
             // pages until the plaintext is in place): reading one byte per page through the
             // view waits for it, so our write lands after it, not under it.
-            let page = crate::staging::PAGE;
+            let page = crate::page::size();
             // The view is page-aligned, so rounding down stays inside it.
             let mut at = (self.view as usize + offset) / page * page;
             while at < self.view as usize + offset + len {
@@ -317,7 +317,7 @@ impl crate::pipeline::SourceBytes for HostPool {
 
 impl Drop for HostPool {
     fn drop(&mut self) {
-        let size = self.len.next_multiple_of(crate::staging::PAGE);
+        let size = crate::page::round_up(self.len);
         let start = self.view as usize;
         VIEWS
             .lock()

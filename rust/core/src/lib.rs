@@ -29,6 +29,7 @@ pub mod header;
 pub mod hostpool;
 pub mod key;
 pub mod message;
+pub mod page;
 pub mod pipeline;
 pub mod predict;
 pub mod receiver;

@@ -53,9 +53,7 @@ pub struct Seal {
     slot: usize,
 }
 
-fn page() -> usize {
-    crate::staging::PAGE
-}
+use crate::page::size as page;
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock()

@@ -8,8 +8,6 @@ use std::ptr::NonNull;
 use std::sync::{Mutex, PoisonError};
 use zeroize::Zeroize;
 
-pub const PAGE: usize = 4096;
-
 /// A fixed-size buffer of bytes that this process owns exclusively.
 pub struct StagingBuf {
     ptr: NonNull<u8>,
@@ -33,8 +31,8 @@ unsafe impl Sync for StagingBuf {}
 impl StagingBuf {
     /// A zeroed, page-aligned buffer of `len` bytes (rounded up to whole pages in memory).
     pub fn alloc(len: usize) -> Result<Self> {
-        let size = len.max(1).div_ceil(PAGE) * PAGE;
-        let layout = Layout::from_size_align(size, PAGE).map_err(|_| {
+        let size = crate::page::round_up(len.max(1));
+        let layout = Layout::from_size_align(size, crate::page::size()).map_err(|_| {
             Error::InvalidLength(format!("staging buffer of {len} bytes is too large"))
         })?;
         // SAFETY: `layout` has a non-zero size.
@@ -120,13 +118,15 @@ pub struct StagingPool {
 
 impl StagingPool {
     /// `count` buffers of `len` bytes, each touched once so its pages are resident before
-    /// the first chunk needs them (a page fault per 4 KiB would otherwise land on whichever
+    /// the first chunk needs them (a page fault per page would otherwise land on whichever
     /// encryption first uses the buffer, possibly on the request path).
     pub fn new(count: usize, len: usize) -> Result<Self> {
         let free = (0..count)
             .map(|_| {
                 let mut b = StagingBuf::alloc(len)?;
-                b.as_mut_slice().chunks_mut(PAGE).for_each(touch);
+                b.as_mut_slice()
+                    .chunks_mut(crate::page::size())
+                    .for_each(touch);
                 Ok(b)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn page_aligned_zeroed_and_wiped() {
         let mut b = StagingBuf::alloc(10_000).unwrap();
-        assert_eq!(b.as_ptr() as usize % PAGE, 0);
+        assert_eq!(b.as_ptr() as usize % crate::page::size(), 0);
         assert!(b.as_slice().iter().all(|&x| x == 0));
         b.as_mut_slice().fill(7);
         b.wipe();

@@ -67,7 +67,7 @@ pub fn overlaps_a_pool(start: usize, len: usize) -> bool {
 // SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where they
 // call.
 pub unsafe fn receive(view: usize, alias: usize, len: usize) -> Result<(), ReceiveError> {
-    let page = pipellm_core::staging::PAGE;
+    let page = pipellm_core::page::size();
     if len == 0
         || !view.is_multiple_of(page)
         || !alias.is_multiple_of(page)
@@ -174,7 +174,7 @@ mod tests {
 
     #[test]
     fn registrations_are_checked_and_found_by_address() {
-        let page = pipellm_core::staging::PAGE;
+        let page = pipellm_core::page::size();
         let (v, a) = (map(4 * page), map(4 * page));
         // SAFETY: (every receive below) our own mappings, alive for the test; nothing
         // else changes their protection.

@@ -33,7 +33,7 @@ use crate::message::Message;
 use crate::schedule::{Cursor, KeyPolicy};
 use crate::sender::Sender;
 use crate::sequencer::Fallback;
-use crate::staging::{StagingBuf, StagingPool, PAGE};
+use crate::staging::{StagingBuf, StagingPool};
 use crate::{ring, SessionKey};
 use entry::{Check, Entry, CANCELLED, FAILED, READY};
 pub use jobs::Faults;
@@ -127,17 +127,20 @@ impl PipelineConfig {
                 self.workers
             ));
         }
-        // Each slot's buffer takes whole pages: a 16-byte chunk costs a 4 KiB page (and the
+        // Each slot's buffer takes whole pages: a 16-byte chunk costs a whole page (and the
         // ring entry a few hundred bytes more), so nominal bytes would let tiny chunks take
         // hundreds of times the cap.
-        let per_slot = self.chunk_bytes.div_ceil(PAGE) * PAGE;
+        let per_slot = crate::page::round_up(self.chunk_bytes);
         match self.slots.checked_mul(per_slot) {
             Some(total) if total <= self.max_staging_bytes => {}
             _ => {
                 return bad(format!(
-                    "slots * chunk_bytes ({} * {}, each rounded up to whole {PAGE}-byte pages) \
+                    "slots * chunk_bytes ({} * {}, each rounded up to whole {}-byte pages) \
                      exceeds max_staging_bytes ({})",
-                    self.slots, self.chunk_bytes, self.max_staging_bytes
+                    self.slots,
+                    self.chunk_bytes,
+                    crate::page::size(),
+                    self.max_staging_bytes
                 ))
             }
         }

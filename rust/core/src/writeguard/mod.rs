@@ -135,15 +135,7 @@ fn previous() -> (usize, libc::c_int) {
 }
 
 /// The size of the pages protection works on (what `register` rounds ranges out to).
-pub fn page() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as usize
-    } else {
-        4096
-    }
-}
+pub use crate::page::size as page;
 
 fn lock_region(r: &Region) {
     while r
