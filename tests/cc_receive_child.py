@@ -79,7 +79,7 @@ report["exact"] = exact_rounds(6, mv)
 report["expected"] = 6 * len(plan)
 
 # Now the extension installs its own fault handler (a pipeline validating by page
-# protection), after the interposer's: faults on sealed pages reach it first and must be
+# protection), after the interposer's: faults on gated pages reach it first and must be
 # passed on to the interposer's, which waits for the plaintext.
 import numpy as np  # noqa: E402
 

@@ -705,7 +705,7 @@ static volatile int stress_done;
 static void *stress_reader(void *v) {
     pool *p = v;
     uint64_t s = 42, sum = 0;
-    while (!stress_done) sum += p->view[rnd_r(&s) % p->len]; /* may wait on a sealed page */
+    while (!stress_done) sum += p->view[rnd_r(&s) % p->len]; /* may wait on a gated page */
     return (void *)(uintptr_t)(sum & 1);
 }
 

@@ -1,5 +1,5 @@
 //! Where a deferred D2H chunk's time goes, per 1 MiB: a plain copy (for scale), the
-//! snapshot copy with its tag check (one pass), sealing and opening the destination's pages,
+//! snapshot copy with its tag check (one pass), closing and opening the destination's pages (its gate),
 //! the deferred decryption, against a whole AES-GCM open of the same bytes (AWS-LC; the
 //! driver's OpenSSL is measured by the emulator's `bench-d2h`). With `SHARED=1` the
 //! destinations are a shared memfd mapping, as a receive pool's are.
@@ -46,9 +46,9 @@ fn main() {
         let ok = key.snapshot_and_tag(&iv, &bounce, d).unwrap() == tag;
         let t2 = Instant::now();
         // SAFETY: our own heap buffer, read-write; opened below before anyone touches it.
-        let seal = unsafe { pipellm_core::sealed::seal(d.as_ptr(), LEN) }.unwrap();
+        let gate = unsafe { pipellm_core::gate::close(d.as_ptr(), LEN) }.unwrap();
         let t3 = Instant::now();
-        drop(seal);
+        drop(gate);
         let t4 = Instant::now();
         key.open_in_place(&iv, &tag, d).unwrap();
         let t5 = Instant::now();
@@ -67,7 +67,7 @@ fn main() {
     let names = [
         "copy",
         "copy_and_tag",
-        "seal",
+        "gate",
         "open",
         "open_in_place",
         "gcm_open",

@@ -66,10 +66,10 @@ pub struct Prepared {
     pub ct: Vec<u8>,
     pub tag: Tag,
     /// The message cut into pieces, and each piece's fingerprint at encryption time (no
-    /// fingerprints for a chunk of a watched range: `watched` validates it instead).
+    /// fingerprints for a chunk of a watched range: `watch_ranges` validates it instead).
     pub ranges: Vec<(usize, usize)>,
     pub fps: Vec<Fingerprint>,
-    pub watched: Option<crate::watched::SpanStamp>,
+    pub watched: Option<crate::watch_ranges::SpanStamp>,
 }
 
 /// Where the current message of a context stands.
@@ -609,13 +609,13 @@ impl Engine {
         // then only copies. Otherwise each piece's source bytes are checked against their
         // fingerprint. Either way the ciphertext is copied in pieces, in parallel for a large
         // message.
-        let watched_ok = taken.watched.map(|w| crate::watched::unchanged(&w));
+        let watched_ok = taken.watched.map(|w| crate::watch_ranges::unchanged(&w));
         // SAFETY: the caller guarantees `input` readable and `out` writable for `len` bytes
         // until we return; `taken.ct` is our own buffer of exactly `len` bytes (so it cannot
         // overlap `out`), alive until we return.
         let fresh = watched_ok != Some(false)
             && unsafe {
-                crate::helpers::serve(
+                crate::pieces::serve(
                     input,
                     taken.ct.as_ptr(),
                     out,
@@ -1156,7 +1156,7 @@ impl Engine {
         }
         let mut buf = self.buffer(job.len);
         // A chunk of a watched range is armed before it is read: a write from then on is seen.
-        let watched = crate::watched::arm(job.input, job.len);
+        let watched = crate::watch_ranges::arm(job.input, job.len);
         if !read_own_memory(job.input, &mut buf) {
             Stats::add(&self.stats.jobs_unreadable, 1);
             buf.zeroize();
@@ -1165,12 +1165,12 @@ impl Engine {
             return;
         }
         let cfg = config();
-        let ranges = crate::helpers::pieces(
+        let ranges = crate::pieces::split(
             job.len,
-            crate::helpers::piece_count(job.len, cfg.split_bytes, cfg.helpers),
+            crate::pieces::count(job.len, cfg.split_bytes, cfg.helpers),
         );
         let fps = if watched.is_none() {
-            crate::helpers::piece_fingerprints(&buf, &ranges)
+            crate::pieces::fingerprints(&buf, &ranges)
         } else {
             Vec::new() // validated by its watch; the pieces only split the hit's copy
         };

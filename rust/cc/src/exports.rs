@@ -154,7 +154,7 @@ fn resync_d2h(r: &Real, ctx: Ctx) {
     };
     let mut n: c_int = 0;
     // SAFETY: ctx is the caller's live context; the alias holds `len` bytes of ciphertext,
-    // ours (sealed) until `finish`; in-place decryption is allowed by OpenSSL; len came from
+    // ours (gated) until `finish`; in-place decryption is allowed by OpenSSL; len came from
     // a c_int.
     forward(|| unsafe {
         (r.decrypt_update)(ctx, rs.alias(), &mut n, rs.alias(), rs.bytes() as c_int)
@@ -853,7 +853,7 @@ pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
 }
 
 /// Registers `[ptr, ptr + len)` as watched: chunks the driver encrypts from inside it are
-/// validated by page protection (a hit then only copies the ciphertext; see `watched`).
+/// validated by page protection (a hit then only copies the ciphertext; see `watch_ranges`).
 /// Returns 0, or -1 (empty or wrapping range), -2 (overlaps a registered range), -3 (too
 /// many ranges), -4 (internal error).
 ///
@@ -865,9 +865,9 @@ pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
 // SAFETY: an `unsafe fn` for the contract in `# Safety` above, which its (C) callers keep.
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_cc_watch(ptr: *const c_void, len: usize) -> c_int {
-    use crate::watched::WatchError;
-    // SAFETY: the caller's promise above is the one `watched::watch` needs.
-    match std::panic::catch_unwind(|| unsafe { crate::watched::watch(ptr as usize, len) }) {
+    use crate::watch_ranges::WatchError;
+    // SAFETY: the caller's promise above is the one `watch_ranges::watch` needs.
+    match std::panic::catch_unwind(|| unsafe { crate::watch_ranges::watch(ptr as usize, len) }) {
         Ok(Ok(())) => 0,
         Ok(Err(WatchError::Empty)) => -1,
         Ok(Err(WatchError::Overlaps)) => -2,
@@ -880,7 +880,7 @@ pub unsafe extern "C" fn pipellm_cc_watch(ptr: *const c_void, len: usize) -> c_i
 /// this returns. Returns 0, or -1 if no range starts there, -4 (internal error).
 #[no_mangle]
 pub extern "C" fn pipellm_cc_unwatch(ptr: *const c_void) -> c_int {
-    match std::panic::catch_unwind(|| crate::watched::unwatch(ptr as usize)) {
+    match std::panic::catch_unwind(|| crate::watch_ranges::unwatch(ptr as usize)) {
         Ok(true) => 0,
         Ok(false) => -1,
         Err(_) => -4,

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 static VIEWS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
 /// Views of pools lent to the driver interposer as D2H destinations, `(start, end)`: their
-/// pages are sealed and opened by the interposer, so no write watch of ours may cover them.
+/// pages are gated (closed and opened) by the interposer, so no write watch of ours may cover them.
 static LENT: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
 /// True if any byte of `[start, end)` is in the view of a pool lent to the driver.
@@ -168,10 +168,10 @@ impl HostPool {
     }
 
     /// Marks the pool as lent to the driver interposer as a D2H destination (the caller
-    /// then registers view and alias with it): its view pages may be sealed while a chunk is
+    /// then registers view and alias with it): its view pages may be gated while a chunk is
     /// decrypted into them, so no write watch of ours may cover them (refused here if one
     /// does, and refused to new watches while lent), and [`HostPool::write`] first waits for
-    /// any sealed page of its range (one read per page through the view) so that a
+    /// any gated page of its range (one read per page through the view) so that a
     /// decryption still in flight never lands after the application's write.
     pub fn lend_to_driver(&self) -> Result<()> {
         let (start, end) = (self.view as usize, self.view as usize + self.mapped_len());
@@ -285,7 +285,7 @@ impl HostPool {
     ) -> Result<T> {
         self.check_range(offset, len)?;
         if self.lent.load(std::sync::atomic::Ordering::Acquire) && len > 0 {
-            // A D2H chunk may still be decrypting into this range (the interposer seals its
+            // A D2H chunk may still be decrypting into this range (the interposer gates its
             // pages until the plaintext is in place): reading one byte per page through the
             // view waits for it, so our write lands after it, not under it.
             let page = crate::page::size();
@@ -293,7 +293,7 @@ impl HostPool {
             let mut at = (self.view as usize + offset) / page * page;
             while at < self.view as usize + offset + len {
                 // SAFETY: inside the view mapping (in bounds, checked above); a volatile
-                // read so that it is not elided; a sealed page makes it wait in the fault
+                // read so that it is not elided; a gated page makes it wait in the fault
                 // handler.
                 unsafe { std::ptr::read_volatile(at as *const u8) };
                 at = (at / page + 1) * page;
@@ -463,7 +463,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lent_pool_refuses_watches_and_writes_after_a_sealed_decryption() {
+    fn a_lent_pool_refuses_watches_and_writes_after_a_gated_decryption() {
         let pool = HostPool::new(3 * 4096 + 10).unwrap();
         // Refused while one of our watches covers it.
         // SAFETY: the pool's view stays mapped while `w` lives; only this code writes it.
@@ -473,17 +473,17 @@ mod tests {
         pool.lend_to_driver().unwrap();
         // SAFETY: as above (the registration is refused).
         assert!(unsafe { WriteWatch::register(pool.as_ptr(), 100) }.is_err());
-        // The interposer's side, played here: seal a page, "decrypt" through the alias
+        // The interposer's side, played here: close a page, "decrypt" through the alias
         // later, then open. A write issued meanwhile must land after the decryption.
-        // SAFETY: the view is read-write and stays mapped; this test opens the seal from
+        // SAFETY: the view is read-write and stays mapped; this test opens the gate from
         // another thread, which touches only the alias.
-        let seal = unsafe { crate::sealed::seal(pool.as_ptr().wrapping_add(4096), 4096) }.unwrap();
+        let gate = unsafe { crate::gate::close(pool.as_ptr().wrapping_add(4096), 4096) }.unwrap();
         let alias = pool.alias_ptr() as usize;
         let decryptor = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(30));
             // SAFETY: the pool's alias, mapped while the pool lives (joined below).
             unsafe { std::ptr::write_bytes((alias + 4096) as *mut u8, 0xDD, 4096) };
-            seal.open();
+            gate.open();
         });
         pool.write(4096 + 100, &[0xAA; 50]).unwrap();
         decryptor.join().unwrap();

@@ -24,6 +24,7 @@ compile_error!(
 pub mod crypto;
 pub mod error;
 pub mod fingerprint;
+pub mod gate;
 pub mod gf128;
 pub mod header;
 pub mod hostpool;
@@ -35,7 +36,6 @@ pub mod predict;
 pub mod receiver;
 pub mod ring;
 pub mod schedule;
-pub mod sealed;
 pub mod sender;
 pub mod sequencer;
 pub mod staging;

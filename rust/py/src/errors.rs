@@ -45,7 +45,7 @@ pyo3::create_exception!(
     CapacityError,
     PipeLLMError,
     "A fixed-size process-wide table is full: write-watched regions (pipellm.MAX_KEEP_ARMED \
-     bounds one pipeline's share), open D2H seals. Release some (close a pipeline, unwatch)."
+     bounds one pipeline's share), closed D2H gates. Release some (close a pipeline, unwatch)."
 );
 
 static ARGUMENT_RANGE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();

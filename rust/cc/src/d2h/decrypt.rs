@@ -88,7 +88,7 @@ fn decrypt_loop() {
 
 fn decrypt(job: Job) {
     let Job { key, iv, tag, msg } = job;
-    // SAFETY: as in `on_final`: the sealed destination's alias, ours until the seal opens.
+    // SAFETY: as in `on_final`: the gated destination's alias, ours until the gate opens.
     let buf = unsafe { std::slice::from_raw_parts_mut(msg.alias as *mut u8, msg.len) };
     // The tag is checked again as the bytes are decrypted (AWS-LC's AES-GCM open is faster
     // than its bare counter mode): it can only fail if something wrote the alias since the
@@ -105,6 +105,6 @@ fn decrypt(job: Job) {
             ));
         }
     }
-    drop(msg); // opens the seal
+    drop(msg); // opens the gate
     queue().queued.fetch_sub(1, Ordering::AcqRel);
 }

@@ -10,20 +10,20 @@
 //!
 //! - `DecryptUpdate` copies the ciphertext from the bounce buffer (shared with the host, so
 //!   it is snapshotted before anything is computed from it) into the destination *through the
-//!   alias*, and seals the destination's pages in the view (`PROT_NONE`,
-//!   [`pipellm_core::sealed`]): whoever touches them waits;
+//!   alias*, and closes the destination's pages in the view (a gate: `PROT_NONE`,
+//!   [`pipellm_core::gate`]): whoever touches them waits;
 //! - `DecryptFinal` checks the tag over that snapshot, synchronously. A wrong tag: the
-//!   destination is zeroed, the seal opened, the call fails as OpenSSL's would, and the
+//!   destination is zeroed, the gate opened, the call fails as OpenSSL's would, and the
 //!   pipeline stops (nothing is deferred or served from pre-encrypted chunks any more; see
 //!   [`stopped`]). A right tag: the call succeeds and a decryption thread decrypts the
-//!   snapshot in place (checking the tag once more as it goes) and then opens the seal.
+//!   snapshot in place (checking the tag once more as it goes) and then opens the gate.
 //!
 //! So the driver never reports success for bytes that will not verify, and nobody reads the
 //! destination before its plaintext is there. Everything else is forwarded: destinations
 //! outside every pool, keys our AES-GCM has not yet reproduced (the first message under a
 //! key is decrypted by the real library and used to confirm it), calls outside the driver's
 //! pattern. A call we do not model arriving mid-message first *resyncs*: the real context
-//! decrypts the snapshot in place, exactly as if it had seen the Update, and the seal opens.
+//! decrypts the snapshot in place, exactly as if it had seen the Update, and the gate opens.
 
 mod decrypt;
 mod pools;
@@ -36,7 +36,7 @@ use crate::engine::{lock, Tag};
 use crate::ivmodel::Iv;
 use crate::stats::Stats;
 use pipellm_core::crypto::{tags_equal, AeadKey};
-use pipellm_core::sealed::Seal;
+use pipellm_core::gate::Gate;
 use pools::PendingGuard;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,9 +46,9 @@ use zeroize::Zeroize;
 /// Failed confirmations after which a key is left alone.
 const CONFIRM_TRIES: u8 = 3;
 
-/// A message whose ciphertext sits in a sealed destination. Dropping it opens the seal and
+/// A message whose ciphertext sits in a gated destination. Dropping it opens the gate and
 /// *then* releases the pool (fields drop in order): `unreceive`, which waits for the pool's
-/// count, never lets the pool be unmapped under a seal still to open.
+/// count, never lets the pool be unmapped under a gate still to open.
 struct Deferred {
     alias: usize,
     len: usize,
@@ -56,7 +56,7 @@ struct Deferred {
     /// tag the driver set.
     tag: Tag,
     /// Held for its drop, which opens the pages.
-    _seal: Seal,
+    _gate: Gate,
     pending: PendingGuard,
 }
 
@@ -65,7 +65,7 @@ struct Deferred {
 enum DMsg {
     /// Init with an IV seen, no data yet.
     Fresh,
-    /// Ciphertext snapshotted into a sealed destination, Final not seen yet.
+    /// Ciphertext snapshotted into a gated destination, Final not seen yet.
     Deferred(Deferred),
     /// Decrypted by the real library. `ours`: when this message confirms the
     /// key, the tag our AES-GCM computed over the plaintext during the Update (compared with
@@ -223,7 +223,7 @@ pub fn forget(ctx: usize) {
 fn discard(msg: Option<DMsg>) {
     if let Some(DMsg::Deferred(msg)) = msg {
         d2h().in_message.fetch_sub(1, Ordering::AcqRel);
-        // SAFETY: our sealed destination's alias, ours to write until the seal opens.
+        // SAFETY: our gated destination's alias, ours to write until the gate opens.
         unsafe { std::ptr::write_bytes(msg.alias as *mut u8, 0, msg.len) };
     }
 }
@@ -321,7 +321,7 @@ pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) 
         return false;
     }
     // Snapshot first (the bounce buffer is shared with the host), hashing each piece as it
-    // is copied (the tag is of the copy, the bytes that stay), then seal the view: the copy
+    // is copied (the tag is of the copy, the bytes that stay), then close the view's pages: the copy
     // goes through the alias, so it needs no access to the view.
     // SAFETY: the caller guarantees `input` readable for `len`; `alias` is the pool's second
     // mapping of `out`'s bytes, writable for `len` (registration contract; mapped while
@@ -336,10 +336,10 @@ pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) 
         return false;
     };
     // SAFETY: `out` lies inside a registered pool's view: mapped read-write while `pending`
-    // counts, protection ours to change; the thread that opens the seal (a decryption
+    // counts, protection ours to change; the thread that opens the gate (a decryption
     // thread, or this one on a resync or a failed tag) writes through the alias only.
-    let Ok(seal) = (unsafe { pipellm_core::sealed::seal(out, len) }) else {
-        // Out of seal slots: let the real library decrypt (it rewrites `out`).
+    let Ok(gate) = (unsafe { pipellm_core::gate::close(out, len) }) else {
+        // Out of gate slots: let the real library decrypt (it rewrites `out`).
         Stats::add(&stats().d2h_backpressure, 1);
         return false;
     };
@@ -347,7 +347,7 @@ pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) 
         alias,
         len,
         tag,
-        _seal: seal,
+        _gate: gate,
         pending,
     };
     let mut m = lock(&d.ctxs);
@@ -402,9 +402,9 @@ pub fn on_final(ctx: usize) -> Option<FinalOutcome> {
 
 /// A deferred message that will not verify: zeroed, opened, and the pipeline stops.
 fn reject(msg: Deferred, why: &str) -> FinalOutcome {
-    // SAFETY: as in `on_final`: our sealed destination's alias, ours to write.
+    // SAFETY: as in `on_final`: our gated destination's alias, ours to write.
     unsafe { std::ptr::write_bytes(msg.alias as *mut u8, 0, msg.len) };
-    drop(msg); // opens the seal on zeroes
+    drop(msg); // opens the gate on zeroes
     Stats::add(&stats().d2h_tag_failures, 1);
     if crate::engine::engine().stop() {
         log(format_args!(

@@ -79,8 +79,8 @@ pub unsafe fn receive(view: usize, alias: usize, len: usize) -> Result<(), Recei
     if view < alias + len && alias < view + len {
         return Err(ReceiveError::BadRange);
     }
-    let _reg = crate::watched::registrations();
-    if crate::watched::overlaps(view, len) || crate::watched::overlaps(alias, len) {
+    let _reg = crate::watch_ranges::registrations();
+    if crate::watch_ranges::overlaps(view, len) || crate::watch_ranges::overlaps(alias, len) {
         return Err(ReceiveError::Overlaps);
     }
     let mut pools = lock(&POOLS);
@@ -94,7 +94,7 @@ pub unsafe fn receive(view: usize, alias: usize, len: usize) -> Result<(), Recei
     if pools.len() >= MAX_POOLS {
         return Err(ReceiveError::Full);
     }
-    // A forked child must not inherit pages that may be sealed (no decryption thread there
+    // A forked child must not inherit pages that may be gated (no decryption thread there
     // would ever open them) nor a shared alias it could write the parent's bytes through.
     for (a, n) in [(view, len), (alias, len)] {
         // SAFETY: madvise on a range the caller vouched is mapped; DONTFORK only changes

@@ -39,9 +39,9 @@ pub(crate) enum Check {
     None,
     Fingerprint(Fingerprint),
     /// The watch over the chunk's whole pages, and the fingerprints of its edges' snapshot
-    /// (head, tail; see `watches::Edges`) when it has any.
+    /// (head, tail; see `chunk_watches::Edges`) when it has any.
     Watch(
-        super::watches::HeldWatch,
+        super::chunk_watches::HeldWatch,
         crate::writeguard::Stamp,
         Option<(Fingerprint, Fingerprint)>,
     ),

@@ -1,10 +1,10 @@
 //! Work for the encryption threads: speculative entries and on-demand chunks, the queue they
 //! wait on, and the signal that tells waiters a job finished.
 
+use super::chunk_watches::ChunkWatches;
 use super::entry::{Check, Entry, FAILED, READY};
 use super::source::Chunk;
 use super::stats::Stats;
-use super::watches::Watches;
 use super::{Inner, Lease, Payload};
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
@@ -385,7 +385,7 @@ impl JobQueue {
 /// from the source (one pass less); a write during the encryption bumps the generation.
 pub(crate) fn run_speculative(
     entry: &Entry,
-    watches: Option<&Arc<Watches>>,
+    watches: Option<&Arc<ChunkWatches>>,
     stats: &Stats,
     faults: &Faults,
     signal: &Signal,
@@ -468,8 +468,8 @@ pub(crate) fn run_speculative(
 }
 
 fn watch(
-    watches: &Arc<Watches>,
+    watches: &Arc<ChunkWatches>,
     chunk: &Chunk,
-) -> Option<(super::watches::HeldWatch, crate::writeguard::Stamp)> {
+) -> Option<(super::chunk_watches::HeldWatch, crate::writeguard::Stamp)> {
     watches.arm(&chunk.source, chunk.key)
 }

@@ -19,12 +19,12 @@
 //! docs/protocol.md). On-demand chunks go to the threads in parallel; the caller takes the
 //! messages in order from the returned [`Transfer`], running a chunk itself if no thread has.
 
+mod chunk_watches;
 mod entry;
 mod jobs;
 pub mod source;
 mod stats;
-mod watches;
-pub use watches::MAX_KEEP_ARMED;
+pub use chunk_watches::MAX_KEEP_ARMED;
 
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
@@ -356,7 +356,7 @@ struct Inner {
     /// Held by whoever is dropping a batch taken from `retired` (see `drain_retired`).
     draining: Mutex<()>,
     /// With page protection: the write watches (and those kept armed between uses).
-    watches: Option<Arc<watches::Watches>>,
+    watches: Option<Arc<chunk_watches::ChunkWatches>>,
     /// NOPs for the positions a failed request had consumed (see `abandon`): they go out
     /// first, ahead of the next request's messages or of `relinquish_all`'s NOPs. Touched
     /// under the consumer lock only, so their place in the order is fixed.
@@ -822,7 +822,7 @@ impl Pipeline {
             retired: Mutex::new(Vec::new()),
             draining: Mutex::new(()),
             watches: (cfg.validation == Validation::PageProtection)
-                .then(|| watches::Watches::new(cfg.keep_armed)),
+                .then(|| chunk_watches::ChunkWatches::new(cfg.keep_armed)),
             pending: Mutex::new(Vec::new()),
             owner: std::process::id(),
         });

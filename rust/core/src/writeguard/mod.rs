@@ -31,7 +31,7 @@
 //! Limits of the mprotect tracker: memory that the kernel or a device writes (read(2) into
 //! the buffer, DMA) gets EFAULT or a device error instead of a fault we can catch; a SIGSEGV
 //! handler installed after ours sees our faults first until we install ours again on top
-//! (at the next arm or seal: `reassert`); and every write to a neighbour sharing a page costs
+//! (at the next arm or gate closing: `reassert`); and every write to a neighbour sharing a page costs
 //! a fault and a spurious re-encryption (the pipeline watches only pages wholly inside its
 //! source, see `pipeline::watches`).
 
@@ -224,8 +224,8 @@ fn release_pages(slot: usize) {
         }
     }
     let covered = |addr: usize| {
-        // A sealed page stays closed until its seal opens (see `sealed`).
-        if crate::sealed::covers(addr) {
+        // A gated page stays closed until its gate opens (see `gate`).
+        if crate::gate::covers(addr) {
             true
         } else if overflow {
             protected_by_other(addr, slot, high)
@@ -250,7 +250,7 @@ fn release_pages(slot: usize) {
 
 /// Makes read-write every page of `[start, end)` (page-aligned) for which `keep_closed` is
 /// false, one `mprotect` per run of such pages. Async-signal-safe (no allocation, no lock):
-/// shared by releasing a write watch (here, in the handler too) and opening a seal.
+/// shared by releasing a write watch (here, in the handler too) and opening a gate.
 ///
 /// # Safety
 /// The range must be mapped, and read-write before its protection was changed by us: this
@@ -291,7 +291,7 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
     // Only a permission fault can be ours (a write to a page we made read-only, an access
-    // to a sealed page); the address of anything else (an unmapped address, a SIGSEGV sent
+    // to a gated page); the address of anything else (an unmapped address, a SIGSEGV sent
     // with kill or raise, whose siginfo holds no address) is never looked up.
     let accerr = code == SEGV_ACCERR;
     let addr = if accerr {
@@ -301,7 +301,7 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         0
     };
     // A page held inaccessible until its content is ready: wait for it, then retry.
-    if accerr && crate::sealed::wait_while_sealed(addr) {
+    if accerr && crate::gate::wait_while_closed(addr) {
         return;
     }
     let high = if accerr {
@@ -432,7 +432,7 @@ pub fn handler_reasserted() -> u64 {
     REASSERTED.load(Ordering::Relaxed)
 }
 
-/// Installs the SIGSEGV handler (once); shared with [`crate::sealed`].
+/// Installs the SIGSEGV handler (once); shared with [`crate::gate`].
 pub(crate) fn install() -> Result<()> {
     INSTALL.call_once(|| {
         let act = our_action();
@@ -463,9 +463,9 @@ pub(crate) fn install() -> Result<()> {
     }
 }
 
-/// Runs `f` (which activates a seal) unless an in-use write watch covers a page of
+/// Runs `f` (which closes a gate) unless an in-use write watch covers a page of
 /// `[start, end)`; under the registry mutex, so a watch registered at the same time either
-/// sees the seal or is seen by this check.
+/// sees the gate or is seen by this check.
 pub(crate) fn unless_watched<R>(start: usize, end: usize, f: impl FnOnce() -> R) -> Option<R> {
     let _g = registry();
     let high = HIGH_WATER.load(Ordering::Acquire);
@@ -476,7 +476,7 @@ pub(crate) fn unless_watched<R>(start: usize, end: usize, f: impl FnOnce() -> R)
     }
 }
 
-/// Pages were opened elsewhere (a seal): faults taken on them just before are retried.
+/// Pages were opened elsewhere (a gate): faults taken on them just before are retried.
 pub(crate) fn note_pages_opened() {
     UNCLAIMED_SINCE_RELEASE.store(0, Ordering::Release);
 }
@@ -556,7 +556,7 @@ pub struct WriteWatch {
 pub struct Stamp(u64);
 
 impl WriteWatch {
-    /// Watches the pages holding `[ptr, ptr + len)`.
+    /// ChunkWatches the pages holding `[ptr, ptr + len)`.
     ///
     /// # Safety
     /// The memory must stay mapped while this value lives, and must only be written by
@@ -592,9 +592,9 @@ impl WriteWatch {
             ));
         }
         let writes = registry();
-        if crate::sealed::overlaps(start, end) {
+        if crate::gate::overlaps(start, end) {
             return Err(Error::InvalidArgument(
-                "cannot watch pages held sealed for a deferred decryption".into(),
+                "cannot watch pages gated for a deferred decryption".into(),
             ));
         }
         if crate::hostpool::overlaps_a_lent_pool(start, end) {
@@ -866,7 +866,7 @@ mod tests {
         );
     }
 
-    /// Watches on overlapping ranges are registered, armed and dropped on several threads
+    /// ChunkWatches on overlapping ranges are registered, armed and dropped on several threads
     /// while other threads write to the shared pages. Two races the soak test found: a
     /// fault reaching the handler after its region was dropped (it must retry, not crash),
     /// and a lock kept forever when a neighbour was unregistered while `release_pages` held

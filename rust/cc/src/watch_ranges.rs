@@ -93,8 +93,8 @@ pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
     if len == 0 || start.checked_add(len).is_none() {
         return Err(WatchError::Empty);
     }
-    // Receive pools have their pages sealed and opened by `d2h`: a watch there would lose
-    // its protection (and a seal its hold) to the other's mprotect calls.
+    // Receive pools have their pages gated (closed and opened) by `d2h`: a watch there would lose
+    // its protection (and a gate its hold) to the other's mprotect calls.
     let _reg = registrations();
     if crate::d2h::overlaps_a_pool(start, len) {
         return Err(WatchError::Overlaps);

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 
 /// Byte ranges of a message cut into `n` pieces (page multiples, the last one shorter).
-pub fn pieces(len: usize, n: usize) -> Vec<(usize, usize)> {
+pub fn split(len: usize, n: usize) -> Vec<(usize, usize)> {
     let n = n.max(1);
     let step = pipellm_core::page::round_up(len.div_ceil(n));
     let mut out = Vec::with_capacity(n);
@@ -30,7 +30,7 @@ pub fn pieces(len: usize, n: usize) -> Vec<(usize, usize)> {
 
 /// How many pieces a message of `len` bytes is served in: one per `split_bytes`, at most
 /// one per helper plus the caller.
-pub fn piece_count(len: usize, split_bytes: usize, helpers: usize) -> usize {
+pub fn count(len: usize, split_bytes: usize, helpers: usize) -> usize {
     if split_bytes == 0 {
         return 1;
     }
@@ -38,7 +38,7 @@ pub fn piece_count(len: usize, split_bytes: usize, helpers: usize) -> usize {
 }
 
 /// Fingerprints of each piece of `bytes`.
-pub fn piece_fingerprints(bytes: &[u8], ranges: &[(usize, usize)]) -> Vec<Fingerprint> {
+pub fn fingerprints(bytes: &[u8], ranges: &[(usize, usize)]) -> Vec<Fingerprint> {
     ranges
         .iter()
         .map(|&(a, b)| fingerprint(&bytes[a..b]))
@@ -197,7 +197,7 @@ mod tests {
     fn pieces_cover_the_message_exactly() {
         for len in [1usize, 4095, 4096, 100_000, 1 << 20, (1 << 20) + 17] {
             for n in 1..5 {
-                let p = pieces(len, n);
+                let p = split(len, n);
                 assert!(p.len() <= n, "{len} {n} {p:?}");
                 assert_eq!(p.first().unwrap().0, 0);
                 assert_eq!(p.last().unwrap().1, len);
@@ -211,8 +211,8 @@ mod tests {
         let len = 1 << 20;
         let mut src = vec![3u8; len];
         let ct: Vec<u8> = (0..len).map(|i| i as u8).collect();
-        let ranges = pieces(len, 3);
-        let fps = piece_fingerprints(&src, &ranges);
+        let ranges = split(len, 3);
+        let fps = fingerprints(&src, &ranges);
         let mut out = vec![0u8; len];
         // SAFETY: all three buffers are ours, live across the call, of `len` bytes.
         let ok = unsafe {
@@ -246,7 +246,7 @@ mod tests {
                 std::ptr::null(),
                 ct.as_ptr(),
                 out.as_mut_ptr(),
-                pieces(len, 3),
+                split(len, 3),
                 Vec::new(),
                 2,
             )

@@ -1,20 +1,21 @@
-//! Pages held inaccessible until their content is ready: a reader waits, it never sees what
-//! is there before.
+//! Gates: pages held inaccessible (closed) until their content is ready; a reader waits at
+//! the gate, it never sees what is there before. (Not to be confused with *sealing*, which in
+//! this crate means AEAD encryption: [`crate::sequencer::Sealed`].)
 //!
 //! For deferred decryption (the driver interposer's D2H path): the ciphertext is copied into
 //! the destination through a second mapping of the same memory, its tag is checked, and it
 //! is decrypted in place later on another thread, while the destination's pages, as the
 //! application maps them, are `PROT_NONE`. A thread that touches them faults into the
 //! write-detection handler ([`crate::writeguard`], one SIGSEGV handler for both), which
-//! waits here until the seal is opened, then lets the access retry on readable pages.
+//! waits here until the gate opens, then lets the access retry on readable pages.
 //!
-//! Rules for callers (see [`seal`]): sealed memory is normally mapped read-write (opening
-//! restores exactly that); it is not write-watched by this copy of the library (`seal`
-//! refuses, and a write watch refuses sealed pages); and the thread that will open a seal
-//! never touches the sealed pages through this mapping (it would wait for itself).
+//! Rules for callers (see [`close`]): gated memory is normally mapped read-write (opening
+//! restores exactly that); it is not write-watched by this copy of the library (`close`
+//! refuses, and a write watch refuses gated pages); and the thread that will open a gate
+//! never touches the gated pages through this mapping (it would wait for itself).
 //!
-//! Seals may share pages (two messages decrypted into neighbouring bytes): a page opens
-//! when the last seal covering it opens. Every protection change happens under one mutex,
+//! Gates may share pages (two messages decrypted into neighbouring bytes): a page opens
+//! when the last gate covering it opens. Every protection change happens under one mutex,
 //! together with the decision that it is the right one, so two threads cannot apply
 //! decisions in the wrong order; the handler takes no lock, it only reads the slots.
 
@@ -22,8 +23,8 @@ use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Seals open at once, process-wide.
-pub const MAX_SEALS: usize = 256;
+/// Gates closed at once, process-wide.
+pub const MAX_GATES: usize = 256;
 
 struct Slot {
     active: AtomicBool,
@@ -38,18 +39,18 @@ const FREE: Slot = Slot {
     end: AtomicUsize::new(0),
 };
 
-static SLOTS: [Slot; MAX_SEALS] = [FREE; MAX_SEALS];
+static SLOTS: [Slot; MAX_GATES] = [FREE; MAX_GATES];
 /// One past the highest slot ever used: the handler's scan stops there.
 static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
-/// Serialises sealing and opening (never taken in the handler).
+/// Serialises closing and opening (never taken in the handler).
 static LOCK: Mutex<()> = Mutex::new(());
-/// The process that sealed: a forked child inherits the table but no thread that would
-/// open its seals, so it must not wait on them (it gets the ordinary fault instead).
-static SEALER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// The process that gated: a forked child inherits the table but no thread that would
+/// open its gates, so it must not wait on them (it gets the ordinary fault instead).
+static CLOSER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-/// Pages made inaccessible by [`seal`]; opened by [`Seal::open`] or on drop.
+/// Pages made inaccessible by [`close`]; opened by [`Gate::open`] or on drop.
 #[derive(Debug)]
-pub struct Seal {
+pub struct Gate {
     slot: usize,
 }
 
@@ -60,7 +61,7 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// True if an active seal other than `except` covers the page at `addr`. Async-signal-safe.
+/// True if an active gate other than `except` covers the page at `addr`. Async-signal-safe.
 fn covered_by(addr: usize, except: usize) -> bool {
     let high = HIGH_WATER.load(Ordering::Acquire);
     SLOTS.iter().take(high).enumerate().any(|(i, s)| {
@@ -71,7 +72,7 @@ fn covered_by(addr: usize, except: usize) -> bool {
     })
 }
 
-/// True if any active seal covers a page of `[start, end)`.
+/// True if any active gate covers a page of `[start, end)`.
 pub(crate) fn overlaps(start: usize, end: usize) -> bool {
     let high = HIGH_WATER.load(Ordering::Acquire);
     SLOTS.iter().take(high).any(|s| {
@@ -81,20 +82,20 @@ pub(crate) fn overlaps(start: usize, end: usize) -> bool {
     })
 }
 
-/// True if an active seal covers the page at `addr` (for the write-detection handler,
+/// True if an active gate covers the page at `addr` (for the write-detection handler,
 /// which must not open such a page). Async-signal-safe.
 pub(crate) fn covers(addr: usize) -> bool {
     covered_by(addr, usize::MAX)
 }
 
 /// Called by the SIGSEGV handler for a permission fault (`SEGV_ACCERR`: a mapped page) at
-/// `addr`: if a seal covers it, waits until none does and returns true (the access is then
-/// retried); false if no seal covers it, or if this is not the process that sealed (a
-/// forked child: nobody there would ever open the seal). Async-signal-safe: atomics,
+/// `addr`: if a gate covers it, waits until none does and returns true (the access is then
+/// retried); false if no gate covers it, or if this is not the process that gated (a
+/// forked child: nobody there would ever open the gate). Async-signal-safe: atomics,
 /// `getpid`, `sched_yield` and `nanosleep` only.
-pub(crate) fn wait_while_sealed(addr: usize) -> bool {
+pub(crate) fn wait_while_closed(addr: usize) -> bool {
     // SAFETY: getpid has no preconditions.
-    if unsafe { libc::getpid() } != SEALER.load(Ordering::Acquire) {
+    if unsafe { libc::getpid() } != CLOSER.load(Ordering::Acquire) {
         return false;
     }
     let mut waited = 0u32;
@@ -115,16 +116,16 @@ pub(crate) fn wait_while_sealed(addr: usize) -> bool {
     waited > 0
 }
 
-/// Makes the pages holding `[ptr, ptr + len)` inaccessible until the returned seal opens.
+/// Makes the pages holding `[ptr, ptr + len)` inaccessible until the returned gate opens.
 ///
 /// # Safety
-/// The memory must stay mapped, read-write, until the seal is opened, and nothing else may
-/// change its protection meanwhile; whoever opens the seal must not touch these pages
+/// The memory must stay mapped, read-write, until the gate opens, and nothing else may
+/// change its protection meanwhile; whoever opens the gate must not touch these pages
 /// through this mapping before. Code that touches them meanwhile waits (in a fault handler)
-/// for the seal to open, so it must not hold anything the opener needs.
+/// for the gate to open, so it must not hold anything the opener needs.
 // SAFETY: an `unsafe fn` for the contract in `# Safety` above; callers argue it where they
 // call.
-pub unsafe fn seal(ptr: *const u8, len: usize) -> Result<Seal> {
+pub unsafe fn close(ptr: *const u8, len: usize) -> Result<Gate> {
     crate::writeguard::install()?;
     let p = page();
     let start = (ptr as usize) / p * p;
@@ -135,22 +136,22 @@ pub unsafe fn seal(ptr: *const u8, len: usize) -> Result<Seal> {
         * p;
     let _g = lock();
     // SAFETY: getpid has no preconditions.
-    SEALER.store(unsafe { libc::getpid() }, Ordering::Release);
+    CLOSER.store(unsafe { libc::getpid() }, Ordering::Release);
     let slot = SLOTS
         .iter()
         .position(|s| !s.active.load(Ordering::Acquire))
-        .ok_or_else(|| Error::Capacity(format!("more than {MAX_SEALS} seals open")))?;
+        .ok_or_else(|| Error::Capacity(format!("more than {MAX_GATES} gates closed")))?;
     let s = &SLOTS[slot];
     let activate = || {
         s.start.store(start, Ordering::Relaxed);
         s.end.store(end, Ordering::Relaxed);
         HIGH_WATER.fetch_max(slot + 1, Ordering::AcqRel);
-        // Active before the pages close: any fault on them then finds the seal.
+        // Active before the pages close: any fault on them then finds the gate.
         s.active.store(true, Ordering::Release);
     };
     if crate::writeguard::unless_watched(start, end, activate).is_none() {
         return Err(Error::InvalidArgument(
-            "cannot seal pages that a write watch covers".into(),
+            "cannot close pages that a write watch covers".into(),
         ));
     }
     // SAFETY: the caller vouched for the range (see `# Safety`); no access is a subset of
@@ -158,14 +159,14 @@ pub unsafe fn seal(ptr: *const u8, len: usize) -> Result<Seal> {
     if unsafe { libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_NONE) } != 0 {
         let err = std::io::Error::last_os_error();
         // Pages a failed mprotect may have closed in part are opened again by the same
-        // rule as any seal's.
+        // rule as any gate's.
         release(slot);
-        return Err(Error::os("cannot seal the destination pages", &err));
+        return Err(Error::os("cannot close the destination pages", &err));
     }
-    Ok(Seal { slot })
+    Ok(Gate { slot })
 }
 
-/// Opens the pages of `slot` that no other seal covers, then frees the slot. Caller holds
+/// Opens the pages of `slot` that no other gate covers, then frees the slot. Caller holds
 /// the lock.
 fn release(slot: usize) {
     let s = &SLOTS[slot];
@@ -173,22 +174,22 @@ fn release(slot: usize) {
         s.start.load(Ordering::Relaxed),
         s.end.load(Ordering::Relaxed),
     );
-    // SAFETY: part of a range the sealer vouched for, mapped read-write before it was
-    // sealed: this restores that access, except on pages another seal still holds.
+    // SAFETY: part of a range the closer vouched for, mapped read-write before it was
+    // gated: this restores that access, except on pages another gate still holds.
     unsafe { crate::writeguard::open_pages_except(start, end, |addr| covered_by(addr, slot)) };
     // The slot is freed only once its pages are readable: a waiting reader then retries on
-    // open pages (or waits on for a seal that still covers its page).
+    // open pages (or waits on for a gate that still covers its page).
     s.active.store(false, Ordering::Release);
     crate::writeguard::note_pages_opened();
 }
 
-impl Seal {
-    /// Opens the seal: readers waiting on these pages go ahead. The content must be final.
+impl Gate {
+    /// Opens the gate: readers waiting on these pages go ahead. The content must be final.
     pub fn open(self) {
         drop(self)
     }
 
-    /// The sealed range, in whole pages.
+    /// The gated range, in whole pages.
     pub fn span(&self) -> (usize, usize) {
         let s = &SLOTS[self.slot];
         (
@@ -198,7 +199,7 @@ impl Seal {
     }
 }
 
-impl Drop for Seal {
+impl Drop for Gate {
     fn drop(&mut self) {
         let _g = lock();
         release(self.slot);
@@ -216,7 +217,7 @@ mod tests {
     fn double_map(len: usize) -> (*mut u8, *mut u8) {
         // SAFETY: test set-up: a fresh memfd, sized, mapped twice, checked.
         unsafe {
-            let fd = libc::memfd_create(c"sealed-test".as_ptr(), 0);
+            let fd = libc::memfd_create(c"gate-test".as_ptr(), 0);
             assert!(fd >= 0);
             assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
             let m = |_| {
@@ -242,45 +243,45 @@ mod tests {
         let len = 8 * page();
         let (view, alias) = double_map(len);
         for round in 0..20u8 {
-            // Old content: `round`; new content, written through the alias while sealed:
+            // Old content: `round`; new content, written through the alias while gated:
             // `round + 100`.
-            // SAFETY: our own mappings, not sealed yet.
+            // SAFETY: our own mappings, not gated yet.
             unsafe { std::ptr::write_bytes(view, round, len) };
             // SAFETY: our mapping, read-write, opened below by this thread, which does not
             // touch the view meanwhile.
-            let seal = unsafe { seal(view.add(100), len - 200) }.unwrap();
+            let gate = unsafe { close(view.add(100), len - 200) }.unwrap();
             let v = view as usize;
             let reader = std::thread::spawn(move || {
-                // SAFETY: reads our mapping; a sealed page makes this wait in the handler.
+                // SAFETY: reads our mapping; a gated page makes this wait in the handler.
                 let b = unsafe { std::ptr::read_volatile((v + len / 2) as *const u8) };
-                // SAFETY: as above (page 0, outside the sealed bytes but on a sealed page).
+                // SAFETY: as above (page 0, outside the gated bytes but on a gated page).
                 let first = unsafe { std::ptr::read_volatile(v as *const u8) };
                 (b, first)
             });
             std::thread::sleep(Duration::from_millis(2));
             // SAFETY: writes through our second mapping.
             unsafe { std::ptr::write_bytes(alias, round + 100, len) };
-            seal.open();
+            gate.open();
             let (b, first) = reader.join().unwrap();
             assert_eq!(
                 b,
                 round + 100,
-                "the reader saw content from before the seal opened"
+                "the reader saw content from before the gate opened"
             );
             assert_eq!(first, round + 100);
         }
     }
 
     #[test]
-    fn a_shared_page_opens_with_the_last_seal() {
+    fn a_shared_page_opens_with_the_last_gate() {
         let len = 4 * page();
         let (view, _alias) = double_map(len);
-        // Two seals sharing page 1.
+        // Two gates sharing page 1.
         // SAFETY: our read-write mapping; opened below by this thread, which does not touch
-        // the view while sealed.
-        let a = unsafe { seal(view, page() + 10) }.unwrap();
+        // the view while gated.
+        let a = unsafe { close(view, page() + 10) }.unwrap();
         // SAFETY: as above.
-        let b = unsafe { seal(view.add(page() + 20), page()) }.unwrap();
+        let b = unsafe { close(view.add(page() + 20), page()) }.unwrap();
         assert_eq!(a.span(), (view as usize, view as usize + 2 * page()));
         a.open();
         assert!(covers(view as usize + page()), "page 1 is still b's");
@@ -299,19 +300,19 @@ mod tests {
             assert_eq!(
                 done.load(Ordering::SeqCst),
                 0,
-                "read went ahead through a seal"
+                "read went ahead through a gate"
             );
             std::thread::yield_now();
         }
         b.open();
         reader.join().unwrap();
         // Page 0 is readable and writable again.
-        // SAFETY: our mapping, no seal left.
+        // SAFETY: our mapping, no gate left.
         unsafe { std::ptr::write_volatile(view, 7) };
     }
 
     #[test]
-    fn watched_pages_cannot_be_sealed() {
+    fn watched_pages_cannot_be_gated() {
         let len = 2 * page();
         // Private anonymous memory: what a write watch accepts.
         let mut buf = crate::staging::StagingBuf::alloc(len).unwrap();
@@ -319,26 +320,26 @@ mod tests {
         // SAFETY: our mapping, written only by this test's code.
         let w = unsafe { crate::writeguard::WriteWatch::register(view, 10) }.unwrap();
         // SAFETY: as in the other tests (the call is refused).
-        assert!(unsafe { seal(view, len) }.is_err());
+        assert!(unsafe { close(view, len) }.is_err());
         drop(w);
         // SAFETY: as above; now allowed.
-        let s = unsafe { seal(view, len) }.unwrap();
-        // SAFETY: registering is refused while sealed (nothing is protected).
+        let s = unsafe { close(view, len) }.unwrap();
+        // SAFETY: registering is refused while gated (nothing is protected).
         assert!(unsafe { crate::writeguard::WriteWatch::register(view, 10) }.is_err());
         s.open();
     }
 
     #[test]
-    fn a_forked_child_touching_a_sealed_page_faults_instead_of_waiting_forever() {
+    fn a_forked_child_touching_a_gated_page_faults_instead_of_waiting_forever() {
         let len = 2 * page();
         let (view, alias) = double_map(len);
         // SAFETY: our read-write mapping; opened below by this thread.
-        let s = unsafe { seal(view, len) }.unwrap();
+        let s = unsafe { close(view, len) }.unwrap();
         // SAFETY: the child only reads one byte (faulting into the handler, which calls
         // async-signal-safe functions only) and exits; the parent waits for it.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            // SAFETY: the child's inherited view of the sealed page.
+            // SAFETY: the child's inherited view of the gated page.
             unsafe { std::ptr::read_volatile(view) };
             // SAFETY: _exit is async-signal-safe; reached only if the read went through.
             unsafe { libc::_exit(0) };
@@ -358,13 +359,13 @@ mod tests {
                     libc::kill(pid, libc::SIGKILL);
                     libc::waitpid(pid, &mut status, 0);
                 }
-                panic!("the child waited on a seal nobody in it would open");
+                panic!("the child waited on a gate nobody in it would open");
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV);
         s.open();
-        // SAFETY: our own mappings, no seal left.
+        // SAFETY: our own mappings, no gate left.
         unsafe {
             libc::munmap(view.cast(), len);
             libc::munmap(alias.cast(), len);
@@ -390,10 +391,10 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
-        /// Any sequence of seals (arbitrary, overlapping, unaligned ranges) and opens: a page
-        /// is inaccessible exactly while some open seal covers it.
+        /// Any sequence of gates (arbitrary, overlapping, unaligned ranges) and opens: a page
+        /// is inaccessible exactly while some open gate covers it.
         #[test]
-        fn a_page_is_closed_exactly_while_a_seal_covers_it(
+        fn a_page_is_closed_exactly_while_a_gate_covers_it(
             ops in proptest::collection::vec(
                 (proptest::prelude::any::<bool>(), 0usize..16 * 4096, 1usize..5 * 4096, 0usize..8),
                 1..40,
@@ -402,13 +403,13 @@ mod tests {
             const PAGES: usize = 16;
             let (view, alias) = double_map(PAGES * page());
             let base = view as usize;
-            let mut open: Vec<(Seal, usize, usize)> = Vec::new();
-            for (seal_it, off, len, pick) in ops {
-                if seal_it || open.is_empty() {
+            let mut open: Vec<(Gate, usize, usize)> = Vec::new();
+            for (close_it, off, len, pick) in ops {
+                if close_it || open.is_empty() {
                     let len = len.min(PAGES * page() - off).max(1);
                     // SAFETY: our read-write mapping, opened below by this thread, which
-                    // does not touch the view while sealed (it only asks the kernel).
-                    let s = unsafe { seal(view.add(off), len) }.unwrap();
+                    // does not touch the view while gated (it only asks the kernel).
+                    let s = unsafe { close(view.add(off), len) }.unwrap();
                     let first = (base + off) / page() * page();
                     let end = (base + off + len).div_ceil(page()) * page();
                     open.push((s, first, end));
@@ -426,7 +427,7 @@ mod tests {
             for p in 0..PAGES {
                 proptest::prop_assert!(readable(base + p * page()));
             }
-            // SAFETY: our own mapping, no seal left on it.
+            // SAFETY: our own mapping, no gate left on it.
             unsafe {
                 libc::munmap(view.cast(), PAGES * page());
                 libc::munmap(alias.cast(), PAGES * page());

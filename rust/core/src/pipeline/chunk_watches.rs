@@ -9,7 +9,7 @@
 //! kept, still armed, for the next prediction of the same memory range: if nothing wrote the
 //! pages meanwhile, arming it again is a load. Up to `N` chunks are kept (least recently used
 //! ones are released first); each keeps its source alive and its pages read-only until it is
-//! released: by eviction, by [`Watches::forget`] or when the pipeline closes.
+//! released: by eviction, by [`ChunkWatches::forget`] or when the pipeline closes.
 //!
 //! Only pages wholly inside the chunk's source are watched: a source that does not start or
 //! end on a page boundary shares its first or last page with other memory (a neighbouring
@@ -57,7 +57,7 @@ impl State {
 }
 
 /// A pipeline's write watches.
-pub(crate) struct Watches {
+pub(crate) struct ChunkWatches {
     keep: usize,
     state: Mutex<State>,
     /// Arms that found the chunk's pages still protected from an earlier use.
@@ -108,7 +108,7 @@ pub(crate) struct HeldWatch {
     edges: Edges,
     source: Option<Source>,
     key: ChunkKey,
-    home: Weak<Watches>,
+    home: Weak<ChunkWatches>,
 }
 
 impl HeldWatch {
@@ -147,7 +147,7 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Watches {
+impl ChunkWatches {
     pub fn new(keep: usize) -> Arc<Self> {
         Arc::new(Self {
             keep,
@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn a_kept_watch_is_reused_until_its_pages_are_written() {
-        let w = Watches::new(4);
+        let w = ChunkWatches::new(4);
         let (src, p) = source(2);
         let key = split(&src, 0, None, 8192).unwrap()[0].key;
         let (h, s) = w.arm(&src, key).unwrap();
@@ -380,7 +380,7 @@ mod tests {
 
     #[test]
     fn the_least_recently_used_watch_is_released_first() {
-        let w = Watches::new(2);
+        let w = ChunkWatches::new(2);
         let srcs: Vec<(Source, *mut u8)> = (0..3).map(|_| source(1)).collect();
         for (s, _) in &srcs {
             let key = split(s, 0, None, 4096).unwrap()[0].key;
@@ -399,7 +399,7 @@ mod tests {
 
     #[test]
     fn forget_and_close_make_pages_writable_and_let_sources_go() {
-        let w = Watches::new(8);
+        let w = ChunkWatches::new(8);
         let (src, p) = source(2);
         let key = split(&src, 0, None, 8192).unwrap()[0].key;
         drop(w.arm(&src, key).unwrap());
@@ -442,7 +442,7 @@ mod tests {
 
     #[test]
     fn without_keep_every_watch_is_released_after_use() {
-        let w = Watches::new(0);
+        let w = ChunkWatches::new(0);
         let (src, _) = source(1);
         let key = split(&src, 0, None, 4096).unwrap()[0].key;
         drop(w.arm(&src, key).unwrap());
