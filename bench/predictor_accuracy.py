@@ -10,7 +10,12 @@ import sys
 from typing import Any
 
 from pipellm import AdapterQueue, LayerCycle, Learned, SwapFifo
-from pipellm.workloads import flexgen_stream, multi_lora_stream, random_stream, vllm_swap_stream
+from pipellm.harness.workloads import (
+    flexgen_stream,
+    multi_lora_stream,
+    random_stream,
+    vllm_swap_stream,
+)
 
 WORKLOADS = {
     "flexgen (48 layers x 30 steps)": lambda: list(flexgen_stream(48, 30)),

@@ -266,7 +266,7 @@ def test_a_timed_soak_stops_after_its_progress_reports() -> None:
     # turned a timed soak into one waiting for quotas it never had: it ran until killed.
     # Here reports come every 0.05 s of a 0.3 s soak; the timeout only catches that hang.
     code = (
-        "from pipellm import soak; r = soak.soak(0.3, threads=1, report_every=0.05);"
+        "from pipellm.harness import soak; r = soak.soak(0.3, threads=1, report_every=0.05);"
         " assert r['errors'] == 0, r['error_messages']; print(r['seconds'])"
     )
     p = subprocess.run(

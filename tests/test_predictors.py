@@ -11,7 +11,7 @@ import pytest
 
 import pipellm
 from pipellm import AdapterQueue, LayerCycle, Learned, Pipeline, Receiver, Speculator, SwapFifo
-from pipellm.workloads import (
+from pipellm.harness.workloads import (
     MODELS,
     flexgen_stream,
     multi_lora_stream,
@@ -128,7 +128,7 @@ def test_model_shapes_match_published_sizes() -> None:
     total = MODELS["opt-30b"].layers * MODELS["opt-30b"].layer_weight_bytes() / 2
     assert 28e9 < total < 31e9
     # A rank-16 adapter on q, k, v, o of a 4096-wide model is 1 MiB per layer (S-LoRA).
-    shape = pipellm.workloads.ModelShape("llama-7b", 32, 4096, 32, 32, 11008, "llama", "x")
+    shape = pipellm.harness.workloads.ModelShape("llama-7b", 32, 4096, 32, 32, 11008, "llama", "x")
     assert shape.lora_layer_bytes(16) == 1 << 20
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipellm import replay
-from pipellm.workloads import MODELS
+from pipellm.harness import replay
+from pipellm.harness.workloads import MODELS
 
 # Where a test counts hits, the replay runs on a virtual clock: each of its waits (the
 # device's compute) lets the workers finish what they were given, so what they pre-encrypted

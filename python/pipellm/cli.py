@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .workloads import MODELS, MODES
+from .harness.workloads import MODELS, MODES
 
 if TYPE_CHECKING:
-    from . import replay
+    from .harness import replay
 
 # What `pip install pipellm` alone brings is enough for `run` and `doctor`; `bench` and `soak`
 # replay workloads on numpy arrays, which come with the `bench` extra.
@@ -45,7 +45,7 @@ _BENCH_EXTRA = "pip install 'pipellm[bench]'"
 def _import_replay() -> Any:
     """The replay harness, or a one-line error naming the extra that brings numpy."""
     try:
-        from . import replay
+        from .harness import replay
     except ModuleNotFoundError as e:
         if e.name != "numpy":
             raise
@@ -221,7 +221,7 @@ def bench(args: argparse.Namespace) -> int:
             entry["pipeline"] = r["pipeline"]
         out["modes"][mode] = entry
     if args.plot:
-        from . import plot
+        from .harness import plot
 
         rows = plot.sweep(
             w,
@@ -423,7 +423,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0  # not reached: run() replaces this process
     if args.command == "soak":
         _import_replay()  # soak runs on numpy arrays too: say which extra brings it
-        from . import soak
+        from .harness import soak
 
         if args.seconds <= 0 or args.threads < 1 or (args.ops is not None and args.ops < 1):
             print(

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ._core import HostPool, Pipeline, SessionKey
-from .device import CpuDevice
-from .speculator import Speculator
+from .._core import HostPool, Pipeline, SessionKey
+from ..device import CpuDevice
+from ..speculator import Speculator
 
 PATTERNS = ("layer-cycle", "swap-fifo", "adapter-queue", "random")
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ._core import MAX_KEEP_ARMED, HostPool, Pipeline, Receiver, SessionKey
-from .predictors import LayerCycle
-from .speculator import Speculator
+from .._core import MAX_KEEP_ARMED, HostPool, Pipeline, Receiver, SessionKey
+from ..predictors import LayerCycle
+from ..speculator import Speculator
 from .workloads import MODES, ModelShape
 
 H100_FLOPS = 989e12
@@ -130,7 +130,7 @@ def load(
     (full size; layer i uses buffer i % distinct_layers); the pipellm mode keeps nothing
     armed between uses, so a reused buffer costs what a distinct one would, and it is told
     the order up front (`LoadOnce`)."""
-    from .predictors import LoadOnce
+    from ..predictors import LoadOnce
 
     rng = np.random.default_rng(seed)
     nbytes = shape.layer_weight_bytes()
@@ -240,7 +240,7 @@ def vllm_swap(
     back in those preempted the round before (one copy per CPU block, layer and K/V, all
     layers of the model, real block size), then the device runs one decode step of the
     batch."""
-    from .predictors import SwapFifo
+    from ..predictors import SwapFifo
     from .workloads import vllm_swap_stream
 
     nbytes = shape.kv_block_bytes()
@@ -287,7 +287,7 @@ def multi_lora(
     """Multi-LoRA serving (see `workloads.multi_lora_stream`): each decode iteration loads
     the running batch's adapters layer by layer (rank-`rank` adapters on q, k, v, o), then
     the device runs one decode step of the base model."""
-    from .predictors import AdapterQueue
+    from ..predictors import AdapterQueue
     from .workloads import multi_lora_stream
 
     nbytes = shape.lora_layer_bytes(rank)
