@@ -63,6 +63,23 @@ def test_stub_declares_every_public_name_and_method() -> None:
         assert not extra, f"{cls}: stub declares {sorted(extra)} that do not exist"
 
 
+def test_the_stats_stub_matches_the_counters() -> None:
+    """`PipelineStats` in the stub declares exactly the counters `Pipeline.stats()` returns
+    (their one source is the core's `stats!` list), with the right value types."""
+    tree = ast.parse((PKG / "_core.pyi").read_text())
+    (cls,) = (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PipelineStats")
+    declared = {
+        item.target.id: ast.unparse(item.annotation)
+        for item in cls.body
+        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+    }
+    with pipellm.Pipeline(pipellm.SessionKey.generate(), 0, slots=2, chunk_bytes=4096) as p:
+        stats = p.stats()
+    assert set(declared) == set(stats), sorted(set(declared) ^ set(stats))
+    for name, value in stats.items():
+        assert type(value).__name__ == declared[name], (name, value, declared[name])
+
+
 def test_the_package_carries_the_interposer() -> None:
     """Every maturin build puts the interposer into the package (rust/py/build.rs), and
     `pipellm.cc` finds it there with no environment variable."""

@@ -5,7 +5,7 @@ use crate::buffers::Buffer;
 use crate::channel::{parse_end, PyMessage, PySessionKey};
 use crate::errors::{detached, to_py};
 use pipellm_core::pipeline::{
-    Payload, Pipeline, PipelineConfig, Source, SourceBytes, Transfer, Validation,
+    Payload, Pipeline, PipelineConfig, Source, SourceBytes, StatValue, Transfer, Validation,
 };
 use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
 use pipellm_core::staging::StagingBuf;
@@ -281,33 +281,17 @@ impl PyPipeline {
         Ok(out.into_iter().map(|(o, m)| message_obj(o, m)).collect())
     }
 
-    /// Counters: hits, misses, late, stale, nops, chunks_pre_encrypted, bytes_pre_encrypted,
-    /// chunks_on_demand, bytes_on_demand, wasted_bytes, stall_seconds, validation_seconds,
-    /// validation_bytes_hashed, positions_reserved, worker_failures, requests,
-    /// bytes_requested, watches_reused, watches_kept.
+    /// The pipeline's counters by name (`PipelineStats` in the stub; each is described in
+    /// `pipellm_core::pipeline::StatsSnapshot`); times in seconds.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.owner(py)?;
-        let s = self.inner.stats();
         let d = PyDict::new(py);
-        d.set_item("hits", s.hits)?;
-        d.set_item("misses", s.misses)?;
-        d.set_item("late", s.late)?;
-        d.set_item("stale", s.stale)?;
-        d.set_item("nops", s.nops)?;
-        d.set_item("chunks_pre_encrypted", s.chunks_pre_encrypted)?;
-        d.set_item("bytes_pre_encrypted", s.bytes_pre_encrypted)?;
-        d.set_item("chunks_on_demand", s.chunks_on_demand)?;
-        d.set_item("bytes_on_demand", s.bytes_on_demand)?;
-        d.set_item("wasted_bytes", s.wasted_bytes)?;
-        d.set_item("stall_seconds", s.stall.as_secs_f64())?;
-        d.set_item("validation_seconds", s.validation.as_secs_f64())?;
-        d.set_item("validation_bytes_hashed", s.validation_bytes_hashed)?;
-        d.set_item("positions_reserved", s.positions_reserved)?;
-        d.set_item("worker_failures", s.worker_failures)?;
-        d.set_item("requests", s.requests)?;
-        d.set_item("bytes_requested", s.bytes_requested)?;
-        d.set_item("watches_reused", s.watches_reused)?;
-        d.set_item("watches_kept", s.watches_kept)?;
+        for (name, value) in self.inner.stats().fields() {
+            match value {
+                StatValue::Count(n) => d.set_item(name, n)?,
+                StatValue::Seconds(s) => d.set_item(name, s)?,
+            }
+        }
         Ok(d)
     }
 

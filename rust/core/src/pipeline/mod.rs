@@ -40,7 +40,7 @@ pub use jobs::Faults;
 use jobs::{Job, JobQueue, OnDemand, OnDemandToken, Signal};
 pub use source::{Chunk, ChunkKey, Source, SourceBytes, MAX_TRANSFER_CHUNKS};
 use stats::Stats;
-pub use stats::StatsSnapshot;
+pub use stats::{StatValue, StatsSnapshot};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
