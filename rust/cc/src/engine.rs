@@ -21,10 +21,11 @@ use crate::config::{config, log};
 use crate::ivmodel::{Iv, IvModel, ModelState};
 use crate::stats::Stats;
 use pipellm_core::crypto::AeadKey;
+use pipellm_core::locks::{lock, wait, wait_timeout};
 use pipellm_core::predict::Learned;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -291,12 +292,6 @@ pub fn engine() -> &'static Engine {
         stopped: std::sync::atomic::AtomicBool::new(false),
         stats: Stats::default(),
     })
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a lock is caught at the FFI boundary and turns the interposer
-    // off (see `exports`); the data is still consistent enough to be dropped.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What an encrypting init call changed (after the real call succeeded; decrypting inits
@@ -694,11 +689,7 @@ impl Engine {
             if !pending || now >= deadline {
                 return m;
             }
-            m = self
-                .settled
-                .wait_timeout(m, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            m = wait_timeout(&self.settled, m, deadline - now).0;
         }
     }
 
@@ -729,11 +720,7 @@ impl Engine {
                 Some(d) => d - now,
                 None => Duration::from_secs(3600),
             };
-            q = self
-                .quiet
-                .wait_timeout(q, wait)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            q = wait_timeout(&self.quiet, q, wait).0;
         };
         self.quiescers.fetch_sub(1, Ordering::Relaxed);
         quiet
@@ -1131,10 +1118,7 @@ impl Engine {
                     if self.quiescers.load(Ordering::Relaxed) > 0 {
                         self.quiet.notify_all(); // see `quiesce`
                     }
-                    q = self
-                        .job_ready
-                        .wait(q)
-                        .unwrap_or_else(PoisonError::into_inner);
+                    q = wait(&self.job_ready, q);
                     self.idle.fetch_sub(1, Ordering::Relaxed);
                 }
             };

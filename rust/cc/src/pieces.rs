@@ -8,8 +8,9 @@
 //! finished, which is what keeps the raw pointers below valid for the helpers.
 
 use crate::engine::{fingerprint, Fingerprint};
+use pipellm_core::locks::{lock, wait};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 /// Byte ranges of a message cut into `n` pieces (page multiples, the last one shorter).
 pub fn split(len: usize, n: usize) -> Vec<(usize, usize)> {
@@ -131,11 +132,11 @@ fn helper_loop(p: &'static Pool) {
     let mut seen: usize = 0;
     loop {
         let task = {
-            let mut g = p.task.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut g = lock(&p.task);
             loop {
                 match g.as_ref() {
                     Some(t) if Arc::as_ptr(t) as usize != seen => break t.clone(),
-                    _ => g = p.ready.wait(g).unwrap_or_else(PoisonError::into_inner),
+                    _ => g = wait(&p.ready, g),
                 }
             }
         };
@@ -176,7 +177,7 @@ pub unsafe fn serve(
     });
     if n > 1 && helpers > 0 {
         let p = pool(helpers);
-        *p.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
+        *lock(&p.task) = Some(task.clone());
         for _ in 0..(n - 1).min(helpers) {
             p.ready.notify_one();
         }

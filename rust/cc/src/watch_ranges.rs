@@ -16,9 +16,10 @@
 //! watch, made on first use and kept armed between uses; a chunk's stamp names the range it
 //! came from, so a range unregistered and registered again never validates an old chunk.
 
+use pipellm_core::locks::lock;
 use pipellm_core::writeguard::{Stamp, WriteWatch};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 /// Registered ranges at once.
 pub const MAX_RANGES: usize = 256;
@@ -50,7 +51,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 static REGISTRATIONS: Mutex<()> = Mutex::new(());
 
 pub fn registrations() -> MutexGuard<'static, ()> {
-    REGISTRATIONS.lock().unwrap_or_else(PoisonError::into_inner)
+    lock(&REGISTRATIONS)
 }
 
 /// True if any byte of `[start, start + len)` is in a registered range.
@@ -63,7 +64,7 @@ pub fn overlaps(start: usize, len: usize) -> bool {
 }
 
 fn registry() -> MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+    lock(&REGISTRY)
 }
 
 /// Why a registration was refused.

@@ -57,8 +57,7 @@ pub struct Gate {
 use crate::page::size as page;
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::locks::lock(&LOCK)
 }
 
 /// True if an active gate other than `except` covers the page at `addr`. Async-signal-safe.

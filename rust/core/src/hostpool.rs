@@ -15,6 +15,7 @@
 //! would otherwise let it write the parent's bytes.
 
 use crate::error::{Error, Result};
+use crate::locks::lock;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
@@ -28,31 +29,20 @@ static LENT: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
 /// True if any byte of `[start, end)` is in the view of a pool lent to the driver.
 pub(crate) fn overlaps_a_lent_pool(start: usize, end: usize) -> bool {
-    LENT.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .any(|&(s, e)| s < end && start < e)
+    lock(&LENT).iter().any(|&(s, e)| s < end && start < e)
 }
 
 /// True if any byte of `[addr, addr + len)` is in a live pool's view.
 pub fn overlaps_a_pool(addr: usize, len: usize) -> bool {
     let end = addr.saturating_add(len.max(1));
-    VIEWS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .any(|&(s, e)| s < end && addr < e)
+    lock(&VIEWS).iter().any(|&(s, e)| s < end && addr < e)
 }
 
 /// True if all of `[start, end)` is inside one live pool's view: shared memory, but only
 /// this process maps it and every write through its other mapping is announced
 /// ([`HostPool::write`]), so a write watch over it is exact.
 pub(crate) fn within_a_pool(start: usize, end: usize) -> bool {
-    VIEWS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .any(|&(s, e)| s <= start && end <= e)
+    lock(&VIEWS).iter().any(|&(s, e)| s <= start && end <= e)
 }
 
 /// Host memory mapped twice: a view that transfers read, an alias that writes go through.
@@ -141,10 +131,7 @@ impl HostPool {
                 return Err(Error::last_os("madvise(MADV_DONTFORK)"));
             }
         }
-        VIEWS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((view as usize, view as usize + size));
+        lock(&VIEWS).push((view as usize, view as usize + size));
         Ok(pool)
     }
 
@@ -176,9 +163,7 @@ impl HostPool {
     pub fn lend_to_driver(&self) -> Result<()> {
         let (start, end) = (self.view as usize, self.view as usize + self.mapped_len());
         let lend = || {
-            LENT.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push((start, end));
+            lock(&LENT).push((start, end));
             self.lent.store(true, std::sync::atomic::Ordering::Release);
         };
         if self.lent.load(std::sync::atomic::Ordering::Acquire) {
@@ -194,9 +179,7 @@ impl HostPool {
     /// Ends [`HostPool::lend_to_driver`] (after the interposer unregistered the pool).
     pub fn end_driver_loan(&self) {
         let start = self.view as usize;
-        LENT.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|&(s, _)| s != start);
+        lock(&LENT).retain(|&(s, _)| s != start);
         self.lent.store(false, std::sync::atomic::Ordering::Release);
     }
 
@@ -319,10 +302,7 @@ impl Drop for HostPool {
     fn drop(&mut self) {
         let size = crate::page::round_up(self.len);
         let start = self.view as usize;
-        VIEWS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|&(s, _)| s != start);
+        lock(&VIEWS).retain(|&(s, _)| s != start);
         self.end_driver_loan();
         // SAFETY: both mappings were made in `new` with this size and are unmapped once;
         // nothing borrows them past `self` (sources holding the pool keep it alive).

@@ -29,6 +29,7 @@ pub mod gf128;
 pub mod header;
 pub mod hostpool;
 pub mod key;
+pub mod locks;
 pub mod message;
 pub mod page;
 pub mod pipeline;

@@ -6,9 +6,10 @@
 use crate::error::{Error, Result};
 use crate::header::{data_charge, Direction, Header, Kind, Position, MAX_CHANNEL, TAG_LEN};
 use crate::key::EpochKey;
+use crate::locks::lock;
 use crate::message::Message;
 use crate::schedule::{Cursor, KeyPolicy, Placement};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 /// Hands out positions in order. A mutex (not atomics) guards the cursor because a placement
 /// updates counter, usage and sometimes the key together; the section is a few dozen
@@ -66,7 +67,7 @@ impl Sequencer {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The critical sections below commit only after every fallible step, so a poisoned
         // lock still guards a consistent state.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     /// Reserves the next position for a message that charges `charge` units.

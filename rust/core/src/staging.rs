@@ -3,9 +3,10 @@
 //! or handed in by the caller; wiped when dropped, since they hold plaintext snapshots briefly.
 
 use crate::error::{Error, Result};
+use crate::locks::lock;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use zeroize::Zeroize;
 
 /// A fixed-size buffer of bytes that this process owns exclusively.
@@ -140,7 +141,7 @@ impl StagingPool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<StagingBuf>> {
-        self.free.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.free)
     }
 
     pub fn try_take(&self) -> Option<StagingBuf> {

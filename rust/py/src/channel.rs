@@ -4,6 +4,7 @@ use crate::args::Int;
 use crate::buffers::Buffer;
 use crate::errors::{detached, to_py};
 use pipellm_core::header::{IV_LEN, MAX_CHANNEL};
+use pipellm_core::locks::lock;
 use pipellm_core::pipeline::Payload;
 use pipellm_core::schedule::DEFAULT_USAGE_LIMIT;
 use pipellm_core::{Direction, KeyPolicy, Kind, Message, Receiver, Sender, SessionKey};
@@ -12,7 +13,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::os::raw::c_int;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 pub fn parse_direction(s: &str) -> PyResult<Direction> {
     match s {
@@ -301,7 +302,7 @@ impl PyReceiver {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Receiver> {
         // Receiver methods commit state only after every check passed, so a poisoned lock
         // still guards a consistent receiver.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.inner)
     }
 }
 

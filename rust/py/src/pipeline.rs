@@ -4,6 +4,7 @@ use crate::args::Int;
 use crate::buffers::Buffer;
 use crate::channel::{parse_end, PyMessage, PySessionKey};
 use crate::errors::{detached, to_py};
+use pipellm_core::locks::{get_mut, lock};
 use pipellm_core::pipeline::{
     Payload, Pipeline, PipelineConfig, Source, SourceBytes, StatValue, Transfer, Validation,
 };
@@ -14,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Buffer views whose last Rust owner was dropped on a thread that may not hold the GIL
@@ -431,27 +432,17 @@ pub struct PyTransfer {
 
 impl PyTransfer {
     fn interrupted(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<PyMessage>> {
-        self.interrupted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.interrupted)
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Transfer) -> R) -> Option<R> {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-            .map(f)
+        lock(&self.inner).as_mut().map(f)
     }
 }
 
 impl Drop for PyTransfer {
     fn drop(&mut self) {
-        let t = self
-            .inner
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let t = get_mut(&mut self.inner).take();
         if let Some(t) = t {
             // Dropping finishes the on-demand chunks nobody took (no pipeline thread needs
             // the GIL, see GRAVEYARD) and drops the transfer's retired entries; then the

@@ -2,9 +2,10 @@
 
 use crate::args::Int;
 use crate::errors::to_py;
+use pipellm_core::locks::lock;
 use pipellm_core::predict::{Learned, MAX_HISTORY, MAX_PREDICT};
 use pyo3::prelude::*;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 /// Learns repetition in a stream of integer keys: a period when the history repeats, the
 /// most frequent successor otherwise.
@@ -15,7 +16,7 @@ pub struct PyLearned {
 
 impl PyLearned {
     fn lock(&self) -> std::sync::MutexGuard<'_, Learned> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.inner)
     }
 }
 

@@ -1,15 +1,16 @@
 //! The threads that decrypt deferred D2H chunks in place, once their tag was checked, and
 //! then open their pages.
 
-use super::{lock, stats, Deferred};
+use super::{stats, Deferred};
 use crate::config::{config, log};
 use crate::engine::Tag;
 use crate::ivmodel::Iv;
 use crate::stats::Stats;
 use pipellm_core::crypto::AeadKey;
+use pipellm_core::locks::{lock, wait};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 /// Decryptions queued or running at once; beyond this a chunk is decrypted synchronously
 /// (forwarded), which bounds how far the application can run ahead of its plaintext.
@@ -76,10 +77,7 @@ fn decrypt_loop() {
                 if let Some(j) = jobs.pop_front() {
                     break j;
                 }
-                jobs = q
-                    .job_ready
-                    .wait(jobs)
-                    .unwrap_or_else(PoisonError::into_inner);
+                jobs = wait(&q.job_ready, jobs);
             }
         };
         decrypt(job);

@@ -32,11 +32,12 @@ pub use decrypt::MAX_QUEUED;
 pub use pools::{overlaps_a_pool, receive, unreceive, ReceiveError, UnreceiveError, MAX_POOLS};
 
 use crate::config::{config, log};
-use crate::engine::{lock, Tag};
+use crate::engine::Tag;
 use crate::ivmodel::Iv;
 use crate::stats::Stats;
 use pipellm_core::crypto::{tags_equal, AeadKey};
 use pipellm_core::gate::Gate;
+use pipellm_core::locks::lock;
 use pools::PendingGuard;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,7 +2,7 @@
 //! application reads, an alias we write through), and the count of messages in flight into
 //! each, which unregistering waits for.
 
-use super::lock;
+use pipellm_core::locks::lock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 

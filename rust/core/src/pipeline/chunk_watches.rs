@@ -24,10 +24,11 @@
 //! and goes ahead exactly as during speculation.
 
 use super::source::{ChunkKey, Source};
+use crate::locks::lock;
 use crate::writeguard::{Stamp, WriteWatch};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Most chunks a pipeline may keep armed: half the process-wide region table, so in-flight
 /// watches (and other pipelines) still find slots.
@@ -141,10 +142,6 @@ impl Drop for HeldWatch {
 fn release(watch: WriteWatch, source: Source) {
     drop(watch);
     drop(source);
-}
-
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl ChunkWatches {

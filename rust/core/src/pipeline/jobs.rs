@@ -8,18 +8,15 @@ use super::stats::Stats;
 use super::{Inner, Lease, Payload};
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
+use crate::locks::{lock, wait, wait_timeout};
 use crate::message::Message;
 use crate::sequencer::{Fallback, Reservation};
 use crate::staging::StagingBuf;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Weak;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A generation counter with a condvar: anyone who finishes a job bumps it and wakes all
 /// waiters; a waiter re-checks its condition under the lock, so no wake-up is lost.
@@ -39,7 +36,7 @@ impl Signal {
     pub fn wait_until(&self, mut done: impl FnMut() -> bool) {
         let mut g = lock(&self.generation);
         while !done() {
-            g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+            g = wait(&self.cv, g);
         }
     }
 }
@@ -300,7 +297,7 @@ impl JobQueue {
                 return None;
             }
             if q.held {
-                q = self.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+                q = wait(&self.cv, q);
                 continue;
             }
             let job = if let Some(j) = q.urgent.pop_front() {
@@ -316,7 +313,7 @@ impl JobQueue {
                     queue: self,
                 });
             }
-            q = self.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+            q = wait(&self.cv, q);
         }
     }
 
@@ -346,16 +343,13 @@ impl JobQueue {
                 return true;
             }
             q = match deadline {
-                None => self.idle_cv.wait(q).unwrap_or_else(PoisonError::into_inner),
+                None => wait(&self.idle_cv, q),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         return false;
                     }
-                    self.idle_cv
-                        .wait_timeout(q, d - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
+                    wait_timeout(&self.idle_cv, q, d - now).0
                 }
             };
         }

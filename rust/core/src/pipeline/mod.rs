@@ -29,6 +29,7 @@ pub use chunk_watches::MAX_KEEP_ARMED;
 use crate::error::{Error, Result};
 use crate::fingerprint::fingerprint;
 use crate::header::{data_charge, Direction, MAX_MESSAGE_BYTES};
+use crate::locks::{get_mut, lock, wait_timeout};
 use crate::message::Message;
 use crate::schedule::{Cursor, KeyPolicy};
 use crate::sender::Sender;
@@ -43,13 +44,9 @@ use stats::Stats;
 pub use stats::{StatValue, StatsSnapshot};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -447,11 +444,7 @@ impl Inner {
                 plan = lock(&self.plan);
             }
             self.refill(&mut plan);
-            plan = self
-                .plan_cv
-                .wait_timeout(plan, Duration::from_millis(100))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            plan = wait_timeout(&self.plan_cv, plan, Duration::from_millis(100)).0;
         }
     }
 
@@ -1169,11 +1162,7 @@ impl Drop for Pipeline {
             // The handles name threads of the parent: joining or detaching them in the child
             // is meaningless (joining one panics). Leak them, and with them `inner`, whose
             // other references those threads held.
-            let threads = std::mem::take(
-                self.threads
-                    .get_mut()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
+            let threads = std::mem::take(get_mut(&mut self.threads));
             std::mem::forget(threads);
             return;
         }

@@ -39,6 +39,7 @@ mod uffd;
 mod vma;
 
 use crate::error::{Error, Result};
+use crate::locks::lock;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
@@ -404,9 +405,7 @@ pub(crate) fn reassert() {
     if !INSTALLED_OK.load(Ordering::Acquire) {
         return;
     }
-    let _g = REASSERT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _g = lock(&REASSERT);
     // SAFETY: a query of the current action into a zeroed value we own.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: as above; a null new action only reads.
@@ -494,9 +493,7 @@ pub struct AliasWrite {
 }
 
 fn registry() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
-    REGISTRY
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock(&REGISTRY)
 }
 
 /// Marks the start (`starting`) or end of an alias write on every region overlapping
