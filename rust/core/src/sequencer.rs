@@ -76,26 +76,6 @@ impl Sequencer {
         self.reserve_locked(&mut st, charge)
     }
 
-    /// Reserves consecutive positions for `charges`, all or none.
-    pub fn reserve_run(&self, charges: &[u64]) -> Result<Vec<Reservation>> {
-        let mut st = self.lock();
-        let saved_cursor = st.cursor;
-        let saved_key = st.key.clone();
-        let mut out = Vec::with_capacity(charges.len());
-        for &c in charges {
-            match self.reserve_locked(&mut st, c) {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    // Nothing reserved here has left this function: roll back.
-                    st.cursor = saved_cursor;
-                    st.key = saved_key;
-                    return Err(e);
-                }
-            }
-        }
-        Ok(out)
-    }
-
     fn reserve_locked(&self, st: &mut State, charge: u64) -> Result<Reservation> {
         let placed = st.cursor.place(charge, &self.policy)?;
         if placed.placement == Placement::Rotated {
@@ -479,26 +459,6 @@ mod tests {
                 counter: 0
             }
         );
-    }
-
-    #[test]
-    fn failed_run_reserves_nothing() {
-        let s = seq(10);
-        let before = s.cursor();
-        assert!(s.reserve_run(&[3, 3, 11]).is_err());
-        assert_eq!(s.cursor(), before);
-        let run = s.reserve_run(&[3, 3, 3, 3]).unwrap();
-        let pos: Vec<_> = run.iter().map(|r| r.position()).collect();
-        assert_eq!(
-            pos[3],
-            Position {
-                epoch: 1,
-                counter: 0
-            }
-        );
-        for r in run {
-            let _ = r.into_nop().unwrap();
-        }
     }
 
     #[test]
