@@ -21,7 +21,8 @@ use std::time::Duration;
 /// Buffer views whose last Rust owner was dropped on a thread that may not hold the GIL
 /// (a worker): releasing a view needs the GIL, and taking it there could deadlock against a
 /// thread that holds the GIL while it waits for that worker. They wait here until a call
-/// that holds the GIL releases them.
+/// that holds the GIL releases them: every method of `Pipeline` and `Transfer` holds a
+/// [`Call`] for its whole length, whose drop does it, and so does dropping a `Transfer`.
 ///
 /// A lock-free stack (push one, take all), not a mutex: a process forked while a pipeline
 /// thread held a mutex here would find it locked forever.
@@ -46,6 +47,23 @@ fn bury(view: Buffer) {
             Ok(_) => return,
             Err(h) => head = h,
         }
+    }
+}
+
+/// Held by a method for the length of its call (`PyPipeline::enter`, `Call::new`): when it
+/// goes, after the method's own locals (sources, specs, retired entries), the views that
+/// died meanwhile are released. No call site drains by hand.
+struct Call<'py>(Python<'py>);
+
+impl<'py> Call<'py> {
+    fn new(py: Python<'py>) -> Self {
+        Self(py)
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        release_dead_views(self.0);
     }
 }
 
@@ -172,9 +190,11 @@ pub struct PyPipeline {
 }
 
 impl PyPipeline {
-    /// PipelineClosedError in a process forked from the pipeline's creator.
-    fn owner(&self, py: Python<'_>) -> PyResult<()> {
-        self.inner.check_owner().map_err(|e| to_py(py, e))
+    /// Starts a call: PipelineClosedError in a process forked from the pipeline's creator,
+    /// else the [`Call`] that releases dead views when the method returns.
+    fn enter<'py>(&self, py: Python<'py>) -> PyResult<Call<'py>> {
+        self.inner.check_owner().map_err(|e| to_py(py, e))?;
+        Ok(Call::new(py))
     }
 }
 
@@ -198,6 +218,7 @@ impl PyPipeline {
         staging: Option<&Bound<'_, PyAny>>,
         keep_armed: Int,
     ) -> PyResult<Self> {
+        let _call = Call::new(py); // releases the views of refused staging buffers
         let validation = match validation {
             "fingerprint" => Validation::Fingerprint,
             "protect" => Validation::PageProtection,
@@ -224,9 +245,7 @@ impl PyPipeline {
             None => detached(py, move || Pipeline::new(&session, cfg))?,
             Some(list) => {
                 let bufs = staging_of(list)?;
-                let r = detached(py, move || Pipeline::with_staging(&session, cfg, bufs));
-                release_dead_views(py); // views of refused buffers
-                r?
+                detached(py, move || Pipeline::with_staging(&session, cfg, bufs))?
             }
         };
         Ok(Self { inner })
@@ -235,14 +254,12 @@ impl PyPipeline {
     /// Queues the expected next transfers, in order: each a buffer or (buffer, offset,
     /// length). Never blocks on the ring.
     fn predict(&self, py: Python<'_>, transfers: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         let mut specs = Vec::new();
         for (i, item) in transfers.try_iter()?.enumerate() {
             specs.push(transfer_spec(&item?, &format!("transfers[{i}]"))?);
         }
         let r = detached(py, || self.inner.predict(&specs));
-        drop(specs);
-        release_dead_views(py);
         log_warnings(py, &self.inner)?;
         r
     }
@@ -259,13 +276,11 @@ impl PyPipeline {
         offset: Int,
         length: Option<Int>,
     ) -> PyResult<PyTransfer> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         let src = source_of(buf, "buf")?;
         let offset = offset.usize("offset")?;
         let length = length.map(|l| l.usize("length")).transpose()?;
         let t = detached(py, || self.inner.request(&src, offset, length))?;
-        drop(src);
-        release_dead_views(py);
         log_warnings(py, &self.inner)?;
         Ok(PyTransfer {
             inner: Mutex::new(Some(t)),
@@ -276,16 +291,15 @@ impl PyPipeline {
     /// NOPs for every position still reserved in the ring (and pending predictions are
     /// dropped): send them and the receiver has every position this pipeline reserved.
     fn relinquish(&self, py: Python<'_>) -> PyResult<Vec<PyMessage>> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         let out = detached(py, || self.inner.relinquish_all())?;
-        release_dead_views(py);
         Ok(out.into_iter().map(|(o, m)| message_obj(o, m)).collect())
     }
 
     /// The pipeline's counters by name (`PipelineStats` in the stub; each is described in
     /// `pipellm_core::pipeline::StatsSnapshot`); times in seconds.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         let d = PyDict::new(py);
         for (name, value) in self.inner.stats().fields() {
             match value {
@@ -299,7 +313,7 @@ impl PyPipeline {
     /// Holds (True) or releases (False) the worker threads: held, they finish the chunk in
     /// hand and start nothing new. For simulations that stop their clock.
     fn hold_workers(&self, py: Python<'_>, held: bool) -> PyResult<()> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         self.inner.hold_workers(held);
         Ok(())
     }
@@ -308,25 +322,21 @@ impl PyPipeline {
     /// pages become writable again and the pipeline drops its reference to the buffer.
     /// Returns how many chunks were released.
     fn unwatch(&self, py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<usize> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         let src = source_of(buf, "buf")?;
         let n = detached(py, || Ok(self.inner.unwatch(&src)))?;
-        drop(src);
-        release_dead_views(py);
         Ok(n)
     }
 
     /// Forgets predictions not yet in the ring; returns how many.
     fn clear_plan(&self, py: Python<'_>) -> PyResult<usize> {
-        self.owner(py)?;
-        let n = py.detach(|| self.inner.clear_plan());
-        release_dead_views(py);
-        Ok(n)
+        let _call = self.enter(py)?;
+        Ok(py.detach(|| self.inner.clear_plan()))
     }
 
     /// (entries in the ring, predictions waiting for a slot), read at one moment.
     fn queued(&self, py: Python<'_>) -> PyResult<(usize, usize)> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         // Takes the request path's locks: wait for them without the GIL.
         Ok(py.detach(|| self.inner.queued()))
     }
@@ -338,7 +348,7 @@ impl PyPipeline {
     /// `timeout` seconds passed first.
     #[pyo3(signature = (timeout = 10.0))]
     fn wait_idle(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         let timeout = if timeout == f64::INFINITY {
             Duration::MAX // no deadline
         } else {
@@ -346,9 +356,8 @@ impl PyPipeline {
                 PyValueError::new_err(format!("timeout must be >= 0 seconds, got {timeout}"))
             })?
         };
-        let idle = detached(py, || Ok(self.inner.wait_idle(timeout)))?;
-        release_dead_views(py); // retired entries dropped: their source views may be free
-        Ok(idle)
+        // Retired entries dropped meanwhile: `_call` releases their sources' views.
+        detached(py, || Ok(self.inner.wait_idle(timeout)))
     }
 
     #[getter]
@@ -359,8 +368,8 @@ impl PyPipeline {
     /// Stops the threads, drops unsent reserved positions and wipes staging memory. In a
     /// process forked from the creator it does nothing (the child's copy is leaked).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let _call = Call::new(py);
         py.detach(|| self.inner.close());
-        release_dead_views(py);
         log_warnings(py, &self.inner)
     }
 
@@ -388,7 +397,7 @@ impl PyPipeline {
         speculative: Int,
         on_demand: Int,
     ) -> PyResult<()> {
-        self.owner(py)?;
+        let _call = self.enter(py)?;
         use std::sync::atomic::Ordering::Relaxed;
         let speculative: u32 = speculative.at_most("speculative", u32::MAX.into())?;
         let on_demand: u32 = on_demand.at_most("on_demand", u32::MAX.into())?;
@@ -472,15 +481,15 @@ impl PyTransfer {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyMessage>> {
+        // After the last message the pipeline dropped its references to the source: the
+        // views are released when this call returns rather than at the next pipeline call.
+        let _call = Call::new(py);
         let held = self.interrupted().pop_front();
         if let Some(m) = held {
             return Ok(Some(m));
         }
         // The lock is taken with the GIL released (see Receiver.open_into).
         let next = py.detach(|| self.with(|t| t.next_message()).flatten());
-        // After the last message the pipeline dropped its references to the source: release
-        // the buffer views now rather than at the next pipeline call.
-        release_dead_views(py);
         match next {
             None => Ok(None),
             Some(Ok((offset, m))) => Ok(Some(message_obj(offset, m))),
