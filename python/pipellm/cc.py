@@ -286,7 +286,8 @@ def watch(buf: object) -> None:
 
 
 def unwatch(buf: object) -> None:
-    """Unregisters `buf` (see `watch`): its pages are writable again when this returns."""
+    """Unregisters `buf` (see `watch`): when this returns, no pre-encryption thread reads it
+    any more and its pages are writable again (it may be freed)."""
     from ._core import _buffer_span
 
     fn = _api("pipellm_cc_unwatch", ctypes.c_void_p)

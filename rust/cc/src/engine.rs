@@ -1139,26 +1139,43 @@ impl Engine {
             }
         }
         let mut buf = self.buffer(job.len);
-        // A chunk of a watched range is armed before it is read: a write from then on is seen.
-        let watched = crate::watch_ranges::arm(job.input, job.len);
-        if !read_own_memory(job.input, &mut buf) {
-            Stats::add(&self.stats.jobs_unreadable, 1);
-            buf.zeroize();
-            self.recycle(buf);
-            self.settle(&job, None);
-            return;
-        }
         let cfg = config();
         let ranges = crate::pieces::split(
             job.len,
             crate::pieces::count(job.len, cfg.split_bytes, cfg.helpers),
         );
-        let fps = if watched.is_none() {
-            crate::pieces::fingerprints(&buf, &ranges)
-        } else {
-            Vec::new() // validated by its watch; the pieces only split the hit's copy
+        // A chunk of a watched range is armed before it is read: a write from then on is
+        // seen, so it is encrypted straight from the source (no snapshot copy: on a load,
+        // where the workers only just keep up, that copy was a third of their time) and
+        // carries no fingerprints (the pieces only split the hit's copy). Anything else is
+        // snapshotted first (memory nobody vouched for may be unmapped at any time: the
+        // snapshot read reports that instead of faulting), and fingerprinted from the
+        // snapshot, so the fingerprints are exactly of the bytes encrypted.
+        let (sealed, watched, fps) = match crate::watch_ranges::arm(job.input, job.len) {
+            Some((stamp, reading)) => {
+                // SAFETY: `reading` keeps the range registered, and so (its registrant's
+                // promise) mapped and readable, until it is dropped after this call; `buf` is
+                // our own buffer, disjoint from the caller's memory.
+                let r = unsafe {
+                    job.key
+                        .seal_from_raw(&job.iv, &[], job.input as *const u8, &mut buf)
+                };
+                drop(reading);
+                (r, Some(stamp), Vec::new())
+            }
+            None => {
+                if !read_own_memory(job.input, &mut buf) {
+                    Stats::add(&self.stats.jobs_unreadable, 1);
+                    buf.zeroize();
+                    self.recycle(buf);
+                    self.settle(&job, None);
+                    return;
+                }
+                let fps = crate::pieces::fingerprints(&buf, &ranges);
+                (job.key.seal_in_place(&job.iv, &[], &mut buf), None, fps)
+            }
         };
-        match job.key.seal_in_place(&job.iv, &[], &mut buf) {
+        match sealed {
             Ok(tag) => {
                 Stats::add(&self.stats.jobs_done, 1);
                 self.settle(
@@ -1175,7 +1192,7 @@ impl Engine {
                 );
             }
             Err(_) => {
-                buf.zeroize(); // still the plaintext snapshot
+                buf.zeroize(); // may still be the plaintext snapshot
                 self.recycle(buf);
                 self.settle(&job, None);
             }

@@ -66,6 +66,7 @@ extern "C" fn in_child_after_fork() {
     // serves nothing new, plans nothing and forwards D2H calls from now on.
     FORKED.store(true, Ordering::Relaxed);
     engine().enter_child();
+    crate::watch_ranges::enter_child();
     let _ = HELD_FOR_FORK.try_with(|h| h.borrow_mut().take());
 }
 
@@ -876,8 +877,10 @@ pub unsafe extern "C" fn pipellm_cc_watch(ptr: *const c_void, len: usize) -> c_i
     }
 }
 
-/// Unregisters the watched range that starts at `ptr`; its pages are writable again when
-/// this returns. Returns 0, or -1 if no range starts there, -4 (internal error).
+/// Unregisters the watched range that starts at `ptr`; when this returns, no pre-encryption
+/// thread reads it any more (it waits for those that still do: at most a chunk's
+/// encryption) and its pages are writable again. Returns 0, or -1 if no range starts there,
+/// -4 (internal error).
 #[no_mangle]
 pub extern "C" fn pipellm_cc_unwatch(ptr: *const c_void) -> c_int {
     match std::panic::catch_unwind(|| crate::watch_ranges::unwatch(ptr as usize)) {

@@ -19,6 +19,8 @@
 use pipellm_core::locks::lock;
 use pipellm_core::writeguard::{Stamp, WriteWatch};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 
 /// Registered ranges at once.
@@ -31,6 +33,31 @@ struct Range {
     start: usize,
     len: usize,
     spans: HashMap<(usize, usize), WriteWatch>,
+    /// Workers reading the range's memory right now (see [`Reading`]); `unwatch` waits for
+    /// none before it returns, since the registrant may unmap the memory right after.
+    readers: Arc<AtomicUsize>,
+}
+
+/// A worker's read of a chunk of a registered range in progress: the range stays mapped (its
+/// registrant promised so until `unwatch` returns, and `unwatch` waits for every `Reading`
+/// of it to be dropped), so the worker may encrypt straight from the source, with no
+/// snapshot copy. A write meanwhile is caught by the chunk's watch, armed before the read.
+pub struct Reading(Arc<AtomicUsize>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        // Release: the reads of the range happen before `unwatch` sees the count fall.
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Set in a forked child (`enter_child`): no worker came along, so a `Reading` counted at
+/// the fork never ends there, and `unwatch` must not wait for it.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+/// Called in a forked child, before anything else runs there.
+pub fn enter_child() {
+    FORKED.store(true, Ordering::Relaxed);
 }
 
 #[derive(Default)]
@@ -118,13 +145,14 @@ pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
         start,
         len,
         spans: HashMap::new(),
+        readers: Arc::new(AtomicUsize::new(0)),
     });
     Ok(())
 }
 
-/// Unregisters the range that starts at `start`: its chunks' watches are dropped (pages
-/// writable again) before this returns, and its chunks never validate again. False if no
-/// range starts there.
+/// Unregisters the range that starts at `start`: once no worker reads it any more, its
+/// chunks' watches are dropped (pages writable again) before this returns, and its chunks
+/// never validate again. False if no range starts there.
 pub fn unwatch(start: usize) -> bool {
     let range = {
         let mut reg = registry();
@@ -135,14 +163,26 @@ pub fn unwatch(start: usize) -> bool {
         reg.spans -= r.spans.len();
         r
     };
+    // Removed under the lock, so no new `Reading` of it can start; the ones in progress
+    // end within a chunk's encryption.
+    let mut spins = 0u32;
+    while range.readers.load(Ordering::Acquire) > 0 && !FORKED.load(Ordering::Relaxed) {
+        spins += 1;
+        if spins < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
     drop(range); // the mprotect calls, outside the lock
     true
 }
 
 /// For a chunk about to be read for encryption: if it lies inside a registered range, arms
-/// its watch (made on first use) and returns the stamp to validate it with later; None
-/// otherwise (the caller fingerprints instead).
-pub fn arm(input: usize, len: usize) -> Option<SpanStamp> {
+/// its watch (made on first use) and returns the stamp to validate it with later, and the
+/// [`Reading`] that keeps the range registered while the caller reads it; None otherwise
+/// (the caller snapshots and fingerprints instead).
+pub fn arm(input: usize, len: usize) -> Option<(SpanStamp, Reading)> {
     let end = input.checked_add(len)?;
     let mut reg = registry();
     let full = reg.spans >= MAX_SPANS;
@@ -150,7 +190,7 @@ pub fn arm(input: usize, len: usize) -> Option<SpanStamp> {
         .ranges
         .iter_mut()
         .find(|r| r.start <= input && end <= r.start + r.len)?;
-    let (range, span) = (r.id, (input, len));
+    let (range, span, readers) = (r.id, (input, len), r.readers.clone());
     let mut made = false;
     let watch = match r.spans.entry(span) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -169,7 +209,11 @@ pub fn arm(input: usize, len: usize) -> Option<SpanStamp> {
     if made {
         reg.spans += 1;
     }
-    stamp.ok().map(|stamp| SpanStamp { range, span, stamp })
+    let stamp = stamp.ok()?;
+    // Counted under the registry lock (held until we return), under which `unwatch`
+    // removes the range: it either sees this count or this call does not find the range.
+    readers.fetch_add(1, Ordering::Relaxed);
+    Some((SpanStamp { range, span, stamp }, Reading(readers)))
 }
 
 /// True if nothing wrote the chunk since `s` was taken (and its range is still registered).
@@ -217,14 +261,14 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { watch(base + 4096, 10) }, Err(WatchError::Overlaps));
         assert!(arm(base + len - 10, 20).is_none(), "not inside the range");
-        let s = arm(base, 8192).unwrap();
+        let (s, _) = arm(base, 8192).unwrap();
         assert!(unchanged(&s));
         // SAFETY: inside the mapping; the write faults once and goes through.
         unsafe { std::ptr::write_volatile(p.add(100), 1) };
         assert!(!unchanged(&s));
-        let s2 = arm(base, 8192).unwrap();
+        let (s2, _) = arm(base, 8192).unwrap();
         assert!(unchanged(&s2));
-        let other = arm(base + 8192, 8192).unwrap();
+        let (other, _) = arm(base + 8192, 8192).unwrap();
         // SAFETY: as above, in the other chunk.
         unsafe { std::ptr::write_volatile(p.add(9000), 1) };
         assert!(unchanged(&s2), "a write to another chunk's pages");
@@ -242,5 +286,31 @@ mod tests {
             std::ptr::write_volatile(p, 2);
             libc::munmap(p.cast(), len);
         }
+    }
+
+    #[test]
+    fn unwatch_waits_for_a_read_in_progress() {
+        let (p, len) = pages(2);
+        let base = p as usize;
+        // SAFETY: the mapping lives until the end of the test, after unwatch.
+        unsafe { watch(base, len) }.unwrap();
+        let (_, reading) = arm(base, len).unwrap();
+        let t = std::thread::spawn(move || unwatch(base));
+        // Once the range is gone from the registry, unwatch is past its lock and waiting.
+        while overlaps(base, len) {
+            std::thread::yield_now();
+        }
+        assert!(
+            arm(base, len).is_none(),
+            "a new read of an unregistered range"
+        );
+        assert!(
+            !t.is_finished(),
+            "unwatch returned while a worker still read the range"
+        );
+        drop(reading);
+        assert!(t.join().unwrap());
+        // SAFETY: our mapping, no longer watched or read.
+        unsafe { libc::munmap(p.cast(), len) };
     }
 }

@@ -80,6 +80,28 @@ impl AeadKey {
         unsafe { self.seal_raw(iv, aad, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
     }
 
+    /// Encrypts `len = dst.len()` bytes read straight from `src` into `dst`, for a source
+    /// that other threads may write meanwhile (memory the caller watches for writes): the
+    /// bytes read are then a mix, and the caller must discard the result unless its watch
+    /// says nothing wrote since before this call. No `&[u8]` of the source is ever formed.
+    ///
+    /// # Safety
+    /// `src` must be readable for `dst.len()` bytes for the whole call and must not overlap
+    /// `dst`.
+    // SAFETY: an `unsafe fn` because of the pointer contract above; every caller states why
+    // it holds at its call site.
+    pub unsafe fn seal_from_raw(
+        &self,
+        iv: &[u8; IV_LEN],
+        aad: &[u8],
+        src: *const u8,
+        dst: &mut [u8],
+    ) -> Result<[u8; TAG_LEN]> {
+        // SAFETY: the caller guarantees `src` readable and disjoint from `dst`, which is an
+        // exclusive borrow valid for its length.
+        unsafe { self.seal_raw(iv, aad, src, dst.as_mut_ptr(), dst.len()) }
+    }
+
     /// Encrypts `src` into uninitialised memory `dst` (same length): for fresh output buffers,
     /// which then need no zeroing first.
     pub fn seal_uninit(
