@@ -140,6 +140,13 @@ pub struct CtxState {
     /// before them (the current stream's length so far).
     last_span: Option<(usize, usize)>,
     streak: usize,
+    /// The current stream's number: bumped by every message that does not continue the one
+    /// before it.
+    stream: u64,
+    /// IVs whose in-flight or prepared chunk is a continuation guess, with the stream that
+    /// guessed it: a guess of a stream that has since ended (a copy's continuation past its
+    /// end) gives way to the continuation of the stream that began instead.
+    guesses: HashMap<Iv, u64>,
     /// IVs being pre-encrypted, each with the chunk it is being encrypted from: a result
     /// for a chunk the prediction no longer expects at that IV is thrown away (`settle`).
     pub inflight: HashMap<Iv, (usize, usize)>,
@@ -195,6 +202,8 @@ impl CtxState {
             prepared: HashMap::new(),
             last_span: None,
             streak: 0,
+            stream: 0,
+            guesses: HashMap::new(),
             inflight: HashMap::new(),
             started: HashMap::new(),
             shadow: None,
@@ -969,6 +978,9 @@ impl Engine {
             .last_span
             .is_some_and(|(i, l)| l == span.1 && i.checked_add(l) == Some(span.0));
         st.streak = if continues { st.streak + 1 } else { 0 };
+        if !continues {
+            st.stream += 1;
+        }
         st.last_span = Some(span);
         let mut jobs = Vec::new();
         let cfg = config();
@@ -999,7 +1011,18 @@ impl Engine {
         let learned = st.history.predict(depth);
         let continued = learned.is_empty();
         let ahead: Vec<(usize, usize)> = if continued {
-            continuation(span, depth.min(st.streak + 1))
+            let mut next = continuation(span, depth.min(st.streak + 1));
+            // A copy from a watched range does not go on past the range's end: the
+            // registrant said where that buffer ends.
+            if let Some(end) = crate::watch_ranges::range_end(span.0, span.1) {
+                next.retain(|&(i, l)| i.checked_add(l).is_some_and(|e| e <= end));
+            }
+            // Nor into memory this context already sent (the copy before it, laid out
+            // next to it): a copy made for the first time reads each chunk once.
+            if let Some(seen) = next.iter().position(|s| st.keys.contains_key(s)) {
+                next.truncate(seen);
+            }
+            next
         } else {
             learned.into_iter().map(|k| st.spans[k as usize]).collect()
         };
@@ -1018,8 +1041,10 @@ impl Engine {
             // learned prediction costs a learned pattern nothing).
             let made = st.prepared.get(&iv).map(|p| (p.input, p.len));
             let making = st.inflight.get(&iv).copied();
+            // The exception: what is there was guessed by a stream that has ended since.
+            let superseded = continued && st.guesses.get(&iv).is_some_and(|&s| s != st.stream);
             let covered = if continued {
-                made.is_some() || making.is_some()
+                (made.is_some() || making.is_some()) && !superseded
             } else {
                 made == Some((input, len)) || making == Some((input, len))
             };
@@ -1050,6 +1075,19 @@ impl Engine {
         }
         for j in &jobs {
             st.inflight.insert(j.iv, (j.input, j.len));
+            if continued {
+                if st.guesses.insert(j.iv, st.stream).is_some() {
+                    // It replaces an ended stream's guess (`superseded`): that result, made
+                    // or to come, is thrown away (`settle` compares the in-flight chunk).
+                    st.started.remove(&j.iv);
+                    if let Some(p) = st.prepared.remove(&j.iv) {
+                        Stats::add(&self.stats.jobs_dropped, 1);
+                        self.recycle(p.ct);
+                    }
+                }
+            } else {
+                st.guesses.remove(&j.iv);
+            }
         }
         // Chunks for IVs the prediction no longer expects (or expects from other memory)
         // will never be used.
@@ -1064,15 +1102,26 @@ impl Engine {
             .filter(|(iv, p)| !expected(iv, (p.input, p.len)))
             .map(|(iv, _)| *iv)
             .collect();
+        // Each one thrown away is a prediction that did not hold, as much as a message that
+        // came for other memory: both count towards probing (a pattern whose guesses keep
+        // changing before their IVs come, such as a random order, would otherwise keep the
+        // workers busy without a single message counted as mispredicted).
         for iv in stale {
             if let Some(p) = st.prepared.remove(&iv) {
                 Stats::add(&self.stats.jobs_dropped, 1);
+                st.record(false);
                 self.recycle(p.ct);
             }
         }
+        let before = st.inflight.len();
         st.inflight.retain(|iv, span| expected(iv, *span));
-        let inflight = &st.inflight;
+        for _ in st.inflight.len()..before {
+            st.record(false);
+        }
+        let (inflight, prepared) = (&st.inflight, &st.prepared);
         st.started.retain(|iv, _| inflight.contains_key(iv));
+        st.guesses
+            .retain(|iv, _| inflight.contains_key(iv) || prepared.contains_key(iv));
         jobs
     }
 

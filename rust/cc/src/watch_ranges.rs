@@ -226,6 +226,16 @@ pub fn unchanged(s: &SpanStamp) -> bool {
         .is_some_and(|w| w.unchanged_since(s.stamp))
 }
 
+/// The end of the registered range `[input, input + len)` lies in, if any.
+pub fn range_end(input: usize, len: usize) -> Option<usize> {
+    let end = input.checked_add(len)?;
+    registry()
+        .ranges
+        .iter()
+        .find(|r| r.start <= input && end <= r.start + r.len)
+        .map(|r| r.start + r.len)
+}
+
 /// Registered ranges and chunk watches now.
 pub fn counts() -> (usize, usize) {
     let reg = registry();
