@@ -185,6 +185,90 @@ def test_python_tls_and_hashes_work_under_the_interposer(cc_dir: Path) -> None:
     assert r["status"]["real_libcrypto"] == str(cc.real_libcrypto())
 
 
+CLAIMS_CHILD = r"""
+import ctypes, json, os, sys
+import pipellm
+from pipellm import _core
+
+page = os.sysconf("SC_PAGESIZE")
+lib = ctypes.CDLL(None)  # the process's global scope: the interposer, not the extension
+claim = lib.pipellm_page_claim_v1
+claim.argtypes = [ctypes.c_size_t] * 3
+claim.restype = ctypes.c_int
+release = lib.pipellm_page_release_v1
+release.argtypes = [ctypes.c_size_t] * 3
+FOREIGN = 0x51  # an owner that is neither copy
+
+
+def pages(buf):
+    addr, n = _core._buffer_span(buf)
+    s = -(-addr // page) * page
+    return s, (addr + n) // page * page
+
+
+def served(buf, during=lambda: None, **kw):
+    key = pipellm.SessionKey.generate()
+    rx = pipellm.Receiver(key, 0)
+    with pipellm.Pipeline(key, 0, slots=4, chunk_bytes=len(buf), validation="protect", **kw) as p:
+        p.predict([buf])
+        p.wait_idle()
+        out = bytearray(len(buf))
+        for m in p.request(buf).messages():
+            rx.open_into(m, memoryview(out)[m.offset : m.offset + len(m)])
+        assert out == buf
+        return p.stats(), during()
+
+
+a = bytearray(os.urandom(16 * page))
+s, e = pages(a)
+# Its chunk stays armed while the pipeline is open: the pages stay claimed.
+kept, refused_for_others = served(a, lambda: claim(s, s + page, FOREIGN) == -1, keep_armed=4)
+released = claim(s, e, FOREIGN) == 0  # the pipeline closed: its claim went with it
+release(s, e, FOREIGN)
+b = bytearray(os.urandom(16 * page))
+s, e = pages(b)
+assert claim(s, e, FOREIGN) == 0  # as the interposer's own watches would
+fallback, _ = served(b)
+release(s, e, FOREIGN)
+print(json.dumps({"tracker": pipellm.write_tracker(), "shared": _core._write_claims_shared(),
+                  "kept": kept, "refused_for_others": refused_for_others, "released": released,
+                  "fallback": fallback, "len": len(b), "page": page}))
+"""
+
+
+def test_both_copies_claim_pages_in_one_table(cc_dir: Path) -> None:
+    # The extension and the interposer each link their own core. With the mprotect tracker
+    # both could protect the same pages and each trust its own bookkeeping (a stale hit);
+    # so each claims its pages in one table per process, the interposer's. Here the
+    # extension's watch is refused to another owner, and pages another owner claimed are
+    # validated by fingerprint instead (and still delivered exactly).
+    env = cc.environment(directory=cc_dir)
+    env["PIPELLM_WRITE_TRACKER"] = "mprotect"
+    p = subprocess.run(
+        [sys.executable, "-c", CLAIMS_CHILD], env=env, capture_output=True, text=True, check=False
+    )
+    assert p.returncode == 0, p.stderr
+    import json
+
+    r = json.loads(p.stdout)
+    assert r["tracker"] == "mprotect" and r["shared"], r
+    # Validated by its watch: only the edge bytes outside whole pages are hashed.
+    assert r["kept"]["watches_kept"] == 1, r
+    assert r["kept"]["validation_bytes_hashed"] < 2 * r["page"], r
+    assert r["refused_for_others"] and r["released"], r
+    # Refused a watch: every byte fingerprinted, still a hit.
+    assert r["fallback"]["hits"] == 1, r
+    assert r["fallback"]["validation_bytes_hashed"] == r["len"], r
+    # Without the interposer the extension asks its own table.
+    plain = subprocess.run(
+        [sys.executable, "-c", "from pipellm import _core; print(_core._write_claims_shared())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert plain.stdout.strip() == "False"
+
+
 def test_not_loaded_in_a_plain_process() -> None:
     assert cc.status() == {"loaded": False, "active": False, "stats": {}}
 

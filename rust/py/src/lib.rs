@@ -21,6 +21,13 @@ fn write_tracker() -> &'static str {
     pipellm_core::writeguard::tracker_name()
 }
 
+/// True if this extension claims the pages it write-protects in another copy's table: the
+/// interposer's, when `pipellm run` loaded it (see `writeguard/claims.rs`).
+#[pyfunction]
+fn _write_claims_shared() -> bool {
+    pipellm_core::writeguard::claims_shared()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -35,6 +42,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hostpool::_host_pool_end_loan, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::_buffer_span, m)?)?;
     m.add_function(wrap_pyfunction!(write_tracker, m)?)?;
+    m.add_function(wrap_pyfunction!(_write_claims_shared, m)?)?;
     m.add_class::<pipeline::PyTransfer>()?;
     m.add_class::<predict::PyLearned>()?;
     m.add(

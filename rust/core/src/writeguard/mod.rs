@@ -35,8 +35,11 @@
 //! a fault and a spurious re-encryption (the pipeline watches only pages wholly inside its
 //! source, see `pipeline::watches`).
 
+mod claims;
 mod uffd;
 mod vma;
+
+pub use claims::shared as claims_shared;
 
 use crate::error::{Error, Result};
 use crate::locks::lock;
@@ -603,6 +606,13 @@ impl WriteWatch {
             .iter()
             .position(|r| !r.in_use.load(Ordering::Acquire))
             .ok_or_else(|| Error::Capacity(format!("more than {MAX_REGIONS} watched regions")))?;
+        // Another copy of this library (the interposer's, the extension's) must not protect
+        // these pages too (see `claims`); released in `drop`.
+        if tracker.is_none() && !claims::claim(start, end) {
+            return Err(Error::InvalidArgument(
+                "another copy of pipellm in this process watches these pages".into(),
+            ));
+        }
         if let Some(t) = tracker {
             // Registering again pages another region registered is a no-op for the kernel;
             // pages of another userfaultfd (another copy of this library) are refused.
@@ -781,6 +791,8 @@ impl Drop for WriteWatch {
         // become writable; only then do we stop claiming faults in this range.
         if !REGIONS[self.slot].uffd.load(Ordering::Relaxed) {
             release_pages(self.slot);
+            let (s, e) = range(self.slot);
+            claims::release(s, e);
         }
         REGIONS[self.slot].in_use.store(false, Ordering::Release);
     }
