@@ -94,6 +94,34 @@ def test_to_host_non_blocking_is_a_future(torch: Any, engine: Any) -> None:
     assert engine.to_host(d, out=out) is out and torch.equal(out, torch.arange(10000))
 
 
+def test_concurrent_copies_to_the_host_reach_the_receiver_in_order(torch: Any, engine: Any) -> None:
+    # The device-to-host receiver accepts messages only in the order the device sent them:
+    # non-blocking copies in a row and copies from several threads must all verify.
+    import threading
+
+    tensors = [engine.to_device(torch.arange(i * 1000, i * 1000 + 3000)) for i in range(8)]
+    futures = [engine.to_host(t, non_blocking=True) for t in tensors for _ in range(4)]
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def copy_back(t: Any) -> None:
+        try:
+            for _ in range(10):
+                results.append((t, engine.to_host(t)))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=copy_back, args=(t,)) for t in tensors[:4]]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for i, f in enumerate(futures):
+        assert torch.equal(f.result(timeout=60), tensors[i // 4])
+    assert len(results) == 40 and all(torch.equal(t, r) for t, r in results)
+
+
 def test_errors_name_the_argument(torch: Any, engine: Any) -> None:
     with pytest.raises(TypeError, match="tensor"):
         engine.to_device(np.zeros(3))

@@ -30,7 +30,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._buffers import _tensor_bytes
-from ._core import Pipeline, Receiver, SessionKey
+from ._core import Message, Pipeline, Receiver, SessionKey
 from .device import CpuDevice, open_device
 from .predictors import Learned
 from .speculator import Speculator
@@ -47,7 +47,8 @@ class SecureCopyEngine:
     Usable with no arguments: it makes its own session key and picks the device
     (`device_kind="cpu-model"` asks for the CPU receiver model; see `pipellm.device`). `workers`
     threads pre-encrypt predicted host→device copies (chunks of `chunk_bytes`, up to
-    `slots` in flight) and decrypt device→host copies."""
+    `slots` in flight); one more thread verifies and decrypts device→host copies, in the
+    order the device sent them."""
 
     def __init__(
         self,
@@ -76,10 +77,12 @@ class SecureCopyEngine:
         )
         self.spec = Speculator(self.pipe, Learned(), depth=depth)
         self._d2h_rx = Receiver(self.key, channel, direction="d2h")
-        self._d2h_pool = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="pipellm-d2h")
-        # The device-to-host receiver accepts messages only in order: decryptions are
-        # verified in order under this lock (they may still run off the caller's thread).
-        self._d2h_lock = threading.Lock()
+        # The device-to-host receiver accepts messages only in the order the device sent
+        # them: one thread verifies and decrypts, and each copy's work is queued under
+        # `_lock` right after the device sent it, so the queue's order is the send order
+        # (two threads, or non-blocking copies in a row, cannot reach the receiver out of
+        # order).
+        self._d2h_pool = ThreadPoolExecutor(1, thread_name_prefix="pipellm-to-host")
         self._lock = threading.RLock()
         # CPU model: tensors this engine made "device-resident", by id, weakly held (a
         # WeakSet would compare tensors with ==, which is elementwise).
@@ -159,9 +162,10 @@ class SecureCopyEngine:
     def to_host(
         self, tensor: torch.Tensor, out: torch.Tensor | None = None, non_blocking: bool = False
     ) -> torch.Tensor | Future[torch.Tensor]:
-        """Copies a device tensor to the host: the device encrypts, host workers verify and
-        decrypt off the caller's thread. Returns the host tensor, or with `non_blocking` a
-        Future whose result is readable only once its tags verified."""
+        """Copies a device tensor to the host: the device encrypts, a host thread verifies and
+        decrypts off the caller's thread (copies are verified in the order they were made).
+        Returns the host tensor, or with `non_blocking` a Future whose result is readable
+        only once its tags verified."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
         if not self.is_device_tensor(tensor):
@@ -169,25 +173,24 @@ class SecureCopyEngine:
         if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype):
             raise ValueError("out: shape or dtype does not match tensor")
         src = tensor if tensor.is_contiguous() else tensor.contiguous()
-        with self._lock:
-            sealed = self.device.send(_byte_view(src), self.chunk_bytes)
-            self.copies_to_host += 1
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(src)
 
-        def finish() -> torch.Tensor:
+        def finish(sealed: list[tuple[int, Message]]) -> torch.Tensor:
             view = memoryview(_byte_view(dst)) if dst.numel() else None
-            with self._d2h_lock:
-                for off, m in sealed:
-                    self._d2h_rx.open_into(
-                        m, view[off : off + len(m)] if view is not None else bytearray(0)
-                    )
+            for off, m in sealed:
+                self._d2h_rx.open_into(
+                    m, view[off : off + len(m)] if view is not None else bytearray(0)
+                )
             if out is not None and dst is not out:
                 with _Bypass():
                     out.copy_(dst)
                 return out
             return dst
 
-        fut = self._d2h_pool.submit(finish)
+        with self._lock:
+            sealed = self.device.send(_byte_view(src), self.chunk_bytes)
+            self.copies_to_host += 1
+            fut = self._d2h_pool.submit(finish, sealed)
         return fut if non_blocking else fut.result()
 
     def close(self) -> None:
