@@ -1,4 +1,4 @@
-"""Faults, hostile input and secrets (issue 5): each case ends in a typed error or a correct
+"""Faults, hostile input and secrets: each case ends in a typed error or a correct
 result; nothing hangs, crashes or leaks key material."""
 
 from __future__ import annotations

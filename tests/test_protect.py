@@ -1,4 +1,4 @@
-"""`validation="protect"` under hostile but realistic use (issue 17 items 1, 4 and 5), with
+"""`validation="protect"` under hostile but realistic use, with
 each write tracker this machine offers: a SIGSEGV handler installed after pipellm's, kernel
 writes into memory next to a source, and bytes that change without a store by this process
 (shared memory, file mappings, dropped pages). Each case runs in a fresh interpreter, so a

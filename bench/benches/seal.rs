@@ -1,5 +1,5 @@
-//! Seal and open throughput of pipellm's own channel API (one core), for the chunk sizes of
-//! the issue: 64 KiB, 1 MiB and 16 MiB. `bench/channel_bench.py` runs this beside
+//! Seal and open throughput of pipellm's own channel API (one core), for the chunk sizes that
+//! matter: 64 KiB (a KV block), 1 MiB (the driver's chunk) and 16 MiB. `bench/channel_bench.py` runs this beside
 //! `openssl speed` and the Python API, and prints them together.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -6,7 +6,7 @@
   there `open_device()` raises `DeviceUnavailable` rather than hand out host tensors where
   the program expects CUDA tensors; `kind="cpu-model"` asks for the model explicitly;
 - everywhere else, `CpuDevice`: the receiver model plays the GPU. It checks order and tags
-  exactly as the device would (DESIGN.md §1), decrypts into "device memory" (host memory
+  exactly as the device would (docs/protocol.md), decrypts into "device memory" (host memory
   owned by the model), and encrypts in the device-to-host direction as the device would.
 
 The choice is logged once (logger "pipellm", level WARNING so it shows by default), with the

@@ -1,4 +1,4 @@
-"""Predictors of the next transfers (DESIGN.md §3).
+"""Predictors of the next transfers (docs/pipeline.md says how a Speculator uses them).
 
 Every predictor works on *keys*: any hashable value naming a transfer (a layer index, a
 ``("kv", block)`` tuple, an adapter name). `observe(key)` records a transfer that happened;

@@ -1,6 +1,6 @@
 //! Predicting the IVs a driver's encryption context will use next, without a profiling run.
 //!
-//! Hopper's layout (DESIGN.md §0): IV = (32-bit message counter ‖ 64-bit channel counter,
+//! Hopper's layout (as the open-source driver builds it): IV = (32-bit message counter ‖ 64-bit channel counter,
 //! little-endian) XOR a 12-byte per-key mask, one counter +1 per chunk. The mask is secret
 //! and the counter's start is not visible, so the model keeps a few hypotheses, each a
 //! complete explanation of the first IV it saw:

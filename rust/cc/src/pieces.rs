@@ -1,7 +1,7 @@
 //! Serving a hit in pieces on several threads: each piece's source bytes are fingerprinted
 //! and compared with the piece's fingerprint from encryption time, and its stored ciphertext
 //! copied to the driver's output. Both are memory-bound, so on a host with spare cores the
-//! pieces run in parallel (the "parallel helper threads for large chunks").
+//! pieces run in parallel.
 //!
 //! The calling thread takes pieces too, so a helper that wakes late costs nothing: the caller
 //! may do every piece itself. The caller returns only when every piece that was started has

@@ -1,4 +1,4 @@
-//! Predicting the next transfers from what serving has done so far (DESIGN.md §3), for the
+//! Predicting the next transfers from what serving has done so far, for the
 //! predictor that needs no hint: it learns the request stream's repetition. Transfers are
 //! identified by opaque `u64` keys (the Python layer maps buffers to keys).
 //!

@@ -1,4 +1,5 @@
-//! Speculative pipelined encryption (DESIGN.md §2).
+//! Speculative pipelined encryption (docs/pipeline.md; docs/architecture.md for how it
+//! fits with the rest).
 //!
 //! `predict` queues the chunks expected next; a planner thread gives each a staging buffer, a
 //! reserved position (in order) and a ring entry; worker threads encrypt entries out of order
@@ -60,7 +61,7 @@ pub struct PipelineConfig {
     /// Encryption threads (0: everything is encrypted by the caller, on demand).
     pub workers: usize,
     /// Cap on staging memory: `slots * chunk_bytes`, each slot's `chunk_bytes` rounded up to
-    /// whole 4 KiB pages (the memory a staging buffer takes), must not exceed it.
+    /// whole pages (the memory a staging buffer takes; `crate::page`), must not exceed it.
     pub max_staging_bytes: usize,
     /// How a hit is checked against writes to its source since its snapshot.
     pub validation: Validation,
