@@ -2,7 +2,7 @@
 
 The secure transfer channel (AES-256-GCM, one IV counter per direction, receiver that
 accepts only the next message) is implemented in Rust (`pipellm._core`); this package is
-its Python face.
+its Python face. How the pieces fit together: docs/architecture.md in the repository.
 """
 
 from ._core import (

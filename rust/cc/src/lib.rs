@@ -14,6 +14,9 @@
 //! What the driver receives is always exactly what OpenSSL would have produced: a key is
 //! followed only after our AES-GCM reproduced a real message under it, and a chunk is used
 //! only for the IV it was made with, byte for byte.
+//!
+//! Its threads, globals and lock order beside the rest of pipellm's: `docs/architecture.md`;
+//! the call-by-call state model: `docs/driver-backend.md`.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 

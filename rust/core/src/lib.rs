@@ -8,6 +8,13 @@
 //! - [`sequencer`]: in-order IV reservation for any number of threads.
 //! - [`sender`], [`receiver`]: the two ends; the receiver mirrors the device's checks.
 //! - [`message`]: a sealed message and its wire form.
+//! - [`pipeline`]: speculative pre-encryption (workers, ring, validation); [`predict`] the
+//!   learned predictor; [`staging`], [`fingerprint`], [`writeguard`] (write trackers and page
+//!   claims), [`gate`], [`hostpool`], [`page`], [`locks`]: what the pipeline and the
+//!   interposer build on.
+//!
+//! How these fit together (every thread, every process-wide global and its owner, the lock
+//! order, a transfer's path through each backend): `docs/architecture.md`.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 

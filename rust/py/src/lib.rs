@@ -1,5 +1,6 @@
 //! `pipellm._core`: thin PyO3 bindings over `pipellm-core`. No logic lives here beyond
-//! argument conversion, error mapping and releasing the GIL around heavy work.
+//! argument conversion, error mapping and releasing the GIL around heavy work. Where this
+//! sits among the crates: `docs/architecture.md`.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
