@@ -68,7 +68,7 @@ fn main() {
         v.sort_by(f64::total_cmp);
         println!("{name:8} median {:8.1} us", v[v.len() / 2]);
     }
-    let stats = pipellm_cc::engine::engine().stats.snapshot();
+    let stats = pipellm_cc::stats::stats().snapshot();
     let named: Vec<String> = pipellm_cc::stats::NAMES
         .iter()
         .zip(stats)

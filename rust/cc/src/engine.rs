@@ -19,7 +19,7 @@
 
 use crate::config::{config, log};
 use crate::ivmodel::{Iv, IvModel, ModelState};
-use crate::stats::Stats;
+use crate::stats::{stats, Stats};
 use pipellm_core::crypto::AeadKey;
 use pipellm_core::locks::{lock, wait, wait_timeout};
 use pipellm_core::predict::Learned;
@@ -238,19 +238,10 @@ pub struct Engine {
     /// Paired with `jobs`: a worker found the queue empty (see `quiesce`).
     quiet: Condvar,
     spare: Mutex<Vec<Vec<u8>>>,
-    /// Set in a forked child (`enter_child`): no worker thread came along and another
-    /// thread may have held `jobs` or `spare` at the fork, so the child serves nothing new,
-    /// plans nothing and touches neither; it only keeps every context answering as OpenSSL
-    /// would (a served message the real context has not seen is replayed when needed).
-    forked: std::sync::atomic::AtomicBool,
     /// Bytes the real library encrypted on tracked contexts, and bytes we encrypted again to
     /// confirm keys (see `after_real_update`).
     tracked_bytes: std::sync::atomic::AtomicU64,
     confirm_bytes: std::sync::atomic::AtomicU64,
-    /// Set once for good (a D2H chunk failed its tag: see `d2h`): nothing is served or
-    /// pre-encrypted any more.
-    stopped: std::sync::atomic::AtomicBool,
-    pub stats: Stats,
 }
 
 pub fn engine() -> &'static Engine {
@@ -269,11 +260,8 @@ pub fn engine() -> &'static Engine {
         quiescers: AtomicUsize::new(0),
         quiet: Condvar::new(),
         spare: Mutex::new(Vec::new()),
-        forked: std::sync::atomic::AtomicBool::new(false),
         tracked_bytes: std::sync::atomic::AtomicU64::new(0),
         confirm_bytes: std::sync::atomic::AtomicU64::new(0),
-        stopped: std::sync::atomic::AtomicBool::new(false),
-        stats: Stats::default(),
     })
 }
 
@@ -325,20 +313,6 @@ impl Engine {
     fn gen(&self) -> u64 {
         self.next_gen
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Stops the pipeline for good: no chunk is served or pre-encrypted from now on (every
-    /// context leaves tracking at its next init). True if this call stopped it.
-    pub fn stop(&self) -> bool {
-        let first = !self.stopped.swap(true, std::sync::atomic::Ordering::AcqRel);
-        if first {
-            Stats::add(&self.stats.stops, 1);
-        }
-        first
-    }
-
-    pub fn is_stopped(&self) -> bool {
-        self.stopped.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The context is gone or reset: drop all we know, including prepared chunks.
@@ -403,7 +377,7 @@ impl Engine {
             st.buf_tag = None;
             st.key_set = false;
         }
-        if self.is_stopped() {
+        if crate::process::stopped() {
             st.tracked = false;
             st.msg = Msg::Untracked;
             return;
@@ -463,7 +437,7 @@ impl Engine {
             }
             if st.model.state() == ModelState::Rejected && !st.model_logged {
                 st.model_logged = true;
-                Stats::add(&self.stats.models_rejected, 1);
+                Stats::add(&stats().models_rejected, 1);
                 log(format_args!(
                     "context {ctx:#x}: its IVs follow no known layout; pass-through"
                 ));
@@ -511,7 +485,7 @@ impl Engine {
                 st.msg = Msg::Untracked; // AAD: not the driver's pattern
                 return Decision::Forward;
             }
-            if self.is_forked() {
+            if crate::process::forked() {
                 st.msg = Msg::Untracked; // nothing new in a forked child (see `forked`)
                 return Decision::Forward;
             }
@@ -520,7 +494,7 @@ impl Engine {
                 // In place (or overlapping): serving would write ciphertext over bytes the
                 // validation, or the real encryption if it fails, still has to read. The
                 // driver encrypts into its bounce buffer, never in place.
-                Stats::add(&self.stats.in_place, 1);
+                Stats::add(&stats().in_place, 1);
                 st.msg = Msg::Untracked;
                 return Decision::Forward;
             }
@@ -536,7 +510,7 @@ impl Engine {
                     m = self.wait_settled(m, ctx, iv, WAIT_INFLIGHT_CAP);
                 } else if let Some(rest) = self.nearly_done(st, iv) {
                     // Waiting for the rest beats encrypting the whole chunk again here.
-                    Stats::add(&self.stats.waited, 1);
+                    Stats::add(&stats().waited, 1);
                     m = self.wait_settled(m, ctx, iv, rest * 2);
                 }
             }
@@ -550,9 +524,9 @@ impl Engine {
                 let ours = st.inflight.get(&iv) == Some(&span);
                 Stats::add(
                     if ours {
-                        &self.stats.late
+                        &stats().late
                     } else {
-                        &self.stats.mispredicted
+                        &stats().mispredicted
                     },
                     1,
                 );
@@ -577,7 +551,7 @@ impl Engine {
             }
         };
         if taken.input != input as usize || taken.len != len {
-            Stats::add(&self.stats.mispredicted, 1);
+            Stats::add(&stats().mispredicted, 1);
             self.recycle(taken.ct);
             self.record_outcome(ctx, false);
             return Decision::Forward;
@@ -605,17 +579,17 @@ impl Engine {
                 )
             };
         if fresh && watched_ok.is_some() {
-            Stats::add(&self.stats.hits_watched, 1);
+            Stats::add(&stats().hits_watched, 1);
         }
         if !fresh {
             // `out` may hold part of the old ciphertext: the real encryption rewrites it all.
-            Stats::add(&self.stats.stale, 1);
+            Stats::add(&stats().stale, 1);
             self.recycle(taken.ct);
             self.record_outcome(ctx, false);
             return Decision::Forward;
         }
-        Stats::add(&self.stats.hits, 1);
-        Stats::add(&self.stats.hit_bytes, len as u64);
+        Stats::add(&stats().hits, 1);
+        Stats::add(&stats().hit_bytes, len as u64);
         let mut m = lock(&self.ctxs);
         match m.get_mut(&ctx) {
             Some(st) => {
@@ -743,7 +717,7 @@ impl Engine {
             st.buf_tag = None;
             st.final_seen = true;
         }
-        Stats::add(&self.stats.resyncs, 1);
+        Stats::add(&stats().resyncs, 1);
         Some(Resync {
             iv: st.iv?,
             prepared,
@@ -835,7 +809,11 @@ impl Engine {
             return;
         };
         self.tracked_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        if st.confirmed || st.refused || st.model.state() != ModelState::Bound || self.is_forked() {
+        if st.confirmed
+            || st.refused
+            || st.model.state() != ModelState::Bound
+            || crate::process::forked()
+        {
             return;
         }
         let spent = self.confirm_bytes.load(Ordering::Relaxed);
@@ -848,7 +826,7 @@ impl Engine {
         };
         drop(m);
         self.confirm_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        Stats::add(&self.stats.confirmations, 1);
+        Stats::add(&stats().confirmations, 1);
         // SAFETY: per this function's contract, both are readable for len until we return.
         let (src, real_ct) = unsafe {
             (
@@ -865,7 +843,7 @@ impl Engine {
         if let Msg::Missed { ours, .. } = &mut st.msg {
             match result {
                 Ok(tag) if same_ct => *ours = Some(tag),
-                _ => refuse(ctx, st, &self.stats),
+                _ => refuse(ctx, st, stats()),
             }
         }
     }
@@ -890,13 +868,13 @@ impl Engine {
             }
             _ => return,
         };
-        Stats::add(&self.stats.misses, 1);
+        Stats::add(&stats().misses, 1);
         if let Some(ours) = ours {
             if pipellm_core::crypto::tags_equal(&ours, tag) {
                 st.confirmed = true;
-                Stats::add(&self.stats.keys_confirmed, 1);
+                Stats::add(&stats().keys_confirmed, 1);
             } else {
-                refuse(ctx, st, &self.stats);
+                refuse(ctx, st, stats());
                 return;
             }
         }
@@ -921,15 +899,6 @@ impl Engine {
         if let Some(old) = old {
             self.recycle_state(old);
         }
-    }
-
-    /// In the child of a fork (see `forked`).
-    pub fn enter_child(&self) {
-        self.forked.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_forked(&self) -> bool {
-        self.forked.load(Ordering::Relaxed)
     }
 
     /// For the fork handlers: the contexts' lock, held across `fork()` so that the child
@@ -963,8 +932,8 @@ impl Engine {
         };
         if !st.confirmed
             || st.model.state() != ModelState::Bound
-            || self.is_stopped()
-            || self.is_forked()
+            || crate::process::stopped()
+            || crate::process::forked()
         {
             return jobs;
         }
@@ -1029,7 +998,7 @@ impl Engine {
             }
             counting = false;
             if continued {
-                Stats::add(&self.stats.continued, 1);
+                Stats::add(&stats().continued, 1);
             }
             jobs.push(Job {
                 ctx,
@@ -1055,7 +1024,7 @@ impl Engine {
                     // or to come, is thrown away (`settle` compares the in-flight chunk).
                     st.started.remove(&j.iv);
                     if let Some(p) = st.prepared.remove(&j.iv) {
-                        Stats::add(&self.stats.jobs_dropped, 1);
+                        Stats::add(&stats().jobs_dropped, 1);
                         self.recycle(p.ct);
                     }
                 }
@@ -1082,7 +1051,7 @@ impl Engine {
         // workers busy without a single message counted as mispredicted).
         for iv in stale {
             if let Some(p) = st.prepared.remove(&iv) {
-                Stats::add(&self.stats.jobs_dropped, 1);
+                Stats::add(&stats().jobs_dropped, 1);
                 st.record(false);
                 self.recycle(p.ct);
             }
@@ -1100,7 +1069,7 @@ impl Engine {
     }
 
     fn submit(&self, jobs: Vec<Job>) {
-        if jobs.is_empty() || self.is_forked() {
+        if jobs.is_empty() || crate::process::forked() {
             return;
         }
         self.workers_started.call_once(|| {
@@ -1127,7 +1096,7 @@ impl Engine {
     }
 
     fn worker_loop(&self) {
-        background_priority();
+        crate::process::background_priority();
         loop {
             let job = {
                 let mut q = lock(&self.jobs);
@@ -1147,7 +1116,7 @@ impl Engine {
             };
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(job)));
             if done.is_err() {
-                Stats::add(&self.stats.panics, 1);
+                Stats::add(&stats().panics, 1);
             }
         }
     }
@@ -1187,8 +1156,8 @@ impl Engine {
                 (r, Some(stamp), Vec::new())
             }
             None => {
-                if !read_own_memory(job.input, &mut buf) {
-                    Stats::add(&self.stats.jobs_unreadable, 1);
+                if !crate::process::read_own_memory(job.input, &mut buf) {
+                    Stats::add(&stats().jobs_unreadable, 1);
                     buf.zeroize();
                     self.recycle(buf);
                     self.settle(&job, None);
@@ -1200,7 +1169,7 @@ impl Engine {
         };
         match sealed {
             Ok(tag) => {
-                Stats::add(&self.stats.jobs_done, 1);
+                Stats::add(&stats().jobs_done, 1);
                 self.settle(
                     &job,
                     Some(Prepared {
@@ -1248,13 +1217,13 @@ impl Engine {
             self.settled.notify_all();
         }
         if let Some(p) = keep {
-            Stats::add(&self.stats.jobs_dropped, 1);
+            Stats::add(&stats().jobs_dropped, 1);
             self.recycle(p.ct);
         }
     }
 
     fn buffer(&self, len: usize) -> Vec<u8> {
-        if self.is_forked() {
+        if crate::process::forked() {
             return vec![0u8; len];
         }
         let mut spare = lock(&self.spare);
@@ -1275,7 +1244,7 @@ impl Engine {
     }
 
     fn recycle(&self, b: Vec<u8>) {
-        if self.is_forked() {
+        if crate::process::forked() {
             return; // a worker may have held `spare` at the fork: just free the buffer
         }
         let mut spare = lock(&self.spare);
@@ -1292,16 +1261,6 @@ impl Engine {
             self.recycle(prepared.ct);
         }
     }
-}
-
-/// Marks the calling thread as background work (Linux `SCHED_BATCH`): woken, it does not
-/// preempt the thread that woke it. Waking a worker is otherwise a context switch on the
-/// driver's critical path: measured on 2 cores, `GET_TAG` took 24-550 µs whenever it woke
-/// one. Best effort: on failure the thread keeps the normal policy.
-pub fn background_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: changes only the calling thread's policy (pid 0), with a valid parameter.
-    unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
 }
 
 /// Decrements a counter when dropped (see `wait_settled`).
@@ -1322,24 +1281,6 @@ fn continuation((input, len): (usize, usize), n: usize) -> Vec<(usize, usize)> {
     (1..=n)
         .map_while(|k| Some((input.checked_add(len.checked_mul(k)?)?, len)))
         .collect()
-}
-
-/// Copies `buf.len()` bytes of our own memory at `addr` into `buf`, or returns false if any
-/// of it is not mapped readable. A predicted source may have been freed since it was last
-/// used: reading it directly could crash the process, `process_vm_readv` reports EFAULT.
-fn read_own_memory(addr: usize, buf: &mut [u8]) -> bool {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: `local` describes `buf`, which we own and may write; the kernel validates the
-    // remote range itself and fails with EFAULT instead of faulting.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    n >= 0 && n as usize == buf.len()
 }
 
 #[cfg(test)]
@@ -1374,8 +1315,8 @@ mod tests {
         let src = vec![3u8; 1 << 20];
         let key = Arc::new(AeadKey::new(&[7u8; 32]).unwrap());
         let (done, dropped) = (
-            e.stats.jobs_done.load(Ordering::Relaxed),
-            e.stats.jobs_dropped.load(Ordering::Relaxed),
+            stats().jobs_done.load(Ordering::Relaxed),
+            stats().jobs_dropped.load(Ordering::Relaxed),
         );
         // For a context nobody tracks: each chunk is encrypted, then thrown away at settle.
         let jobs = (0..6u8)
@@ -1390,8 +1331,8 @@ mod tests {
             .collect();
         e.submit(jobs);
         assert!(e.quiesce(Duration::from_secs(120)), "workers still busy");
-        assert!(e.stats.jobs_done.load(Ordering::Relaxed) - done >= 6);
-        assert!(e.stats.jobs_dropped.load(Ordering::Relaxed) - dropped >= 6);
+        assert!(stats().jobs_done.load(Ordering::Relaxed) - done >= 6);
+        assert!(stats().jobs_dropped.load(Ordering::Relaxed) - dropped >= 6);
         assert!(lock(&e.jobs).is_empty());
         assert_eq!(crate::exports::pipellm_cc_quiesce(-1), -1);
         assert_eq!(crate::exports::pipellm_cc_quiesce(1000), 0);
@@ -1409,14 +1350,5 @@ mod tests {
             vec![(usize::MAX - 0x150, 0x100), (usize::MAX - 0x50, 0x100)],
             "no address wraps"
         );
-    }
-
-    #[test]
-    fn unreadable_memory_is_reported_not_faulted() {
-        let mut buf = vec![0u8; 64];
-        assert!(!read_own_memory(8, &mut buf), "page 0 is never mapped");
-        let src = vec![5u8; 64];
-        assert!(read_own_memory(src.as_ptr() as usize, &mut buf));
-        assert_eq!(buf, src);
     }
 }

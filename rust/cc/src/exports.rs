@@ -7,7 +7,7 @@
 //!   EVP functions through its PLT, which resolves to us) are forwarded untouched, as are all
 //!   calls when `PIPELLM_CC_DISABLE=1`; in a forked child nothing new is served or
 //!   pre-encrypted and D2H calls are forwarded, but a served message the child inherited is
-//!   still answered and replayed as in the parent (see `engine::Engine::enter_child`);
+//!   still answered and replayed as in the parent (see `process::enter_child`);
 //! - our own bookkeeping runs under `catch_unwind`: a panic is counted and the call is
 //!   forwarded, never unwound into C;
 //! - before forwarding a call on a context that holds a served (hit) message, the real
@@ -23,7 +23,6 @@ use crate::engine::{engine, Decision, Engine, InitChange, TAG_LEN};
 use crate::real::{real, Cipher, Ctx, Engine as EngineHandle, Real};
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::atomic::{AtomicBool, Ordering};
 use zeroize::Zeroize;
 
 const NID_AES_256_GCM: c_int = 901;
@@ -37,7 +36,6 @@ thread_local! {
     static IN_REAL: Cell<bool> = const { Cell::new(false) };
 }
 
-static FORKED: AtomicBool = AtomicBool::new(false);
 static ATFORK: std::sync::Once = std::sync::Once::new();
 static LOAD_LOGGED: std::sync::Once = std::sync::Once::new();
 
@@ -64,14 +62,12 @@ extern "C" fn in_child_after_fork() {
     // The child has our state but not our worker threads, and the pre-encryption queue, the
     // buffer pool and the D2H tables may have been held by one of them at the fork: the child
     // serves nothing new, plans nothing and forwards D2H calls from now on.
-    FORKED.store(true, Ordering::Relaxed);
-    engine().enter_child();
-    crate::watch_ranges::enter_child();
+    crate::process::enter_child();
     let _ = HELD_FOR_FORK.try_with(|h| h.borrow_mut().take());
 }
 
 extern "C" fn report_at_exit() {
-    let snap = engine().stats.snapshot();
+    let snap = crate::stats::stats().snapshot();
     let line: Vec<String> = crate::stats::NAMES
         .iter()
         .zip(snap)
@@ -100,7 +96,7 @@ fn passthrough() -> bool {
 
 /// True in a forked child: D2H calls are only forwarded there (see `in_child_after_fork`).
 fn forked() -> bool {
-    FORKED.load(Ordering::Relaxed)
+    crate::process::forked()
 }
 
 /// Calls into the real library with the re-entry flag set.
@@ -134,7 +130,7 @@ fn guarded<R>(f: impl FnOnce() -> R) -> Option<R> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => Some(r),
         Err(_) => {
-            crate::stats::Stats::add(&engine().stats.panics, 1);
+            crate::stats::Stats::add(&crate::stats::stats().panics, 1);
             None
         }
     }
@@ -830,7 +826,7 @@ pub extern "C" fn pipellm_cc_active() -> c_int {
 /// `out` must be writable for `n` u64 values (or null with n = 0).
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_cc_stats(out: *mut u64, n: usize) -> usize {
-    let snap = engine().stats.snapshot();
+    let snap = crate::stats::stats().snapshot();
     if !out.is_null() {
         for (i, v) in snap.iter().take(n).enumerate() {
             // SAFETY: i < n, and the caller guarantees n writable values.
@@ -947,7 +943,7 @@ pub extern "C" fn pipellm_cc_quiesce(timeout_ms: c_int) -> c_int {
     let Ok(ms) = u64::try_from(timeout_ms) else {
         return -1;
     };
-    if FORKED.load(Ordering::Relaxed) {
+    if crate::process::forked() {
         return 0; // the workers were not forked with us: nothing runs here
     }
     let timeout = std::time::Duration::from_millis(ms);

@@ -26,6 +26,7 @@ pub mod engine;
 pub mod exports;
 pub mod ivmodel;
 pub mod pieces;
+pub mod process;
 pub mod real;
 pub mod stats;
 pub mod watch_ranges;

@@ -47,6 +47,12 @@ counters! {
     d2h_backpressure: "D2H chunks decrypted synchronously because too many were queued",
 }
 
+/// The interposer's counters, process-wide.
+pub fn stats() -> &'static Stats {
+    static S: std::sync::OnceLock<Stats> = std::sync::OnceLock::new();
+    S.get_or_init(Stats::default)
+}
+
 impl Stats {
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);

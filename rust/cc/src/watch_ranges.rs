@@ -19,7 +19,7 @@
 use pipellm_core::locks::lock;
 use pipellm_core::writeguard::{Stamp, WriteWatch};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 
@@ -49,15 +49,6 @@ impl Drop for Reading {
         // Release: the reads of the range happen before `unwatch` sees the count fall.
         self.0.fetch_sub(1, Ordering::Release);
     }
-}
-
-/// Set in a forked child (`enter_child`): no worker came along, so a `Reading` counted at
-/// the fork never ends there, and `unwatch` must not wait for it.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-/// Called in a forked child, before anything else runs there.
-pub fn enter_child() {
-    FORKED.store(true, Ordering::Relaxed);
 }
 
 #[derive(Default)]
@@ -166,7 +157,8 @@ pub fn unwatch(start: usize) -> bool {
     // Removed under the lock, so no new `Reading` of it can start; the ones in progress
     // end within a chunk's encryption.
     let mut spins = 0u32;
-    while range.readers.load(Ordering::Acquire) > 0 && !FORKED.load(Ordering::Relaxed) {
+    // In a forked child no worker came along: a `Reading` counted at the fork never ends.
+    while range.readers.load(Ordering::Acquire) > 0 && !crate::process::forked() {
         spins += 1;
         if spins < 64 {
             std::thread::yield_now();

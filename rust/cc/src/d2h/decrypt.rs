@@ -68,7 +68,7 @@ pub(super) fn submit(job: Job) {
 }
 
 fn decrypt_loop() {
-    crate::engine::background_priority();
+    crate::process::background_priority();
     let q = queue();
     loop {
         let job = {
@@ -97,7 +97,7 @@ fn decrypt(job: Job) {
     if !matches!(done, Ok(true)) {
         buf.fill(0);
         Stats::add(&stats().d2h_late_failures, 1);
-        if crate::engine::engine().stop() {
+        if crate::process::stop() {
             log(format_args!(
                 "a deferred D2H chunk changed after its tag check; pipeline stopped"
             ));

@@ -141,13 +141,13 @@ fn mid_message_into(pending: &Arc<AtomicUsize>) -> bool {
 }
 
 fn stats() -> &'static crate::stats::Stats {
-    &crate::engine::engine().stats
+    crate::stats::stats()
 }
 
 /// True once a deferred D2H chunk failed its tag: from then on nothing is deferred and no
 /// pre-encrypted chunk is served (the engine checks this), everything is forwarded.
 pub fn stopped() -> bool {
-    crate::engine::engine().is_stopped()
+    crate::process::stopped()
 }
 
 /// What a decrypting init call changed (after the real call succeeded).
@@ -160,7 +160,7 @@ pub struct DecInit<'a> {
 
 /// Records a decrypting init. The caller resynced any deferred message first.
 pub fn on_init(ctx: usize, ch: DecInit<'_>) {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return; // a D2H thread may have held these tables at the fork: forward only
     }
     let mut m = lock(&d2h().ctxs);
@@ -210,7 +210,7 @@ pub fn on_init(ctx: usize, ch: DecInit<'_>) {
 
 /// The context is gone, reset, or left what we model. The caller resynced first.
 pub fn forget(ctx: usize) {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return; // a D2H thread may have held these tables at the fork: forward only
     }
     let old = lock(&d2h().ctxs).remove(&ctx);
@@ -231,7 +231,7 @@ fn discard(msg: Option<DMsg>) {
 
 /// `SET_TAG` on a followed context.
 pub fn on_set_tag(ctx: usize, tag: &Tag) {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return; // a D2H thread may have held these tables at the fork: forward only
     }
     if let Some(st) = lock(&d2h().ctxs).get_mut(&ctx) {
@@ -242,7 +242,7 @@ pub fn on_set_tag(ctx: usize, tag: &Tag) {
 /// The current message of the context leaves what we model (CipherUpdate, an empty Update).
 /// The caller resynced first.
 pub fn untrack_message(ctx: usize) {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return; // a D2H thread may have held these tables at the fork: forward only
     }
     if let Some(st) = lock(&d2h().ctxs).get_mut(&ctx) {
@@ -252,7 +252,7 @@ pub fn untrack_message(ctx: usize) {
 
 /// Takes the deferred message of `ctx` for a resync; the message is not followed further.
 pub fn take_for_resync(ctx: usize) -> Option<Resync> {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return None; // a D2H thread may have held these tables at the fork: forward only
     }
     let d = d2h();
@@ -281,7 +281,7 @@ pub fn take_for_resync(ctx: usize) -> Option<Resync> {
 /// `input` must be readable for `len` bytes and `out` writable for `len` bytes (the
 /// EVP_DecryptUpdate contract).
 pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) -> bool {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return false; // a D2H thread may have held these tables at the fork: forward only
     }
     let d = d2h();
@@ -370,7 +370,7 @@ pub unsafe fn try_defer(ctx: usize, out: *mut u8, input: *const u8, len: usize) 
 
 /// `DecryptFinal` on a deferred message: the tag check; `None` if there is none (forward).
 pub fn on_final(ctx: usize) -> Option<FinalOutcome> {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return None; // a D2H thread may have held these tables at the fork: forward only
     }
     let d = d2h();
@@ -407,7 +407,7 @@ fn reject(msg: Deferred, why: &str) -> FinalOutcome {
     unsafe { std::ptr::write_bytes(msg.alias as *mut u8, 0, msg.len) };
     drop(msg); // opens the gate on zeroes
     Stats::add(&stats().d2h_tag_failures, 1);
-    if crate::engine::engine().stop() {
+    if crate::process::stop() {
         log(format_args!(
             "a D2H chunk failed its tag check ({why}); pipeline stopped, everything forwarded"
         ));
@@ -423,7 +423,7 @@ fn reject(msg: Deferred, why: &str) -> FinalOutcome {
 /// `input` and `out` must be readable for `len` bytes: the arguments of the
 /// EVP_DecryptUpdate call that just returned, before returning to its caller.
 pub unsafe fn after_real_update(ctx: usize, input: *const u8, out: *const u8, len: usize) {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return; // a D2H thread may have held these tables at the fork: forward only
     }
     let (key, iv) = {
@@ -472,7 +472,7 @@ pub unsafe fn after_real_update(ctx: usize, input: *const u8, out: *const u8, le
 /// After a real DecryptFinal of a followed message: confirms the key when the tag computed
 /// at the Update matches the one the driver set and the real library accepted.
 pub fn after_real_final(ctx: usize, ok: bool) {
-    if crate::engine::engine().is_forked() {
+    if crate::process::forked() {
         return; // a D2H thread may have held these tables at the fork: forward only
     }
     let mut m = lock(&d2h().ctxs);
