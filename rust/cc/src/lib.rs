@@ -21,6 +21,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
+pub mod context;
 pub mod d2h;
 pub mod engine;
 pub mod exports;

@@ -7,7 +7,7 @@
 //! may do every piece itself. The caller returns only when every piece that was started has
 //! finished, which is what keeps the raw pointers below valid for the helpers.
 
-use crate::engine::{fingerprint, Fingerprint};
+use pipellm_core::fingerprint::{fingerprint, Fingerprint};
 use pipellm_core::locks::{lock, wait};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};

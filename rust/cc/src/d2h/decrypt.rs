@@ -3,7 +3,7 @@
 
 use super::{stats, Deferred};
 use crate::config::{config, log};
-use crate::engine::Tag;
+use crate::context::Tag;
 use crate::ivmodel::Iv;
 use crate::stats::Stats;
 use pipellm_core::crypto::AeadKey;

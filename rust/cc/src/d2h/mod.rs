@@ -32,7 +32,7 @@ pub use decrypt::MAX_QUEUED;
 pub use pools::{overlaps_a_pool, receive, unreceive, ReceiveError, UnreceiveError, MAX_POOLS};
 
 use crate::config::{config, log};
-use crate::engine::Tag;
+use crate::context::Tag;
 use crate::ivmodel::Iv;
 use crate::stats::Stats;
 use pipellm_core::crypto::{tags_equal, AeadKey};
