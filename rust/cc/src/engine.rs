@@ -21,9 +21,10 @@ use crate::config::{config, log};
 pub use crate::context::{CtxState, Msg, Prepared, Tag, TAG_LEN};
 use crate::ivmodel::{Iv, ModelState};
 use crate::stats::{stats, Stats};
+pub use crate::workers::Job;
 use pipellm_core::crypto::AeadKey;
-use pipellm_core::locks::{lock, wait, wait_timeout};
-use std::collections::{HashMap, VecDeque};
+use pipellm_core::locks::{lock, wait_timeout};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -33,15 +34,6 @@ use zeroize::{Zeroize, Zeroizing};
 /// worker that died with it, or no worker at all, costs this once per message, then the
 /// message is encrypted by the real library and counted `late`, as without the option).
 const WAIT_INFLIGHT_CAP: Duration = Duration::from_secs(10);
-
-pub struct Job {
-    pub ctx: usize,
-    pub gen: u64,
-    pub key: Arc<AeadKey>,
-    pub iv: Iv,
-    pub input: usize,
-    pub len: usize,
-}
 
 pub struct Engine {
     ctxs: Mutex<HashMap<usize, CtxState>>,
@@ -53,21 +45,6 @@ pub struct Engine {
     /// How long a worker takes for a chunk, a moving average in ns (0: none done yet).
     job_ns: std::sync::atomic::AtomicU64,
     next_gen: std::sync::atomic::AtomicU64,
-    jobs: Mutex<VecDeque<Job>>,
-    job_ready: Condvar,
-    /// Workers blocked on `job_ready` (changed under the `jobs` lock): a submission wakes
-    /// at most that many, and none when all are busy (a wake-up is a syscall on the
-    /// driver's critical path).
-    idle: AtomicUsize,
-    workers_started: std::sync::Once,
-    /// Worker threads running (set inside `workers_started`, before it completes).
-    started: AtomicUsize,
-    /// Threads in `quiesce` (changed under the `jobs` lock): a worker going idle wakes them
-    /// through `quiet` only when there are some.
-    quiescers: AtomicUsize,
-    /// Paired with `jobs`: a worker found the queue empty (see `quiesce`).
-    quiet: Condvar,
-    spare: Mutex<Vec<Vec<u8>>>,
     /// Bytes the real library encrypted on tracked contexts, and bytes we encrypted again to
     /// confirm keys (see `after_real_update`).
     tracked_bytes: std::sync::atomic::AtomicU64,
@@ -82,14 +59,6 @@ pub fn engine() -> &'static Engine {
         waiters: AtomicUsize::new(0),
         job_ns: std::sync::atomic::AtomicU64::new(0),
         next_gen: std::sync::atomic::AtomicU64::new(1),
-        jobs: Mutex::new(VecDeque::new()),
-        job_ready: Condvar::new(),
-        idle: AtomicUsize::new(0),
-        workers_started: std::sync::Once::new(),
-        started: AtomicUsize::new(0),
-        quiescers: AtomicUsize::new(0),
-        quiet: Condvar::new(),
-        spare: Mutex::new(Vec::new()),
         tracked_bytes: std::sync::atomic::AtomicU64::new(0),
         confirm_bytes: std::sync::atomic::AtomicU64::new(0),
     })
@@ -165,7 +134,7 @@ impl Engine {
             st.started.clear();
             drop(m);
             for p in drained {
-                self.recycle(p.ct);
+                crate::workers::workers().recycle(p.ct);
             }
         }
     }
@@ -201,7 +170,7 @@ impl Engine {
             if finalized && !resets {
                 st.buf_tag = Some(prepared.tag);
             }
-            self.recycle(prepared.ct);
+            crate::workers::workers().recycle(prepared.ct);
         }
         if resets {
             st.buf_tag = None;
@@ -371,7 +340,7 @@ impl Engine {
             if !st.confirmed {
                 if let Some(p) = p {
                     drop(m);
-                    self.recycle(p.ct);
+                    crate::workers::workers().recycle(p.ct);
                 }
                 return Decision::Forward;
             }
@@ -382,7 +351,7 @@ impl Engine {
         };
         if taken.input != input as usize || taken.len != len {
             Stats::add(&stats().mispredicted, 1);
-            self.recycle(taken.ct);
+            crate::workers::workers().recycle(taken.ct);
             self.record_outcome(ctx, false);
             return Decision::Forward;
         }
@@ -414,7 +383,7 @@ impl Engine {
         if !fresh {
             // `out` may hold part of the old ciphertext: the real encryption rewrites it all.
             Stats::add(&stats().stale, 1);
-            self.recycle(taken.ct);
+            crate::workers::workers().recycle(taken.ct);
             self.record_outcome(ctx, false);
             return Decision::Forward;
         }
@@ -434,7 +403,7 @@ impl Engine {
             None => {
                 // Freed by another thread mid-call: a caller bug. Let the real library answer.
                 drop(m);
-                self.recycle(taken.ct);
+                crate::workers::workers().recycle(taken.ct);
                 Decision::Forward
             }
         }
@@ -478,39 +447,6 @@ impl Engine {
             }
             m = wait_timeout(&self.settled, m, deadline - now).0;
         }
-    }
-
-    /// Returns once no pre-encryption job is queued and every worker started is waiting for
-    /// work (so every chunk submitted before the call is settled: ready, or dropped), or
-    /// false after `timeout`. D2H decryption threads are not counted.
-    pub fn quiesce(&self, timeout: Duration) -> bool {
-        if !self.workers_started.is_completed() {
-            // No job was ever submitted (`submit` starts the workers before it queues).
-            return true;
-        }
-        // `is_completed` is an Acquire load that saw the Once complete, after the spawning
-        // thread stored `started`: Relaxed is enough to read it.
-        let started = self.started.load(Ordering::Relaxed);
-        let deadline = Instant::now().checked_add(timeout);
-        let mut q = lock(&self.jobs);
-        // `idle` and `quiescers` change only under the `jobs` lock, so reading them (and the
-        // queue) under it is one consistent observation, and a worker that goes idle after
-        // our check sees `quiescers > 0` and notifies `quiet` (no lost wake-up).
-        self.quiescers.fetch_add(1, Ordering::Relaxed);
-        let quiet = loop {
-            if q.is_empty() && self.idle.load(Ordering::Relaxed) >= started {
-                break true;
-            }
-            let now = Instant::now();
-            let wait = match deadline {
-                Some(d) if now >= d => break false,
-                Some(d) => d - now,
-                None => Duration::from_secs(3600),
-            };
-            q = wait_timeout(&self.quiet, q, wait).0;
-        };
-        self.quiescers.fetch_sub(1, Ordering::Relaxed);
-        quiet
     }
 
     fn record_outcome(&self, ctx: usize, served: bool) {
@@ -557,7 +493,7 @@ impl Engine {
     }
 
     pub fn recycle_prepared(&self, p: Prepared) {
-        self.recycle(p.ct);
+        crate::workers::workers().recycle(p.ct);
     }
 
     /// EncryptFinal on a served message not finalized yet: GCM has nothing left to output,
@@ -609,7 +545,7 @@ impl Engine {
             Vec::new()
         };
         drop(m);
-        self.submit(jobs);
+        submit(jobs);
         Some(TagFix { tag, served: true })
     }
 
@@ -664,10 +600,10 @@ impl Engine {
                 std::slice::from_raw_parts(out, len),
             )
         };
-        let mut mine = self.buffer(len);
+        let mut mine = crate::workers::workers().buffer(len);
         let result = key.seal(&iv, &[], src, &mut mine);
         let same_ct = result.is_ok() && mine == real_ct;
-        self.recycle(mine);
+        crate::workers::workers().recycle(mine);
         let mut m = lock(&self.ctxs);
         let Some(st) = m.get_mut(&ctx) else { return };
         if let Msg::Missed { ours, .. } = &mut st.msg {
@@ -693,7 +629,7 @@ impl Engine {
                 // Learned so the history stays whole; never used to confirm a key.
                 let jobs = self.complete(ctx, st, (input, len));
                 drop(m);
-                self.submit(jobs);
+                submit(jobs);
                 return;
             }
             _ => return,
@@ -710,7 +646,7 @@ impl Engine {
         }
         let jobs = self.complete(ctx, st, (input, len));
         drop(m);
-        self.submit(jobs);
+        submit(jobs);
     }
 
     /// EVP_CIPHER_CTX_copy(out, input) succeeded (after `input` was brought up to date):
@@ -855,7 +791,7 @@ impl Engine {
                     st.started.remove(&j.iv);
                     if let Some(p) = st.prepared.remove(&j.iv) {
                         Stats::add(&stats().jobs_dropped, 1);
-                        self.recycle(p.ct);
+                        crate::workers::workers().recycle(p.ct);
                     }
                 }
             } else {
@@ -883,7 +819,7 @@ impl Engine {
             if let Some(p) = st.prepared.remove(&iv) {
                 Stats::add(&stats().jobs_dropped, 1);
                 st.record(false);
-                self.recycle(p.ct);
+                crate::workers::workers().recycle(p.ct);
             }
         }
         let before = st.inflight.len();
@@ -898,59 +834,6 @@ impl Engine {
         jobs
     }
 
-    fn submit(&self, jobs: Vec<Job>) {
-        if jobs.is_empty() || crate::process::forked() {
-            return;
-        }
-        self.workers_started.call_once(|| {
-            for i in 0..config().workers {
-                let spawned = std::thread::Builder::new()
-                    .name(format!("pipellm-cc-{i}"))
-                    .spawn(|| engine().worker_loop());
-                match spawned {
-                    Ok(_) => {
-                        self.started.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => log(format_args!("could not start a pre-encryption thread")),
-                }
-            }
-        });
-        let n = jobs.len();
-        let mut q = lock(&self.jobs);
-        q.extend(jobs);
-        let wake = n.min(self.idle.load(Ordering::Relaxed));
-        drop(q);
-        for _ in 0..wake {
-            self.job_ready.notify_one();
-        }
-    }
-
-    fn worker_loop(&self) {
-        crate::process::background_priority();
-        loop {
-            let job = {
-                let mut q = lock(&self.jobs);
-                loop {
-                    if let Some(j) = q.pop_front() {
-                        break j;
-                    }
-                    // `idle` changes only under the `jobs` lock, so a submitter that
-                    // reads 0 knows every worker will look at the queue before sleeping.
-                    self.idle.fetch_add(1, Ordering::Relaxed);
-                    if self.quiescers.load(Ordering::Relaxed) > 0 {
-                        self.quiet.notify_all(); // see `quiesce`
-                    }
-                    q = wait(&self.job_ready, q);
-                    self.idle.fetch_sub(1, Ordering::Relaxed);
-                }
-            };
-            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(job)));
-            if done.is_err() {
-                Stats::add(&stats().panics, 1);
-            }
-        }
-    }
-
     fn run(&self, job: Job) {
         {
             let mut m = lock(&self.ctxs);
@@ -960,7 +843,7 @@ impl Engine {
                 }
             }
         }
-        let mut buf = self.buffer(job.len);
+        let mut buf = crate::workers::workers().buffer(job.len);
         let cfg = config();
         let ranges = crate::pieces::split(
             job.len,
@@ -989,7 +872,7 @@ impl Engine {
                 if !crate::process::read_own_memory(job.input, &mut buf) {
                     Stats::add(&stats().jobs_unreadable, 1);
                     buf.zeroize();
-                    self.recycle(buf);
+                    crate::workers::workers().recycle(buf);
                     self.settle(&job, None);
                     return;
                 }
@@ -1015,7 +898,7 @@ impl Engine {
             }
             Err(_) => {
                 buf.zeroize(); // may still be the plaintext snapshot
-                self.recycle(buf);
+                crate::workers::workers().recycle(buf);
                 self.settle(&job, None);
             }
         }
@@ -1048,49 +931,23 @@ impl Engine {
         }
         if let Some(p) = keep {
             Stats::add(&stats().jobs_dropped, 1);
-            self.recycle(p.ct);
-        }
-    }
-
-    fn buffer(&self, len: usize) -> Vec<u8> {
-        if crate::process::forked() {
-            return vec![0u8; len];
-        }
-        let mut spare = lock(&self.spare);
-        if let Some(i) = spare.iter().position(|b| b.capacity() >= len) {
-            let mut b = spare.swap_remove(i);
-            // Only bytes beyond the old length are zero-filled: whoever takes a buffer
-            // overwrites all of it (a snapshot of the source), so a recycled buffer keeps its
-            // length instead of being cleared and refilled (a 1 MiB memset per chunk).
-            if b.len() >= len {
-                b.truncate(len);
-            } else {
-                b.resize(len, 0);
-            }
-            return b;
-        }
-        drop(spare);
-        vec![0u8; len]
-    }
-
-    fn recycle(&self, b: Vec<u8>) {
-        if crate::process::forked() {
-            return; // a worker may have held `spare` at the fork: just free the buffer
-        }
-        let mut spare = lock(&self.spare);
-        if spare.len() < 4 * config().depth * config().workers.max(1) {
-            spare.push(b); // ciphertext or a zeroized snapshot: nothing secret stays in it
+            crate::workers::workers().recycle(p.ct);
         }
     }
 
     fn recycle_state(&self, mut st: CtxState) {
         for (_, p) in st.prepared.drain() {
-            self.recycle(p.ct);
+            crate::workers::workers().recycle(p.ct);
         }
         if let Msg::Hit { prepared, .. } = std::mem::replace(&mut st.msg, Msg::Idle) {
-            self.recycle(prepared.ct);
+            crate::workers::workers().recycle(prepared.ct);
         }
     }
+}
+
+/// Queues chunks for the workers, which run them through `Engine::run`.
+fn submit(jobs: Vec<Job>) {
+    crate::workers::workers().submit(jobs, |job| engine().run(job));
 }
 
 /// Decrements a counter when dropped (see `wait_settled`).
@@ -1119,10 +976,10 @@ mod tests {
 
     #[test]
     fn quiesce_returns_once_every_submitted_chunk_is_settled() {
-        let e = engine();
-        if !e.workers_started.is_completed() {
+        let w = crate::workers::workers();
+        if !w.any_started() {
             assert!(
-                e.quiesce(Duration::ZERO),
+                w.quiesce(Duration::ZERO),
                 "nothing submitted yet: quiet at once"
             );
         }
@@ -1143,11 +1000,11 @@ mod tests {
                 len: src.len(),
             })
             .collect();
-        e.submit(jobs);
-        assert!(e.quiesce(Duration::from_secs(120)), "workers still busy");
+        submit(jobs);
+        assert!(w.quiesce(Duration::from_secs(120)), "workers still busy");
         assert!(stats().jobs_done.load(Ordering::Relaxed) - done >= 6);
         assert!(stats().jobs_dropped.load(Ordering::Relaxed) - dropped >= 6);
-        assert!(lock(&e.jobs).is_empty());
+        assert_eq!(w.queued(), 0);
         assert_eq!(crate::exports::pipellm_cc_quiesce(-1), -1);
         assert_eq!(crate::exports::pipellm_cc_quiesce(1000), 0);
     }

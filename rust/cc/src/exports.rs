@@ -947,7 +947,7 @@ pub extern "C" fn pipellm_cc_quiesce(timeout_ms: c_int) -> c_int {
         return 0; // the workers were not forked with us: nothing runs here
     }
     let timeout = std::time::Duration::from_millis(ms);
-    match std::panic::catch_unwind(|| engine().quiesce(timeout)) {
+    match std::panic::catch_unwind(|| crate::workers::workers().quiesce(timeout)) {
         Ok(true) => 0,
         Ok(false) => -6,
         Err(_) => -4,

@@ -31,3 +31,4 @@ pub mod process;
 pub mod real;
 pub mod stats;
 pub mod watch_ranges;
+pub mod workers;
