@@ -863,8 +863,8 @@ pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_cc_watch(ptr: *const c_void, len: usize) -> c_int {
     use crate::watch_ranges::WatchError;
-    // SAFETY: the caller's promise above is the one `watch_ranges::watch` needs.
-    match std::panic::catch_unwind(|| unsafe { crate::watch_ranges::watch(ptr as usize, len) }) {
+    // SAFETY: the caller's promise above is the one `registrations::watch` needs.
+    match std::panic::catch_unwind(|| unsafe { crate::registrations::watch(ptr as usize, len) }) {
         Ok(Ok(())) => 0,
         Ok(Err(WatchError::Empty)) => -1,
         Ok(Err(WatchError::Overlaps)) => -2,
@@ -905,9 +905,10 @@ pub unsafe extern "C" fn pipellm_cc_receive(
     len: usize,
 ) -> c_int {
     use crate::d2h::ReceiveError;
-    // SAFETY: the caller's promise above is the one `d2h::receive` needs.
-    let r =
-        std::panic::catch_unwind(|| unsafe { d2h::receive(view as usize, alias as usize, len) });
+    // SAFETY: the caller's promise above is the one `registrations::receive` needs.
+    let r = std::panic::catch_unwind(|| unsafe {
+        crate::registrations::receive(view as usize, alias as usize, len)
+    });
     match r {
         Ok(Ok(())) => 0,
         Ok(Err(ReceiveError::BadRange)) => -1,

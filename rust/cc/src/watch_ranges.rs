@@ -64,14 +64,6 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     spans: 0,
 });
 
-/// Held while a watched range or a receive pool (`d2h`) is registered, so that the two never
-/// overlap (taken before either registry's own lock).
-static REGISTRATIONS: Mutex<()> = Mutex::new(());
-
-pub fn registrations() -> MutexGuard<'static, ()> {
-    lock(&REGISTRATIONS)
-}
-
 /// True if any byte of `[start, start + len)` is in a registered range.
 pub fn overlaps(start: usize, len: usize) -> bool {
     let end = start.saturating_add(len.max(1));
@@ -112,12 +104,7 @@ pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
     if len == 0 || start.checked_add(len).is_none() {
         return Err(WatchError::Empty);
     }
-    // Receive pools have their pages gated (closed and opened) by `d2h`: a watch there would lose
-    // its protection (and a gate its hold) to the other's mprotect calls.
-    let _reg = registrations();
-    if crate::d2h::overlaps_a_pool(start, len) {
-        return Err(WatchError::Overlaps);
-    }
+    // Receive pools are refused by the caller (`registrations::watch`).
     let mut reg = registry();
     if reg
         .ranges
