@@ -1,7 +1,7 @@
 //! Typed errors of the core. The Python bindings map each variant onto one exception class,
 //! so a variant is added only together with its mapping.
 
-use crate::header::Position;
+use crate::position::Position;
 
 /// Why the receiver refused a message because of its place in the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -66,12 +66,7 @@ pub fn data_charge(len: u64) -> u64 {
     len.div_ceil(16) + 1
 }
 
-/// A place in a channel's stream: key epoch and message counter within that epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Position {
-    pub epoch: u32,
-    pub counter: u64,
-}
+pub use crate::position::Position;
 
 /// Everything the tag authenticates besides the ciphertext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

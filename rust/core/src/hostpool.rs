@@ -292,12 +292,6 @@ impl HostPool {
     }
 }
 
-impl crate::pipeline::SourceBytes for HostPool {
-    fn bytes(&self) -> &[u8] {
-        self.view()
-    }
-}
-
 impl Drop for HostPool {
     fn drop(&mut self) {
         let size = crate::page::round_up(self.len);

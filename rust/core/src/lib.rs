@@ -40,6 +40,7 @@ pub mod locks;
 pub mod message;
 pub mod page;
 pub mod pipeline;
+pub mod position;
 pub mod predict;
 pub mod receiver;
 pub mod ring;

@@ -21,6 +21,14 @@ impl SourceBytes for Box<[u8]> {
     }
 }
 
+/// A host pool is a source through its view (what transfers read; its writes go through the
+/// alias, announced to the write watches).
+impl SourceBytes for crate::hostpool::HostPool {
+    fn bytes(&self) -> &[u8] {
+        self.view()
+    }
+}
+
 pub type Source = Arc<dyn SourceBytes>;
 
 /// Most chunks one request (or one `predict` call, all its transfers together) may split
