@@ -103,6 +103,12 @@ pub struct CtxState {
     /// guessed it: a guess of a stream that has since ended (a copy's continuation past its
     /// end) gives way to the continuation of the stream that began instead.
     pub(crate) guesses: HashMap<Iv, u64>,
+    /// IVs a chunk was queued for (since their message came): a message whose IV had one but
+    /// finds nothing prepared or in flight (the guess was thrown away as the prediction
+    /// changed) is a prediction that failed, for probing as much as one made from other
+    /// memory; without it, a pattern whose guesses change before their IVs come (a random
+    /// order) would keep the workers busy and never be counted.
+    pub(crate) planned: std::collections::HashSet<Iv>,
     /// IVs being pre-encrypted, each with the chunk it is being encrypted from: a result
     /// for a chunk the prediction no longer expects at that IV is thrown away (`settle`).
     pub inflight: HashMap<Iv, (usize, usize)>,
@@ -155,6 +161,7 @@ impl CtxState {
             streak: 0,
             stream: 0,
             guesses: HashMap::new(),
+            planned: std::collections::HashSet::new(),
             inflight: HashMap::new(),
             started: HashMap::new(),
             shadow: None,

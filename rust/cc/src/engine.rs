@@ -317,6 +317,10 @@ impl Engine {
                 return Decision::Forward; // freed while we waited: a caller bug
             };
             let p = st.prepared.remove(&iv);
+            let planned = st.planned.remove(&iv);
+            if p.is_none() && !st.inflight.contains_key(&iv) && planned {
+                st.record(false); // its guess was thrown away (see `planned`)
+            }
             if p.is_none() && st.inflight.contains_key(&iv) {
                 // Being encrypted: from this memory (late), or from other memory (a guess
                 // that did not hold).

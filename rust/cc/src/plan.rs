@@ -119,8 +119,12 @@ pub fn complete(ctx: usize, st: &mut CtxState, span: (usize, usize)) -> Vec<Job>
     if jobs.len() < half && covered_ahead >= half {
         jobs.clear();
     }
+    if st.planned.len() > 4 * depth {
+        st.planned.clear(); // IVs that never came (a bound, not a rule)
+    }
     for j in &jobs {
         st.inflight.insert(j.iv, (j.input, j.len));
+        st.planned.insert(j.iv);
         if continued {
             if st.guesses.insert(j.iv, st.stream).is_some() {
                 // It replaces an ended stream's guess (`superseded`): that result, made
@@ -148,22 +152,13 @@ pub fn complete(ctx: usize, st: &mut CtxState, span: (usize, usize)) -> Vec<Job>
         .filter(|(iv, p)| !expected(iv, (p.input, p.len)))
         .map(|(iv, _)| *iv)
         .collect();
-    // Each one thrown away is a prediction that did not hold, as much as a message that
-    // came for other memory: both count towards probing (a pattern whose guesses keep
-    // changing before their IVs come, such as a random order, would otherwise keep the
-    // workers busy without a single message counted as mispredicted).
     for iv in stale {
         if let Some(p) = st.prepared.remove(&iv) {
             Stats::add(&stats().jobs_dropped, 1);
-            st.record(false);
             workers().recycle(p.ct);
         }
     }
-    let before = st.inflight.len();
     st.inflight.retain(|iv, span| expected(iv, *span));
-    for _ in st.inflight.len()..before {
-        st.record(false);
-    }
     let (inflight, prepared) = (&st.inflight, &st.prepared);
     st.started.retain(|iv, _| inflight.contains_key(iv));
     st.guesses

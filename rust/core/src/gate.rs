@@ -20,33 +20,13 @@
 //! decisions in the wrong order; the handler takes no lock, it only reads the slots.
 
 use crate::error::{Error, Result};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use crate::space;
 use std::sync::Mutex;
 
-/// Gates closed at once, process-wide.
-pub const MAX_GATES: usize = 256;
+pub use crate::space::MAX_GATES;
 
-struct Slot {
-    active: AtomicBool,
-    start: AtomicUsize,
-    end: AtomicUsize,
-}
-
-#[allow(clippy::declare_interior_mutable_const)]
-const FREE: Slot = Slot {
-    active: AtomicBool::new(false),
-    start: AtomicUsize::new(0),
-    end: AtomicUsize::new(0),
-};
-
-static SLOTS: [Slot; MAX_GATES] = [FREE; MAX_GATES];
-/// One past the highest slot ever used: the handler's scan stops there.
-static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
 /// Serialises closing and opening (never taken in the handler).
 static LOCK: Mutex<()> = Mutex::new(());
-/// The process that gated: a forked child inherits the table but no thread that would
-/// open its gates, so it must not wait on them (it gets the ordinary fault instead).
-static CLOSER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// Pages made inaccessible by [`close`]; opened by [`Gate::open`] or on drop.
 #[derive(Debug)]
@@ -58,61 +38,6 @@ use crate::page::size as page;
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     crate::locks::lock(&LOCK)
-}
-
-/// True if an active gate other than `except` covers the page at `addr`. Async-signal-safe.
-fn covered_by(addr: usize, except: usize) -> bool {
-    let high = HIGH_WATER.load(Ordering::Acquire);
-    SLOTS.iter().take(high).enumerate().any(|(i, s)| {
-        i != except
-            && s.active.load(Ordering::Acquire)
-            && s.start.load(Ordering::Relaxed) <= addr
-            && addr < s.end.load(Ordering::Relaxed)
-    })
-}
-
-/// True if any active gate covers a page of `[start, end)`.
-pub(crate) fn overlaps(start: usize, end: usize) -> bool {
-    let high = HIGH_WATER.load(Ordering::Acquire);
-    SLOTS.iter().take(high).any(|s| {
-        s.active.load(Ordering::Acquire)
-            && s.start.load(Ordering::Relaxed) < end
-            && start < s.end.load(Ordering::Relaxed)
-    })
-}
-
-/// True if an active gate covers the page at `addr` (for the write-detection handler,
-/// which must not open such a page). Async-signal-safe.
-pub(crate) fn covers(addr: usize) -> bool {
-    covered_by(addr, usize::MAX)
-}
-
-/// Called by the SIGSEGV handler for a permission fault (`SEGV_ACCERR`: a mapped page) at
-/// `addr`: if a gate covers it, waits until none does and returns true (the access is then
-/// retried); false if no gate covers it, or if this is not the process that gated (a
-/// forked child: nobody there would ever open the gate). Async-signal-safe: atomics,
-/// `getpid`, `sched_yield` and `nanosleep` only.
-pub(crate) fn wait_while_closed(addr: usize) -> bool {
-    // SAFETY: getpid has no preconditions.
-    if unsafe { libc::getpid() } != CLOSER.load(Ordering::Acquire) {
-        return false;
-    }
-    let mut waited = 0u32;
-    while covers(addr) {
-        if waited < 64 {
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
-        } else {
-            let ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 20_000,
-            };
-            // SAFETY: a valid timespec; the remaining time is not wanted.
-            unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
-        }
-        waited = waited.saturating_add(1);
-    }
-    waited > 0
 }
 
 /// Makes the pages holding `[ptr, ptr + len)` inaccessible until the returned gate opens.
@@ -134,20 +59,9 @@ pub unsafe fn close(ptr: *const u8, len: usize) -> Result<Gate> {
         .div_ceil(p)
         * p;
     let _g = lock();
-    // SAFETY: getpid has no preconditions.
-    CLOSER.store(unsafe { libc::getpid() }, Ordering::Release);
-    let slot = SLOTS
-        .iter()
-        .position(|s| !s.active.load(Ordering::Acquire))
+    let slot = space::free_gate_slot()
         .ok_or_else(|| Error::Capacity(format!("more than {MAX_GATES} gates closed")))?;
-    let s = &SLOTS[slot];
-    let activate = || {
-        s.start.store(start, Ordering::Relaxed);
-        s.end.store(end, Ordering::Relaxed);
-        HIGH_WATER.fetch_max(slot + 1, Ordering::AcqRel);
-        // Active before the pages close: any fault on them then finds the gate.
-        s.active.store(true, Ordering::Release);
-    };
+    let activate = || space::activate_gate(slot, start, end);
     if crate::writeguard::unless_watched(start, end, activate).is_none() {
         return Err(Error::InvalidArgument(
             "cannot close pages that a write watch covers".into(),
@@ -168,17 +82,15 @@ pub unsafe fn close(ptr: *const u8, len: usize) -> Result<Gate> {
 /// Opens the pages of `slot` that no other gate covers, then frees the slot. Caller holds
 /// the lock.
 fn release(slot: usize) {
-    let s = &SLOTS[slot];
-    let (start, end) = (
-        s.start.load(Ordering::Relaxed),
-        s.end.load(Ordering::Relaxed),
-    );
+    let (start, end) = space::gate_span(slot);
     // SAFETY: part of a range the closer vouched for, mapped read-write before it was
     // gated: this restores that access, except on pages another gate still holds.
-    unsafe { crate::writeguard::open_pages_except(start, end, |addr| covered_by(addr, slot)) };
+    unsafe {
+        crate::writeguard::open_pages_except(start, end, |addr| space::gated_by_other(addr, slot))
+    };
     // The slot is freed only once its pages are readable: a waiting reader then retries on
     // open pages (or waits on for a gate that still covers its page).
-    s.active.store(false, Ordering::Release);
+    space::deactivate_gate(slot);
     crate::writeguard::note_pages_opened();
 }
 
@@ -190,11 +102,7 @@ impl Gate {
 
     /// The gated range, in whole pages.
     pub fn span(&self) -> (usize, usize) {
-        let s = &SLOTS[self.slot];
-        (
-            s.start.load(Ordering::Relaxed),
-            s.end.load(Ordering::Relaxed),
-        )
+        space::gate_span(self.slot)
     }
 }
 
@@ -208,7 +116,9 @@ impl Drop for Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::space::gated as covers;
     use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 

@@ -15,35 +15,12 @@
 //! would otherwise let it write the parent's bytes.
 
 use crate::error::{Error, Result};
-use crate::locks::lock;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Mutex;
 
-/// The views of the live pools, `(start, end)`: for callers that must refuse pool memory
-/// (a write watch elsewhere, such as the driver interposer's, would miss alias writes).
-static VIEWS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
-
-/// Views of pools lent to the driver interposer as D2H destinations, `(start, end)`: their
-/// pages are gated (closed and opened) by the interposer, so no write watch of ours may cover them.
-static LENT: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
-
-/// True if any byte of `[start, end)` is in the view of a pool lent to the driver.
-pub(crate) fn overlaps_a_lent_pool(start: usize, end: usize) -> bool {
-    lock(&LENT).iter().any(|&(s, e)| s < end && start < e)
-}
-
-/// True if any byte of `[addr, addr + len)` is in a live pool's view.
-pub fn overlaps_a_pool(addr: usize, len: usize) -> bool {
-    let end = addr.saturating_add(len.max(1));
-    lock(&VIEWS).iter().any(|&(s, e)| s < end && addr < e)
-}
-
-/// True if all of `[start, end)` is inside one live pool's view: shared memory, but only
-/// this process maps it and every write through its other mapping is announced
-/// ([`HostPool::write`]), so a write watch over it is exact.
-pub(crate) fn within_a_pool(start: usize, end: usize) -> bool {
-    lock(&VIEWS).iter().any(|&(s, e)| s <= start && end <= e)
-}
+/// True if any byte of `[addr, addr + len)` is in a live pool's view (the registry,
+/// `space`, keeps them: for callers that must refuse pool memory, such as the driver
+/// interposer's watches, which would miss alias writes).
+pub use crate::space::overlaps_a_pool;
 
 /// Host memory mapped twice: a view that transfers read, an alias that writes go through.
 pub struct HostPool {
@@ -131,7 +108,7 @@ impl HostPool {
                 return Err(Error::last_os("madvise(MADV_DONTFORK)"));
             }
         }
-        lock(&VIEWS).push((view as usize, view as usize + size));
+        crate::space::add_pool_view(view as usize, view as usize + size);
         Ok(pool)
     }
 
@@ -163,7 +140,7 @@ impl HostPool {
     pub fn lend_to_driver(&self) -> Result<()> {
         let (start, end) = (self.view as usize, self.view as usize + self.mapped_len());
         let lend = || {
-            lock(&LENT).push((start, end));
+            crate::space::lend_pool(start, end);
             self.lent.store(true, std::sync::atomic::Ordering::Release);
         };
         if self.lent.load(std::sync::atomic::Ordering::Acquire) {
@@ -179,7 +156,7 @@ impl HostPool {
     /// Ends [`HostPool::lend_to_driver`] (after the interposer unregistered the pool).
     pub fn end_driver_loan(&self) {
         let start = self.view as usize;
-        lock(&LENT).retain(|&(s, _)| s != start);
+        crate::space::end_pool_loan(start);
         self.lent.store(false, std::sync::atomic::Ordering::Release);
     }
 
@@ -296,7 +273,7 @@ impl Drop for HostPool {
     fn drop(&mut self) {
         let size = crate::page::round_up(self.len);
         let start = self.view as usize;
-        lock(&VIEWS).retain(|&(s, _)| s != start);
+        crate::space::remove_pool_view(start);
         self.end_driver_loan();
         // SAFETY: both mappings were made in `new` with this size and are unmapped once;
         // nothing borrows them past `self` (sources holding the pool keep it alive).

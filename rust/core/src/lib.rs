@@ -47,6 +47,7 @@ pub mod ring;
 pub mod schedule;
 pub mod sender;
 pub mod sequencer;
+pub mod space;
 pub mod staging;
 mod sync;
 pub mod writeguard;

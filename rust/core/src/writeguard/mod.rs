@@ -229,7 +229,7 @@ fn release_pages(slot: usize) {
     }
     let covered = |addr: usize| {
         // A gated page stays closed until its gate opens (see `gate`).
-        if crate::gate::covers(addr) {
+        if crate::space::gated(addr) {
             true
         } else if overflow {
             protected_by_other(addr, slot, high)
@@ -305,7 +305,7 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         0
     };
     // A page held inaccessible until its content is ready: wait for it, then retry.
-    if accerr && crate::gate::wait_while_closed(addr) {
+    if accerr && crate::space::wait_while_gated(addr) {
         return;
     }
     let high = if accerr {
@@ -584,7 +584,7 @@ impl WriteWatch {
                 None
             }
         };
-        if !vma::private_anonymous(start, end) && !crate::hostpool::within_a_pool(start, end) {
+        if !vma::private_anonymous(start, end) && !crate::space::within_a_pool(start, end) {
             return Err(Error::InvalidArgument(
                 "only private anonymous memory can be watched (shared or file mappings \
                  change without a write by this process)"
@@ -592,12 +592,12 @@ impl WriteWatch {
             ));
         }
         let writes = registry();
-        if crate::gate::overlaps(start, end) {
+        if crate::space::overlaps_a_gate(start, end) {
             return Err(Error::InvalidArgument(
                 "cannot watch pages gated for a deferred decryption".into(),
             ));
         }
-        if crate::hostpool::overlaps_a_lent_pool(start, end) {
+        if crate::space::overlaps_a_lent_pool(start, end) {
             return Err(Error::InvalidArgument(
                 "cannot watch a host pool lent to the driver interposer".into(),
             ));

@@ -1,0 +1,173 @@
+//! The address-space registry: which ranges of this process's memory belong to whom, by
+//! kind, for the modules that protect pages (`writeguard`) or hold them closed (`gate`) and
+//! for those that must refuse each other's ranges (`hostpool`, `writeguard`, `gate`):
+//!
+//! - **host pool views** (`HostPool`): shared memory a write watch may cover exactly, since
+//!   every write through the other mapping is announced;
+//! - **lent pools**: views lent to the driver interposer as D2H destinations, whose pages it
+//!   gates, so no write watch of ours may cover them;
+//! - **gates**: pages held `PROT_NONE` until their content is ready, read by the SIGSEGV
+//!   handler (lock-free: atomics only).
+//!
+//! Write-watched regions are `writeguard`'s own table (the handler's hot path), and the pages
+//! a copy of this library protects are claimed process-wide in `writeguard::claims`.
+//! This module sits below all of them and calls none: the modules that decide (`gate`,
+//! `hostpool`, `writeguard`) consult it, so none of them imports another to ask.
+//!
+//! Locks: `VIEWS` and `LENT` are leaves (held only for a scan or an update, taken under
+//! `writeguard`'s registry lock, never the other way round); gate slots take none.
+
+use crate::locks::lock;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+// ---- host pools ----
+
+/// The views of the live pools, `(start, end)`.
+static VIEWS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+/// Views of pools lent to the driver interposer, `(start, end)`.
+static LENT: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+pub(crate) fn add_pool_view(start: usize, end: usize) {
+    lock(&VIEWS).push((start, end));
+}
+
+pub(crate) fn remove_pool_view(start: usize) {
+    lock(&VIEWS).retain(|&(s, _)| s != start);
+}
+
+/// True if any byte of `[addr, addr + len)` is in a live pool's view.
+pub fn overlaps_a_pool(addr: usize, len: usize) -> bool {
+    let end = addr.saturating_add(len.max(1));
+    lock(&VIEWS).iter().any(|&(s, e)| s < end && addr < e)
+}
+
+/// True if all of `[start, end)` is inside one live pool's view.
+pub(crate) fn within_a_pool(start: usize, end: usize) -> bool {
+    lock(&VIEWS).iter().any(|&(s, e)| s <= start && end <= e)
+}
+
+pub(crate) fn lend_pool(start: usize, end: usize) {
+    lock(&LENT).push((start, end));
+}
+
+pub(crate) fn end_pool_loan(start: usize) {
+    lock(&LENT).retain(|&(s, _)| s != start);
+}
+
+/// True if any byte of `[start, end)` is in the view of a pool lent to the driver.
+pub(crate) fn overlaps_a_lent_pool(start: usize, end: usize) -> bool {
+    lock(&LENT).iter().any(|&(s, e)| s < end && start < e)
+}
+
+// ---- gates ----
+
+/// Gates closed at once, process-wide.
+pub const MAX_GATES: usize = 256;
+
+struct Slot {
+    active: AtomicBool,
+    start: AtomicUsize,
+    end: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE: Slot = Slot {
+    active: AtomicBool::new(false),
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+};
+
+static SLOTS: [Slot; MAX_GATES] = [FREE; MAX_GATES];
+/// One past the highest slot ever used: the handler's scan stops there.
+static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
+/// The process that gated: a forked child inherits the table but no thread that would
+/// open its gates, so it must not wait on them (it gets the ordinary fault instead).
+static CLOSER: AtomicI32 = AtomicI32::new(0);
+
+/// A free gate slot (the caller, `gate`, serialises taking and freeing slots).
+pub(crate) fn free_gate_slot() -> Option<usize> {
+    SLOTS.iter().position(|s| !s.active.load(Ordering::Acquire))
+}
+
+/// Makes `slot` an active gate over `[start, end)`, from this process.
+pub(crate) fn activate_gate(slot: usize, start: usize, end: usize) {
+    // SAFETY: getpid has no preconditions.
+    CLOSER.store(unsafe { libc::getpid() }, Ordering::Release);
+    let s = &SLOTS[slot];
+    s.start.store(start, Ordering::Relaxed);
+    s.end.store(end, Ordering::Relaxed);
+    HIGH_WATER.fetch_max(slot + 1, Ordering::AcqRel);
+    // Active before the pages close: any fault on them then finds the gate.
+    s.active.store(true, Ordering::Release);
+}
+
+/// Frees `slot` (its pages are open again).
+pub(crate) fn deactivate_gate(slot: usize) {
+    SLOTS[slot].active.store(false, Ordering::Release);
+}
+
+/// The range of gate `slot`, in whole pages.
+pub(crate) fn gate_span(slot: usize) -> (usize, usize) {
+    let s = &SLOTS[slot];
+    (
+        s.start.load(Ordering::Relaxed),
+        s.end.load(Ordering::Relaxed),
+    )
+}
+
+/// True if an active gate other than `except` covers the page at `addr`. Async-signal-safe.
+pub(crate) fn gated_by_other(addr: usize, except: usize) -> bool {
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    SLOTS.iter().take(high).enumerate().any(|(i, s)| {
+        i != except
+            && s.active.load(Ordering::Acquire)
+            && s.start.load(Ordering::Relaxed) <= addr
+            && addr < s.end.load(Ordering::Relaxed)
+    })
+}
+
+/// True if any active gate covers a page of `[start, end)`.
+pub(crate) fn overlaps_a_gate(start: usize, end: usize) -> bool {
+    let high = HIGH_WATER.load(Ordering::Acquire);
+    SLOTS.iter().take(high).any(|s| {
+        s.active.load(Ordering::Acquire)
+            && s.start.load(Ordering::Relaxed) < end
+            && start < s.end.load(Ordering::Relaxed)
+    })
+}
+
+/// True if an active gate covers the page at `addr` (for the write-detection handler,
+/// which must not open such a page). Async-signal-safe.
+pub(crate) fn gated(addr: usize) -> bool {
+    gated_by_other(addr, usize::MAX)
+}
+
+/// Called by the SIGSEGV handler for a permission fault (`SEGV_ACCERR`: a mapped page) at
+/// `addr`: if a gate covers it, waits until none does and returns true (the access is then
+/// retried); false if no gate covers it, or if this is not the process that gated (a
+/// forked child: nobody there would ever open the gate). Async-signal-safe: atomics,
+/// `getpid`, `sched_yield` and `nanosleep` only.
+pub(crate) fn wait_while_gated(addr: usize) -> bool {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != CLOSER.load(Ordering::Acquire) {
+        return false;
+    }
+    let mut waited = 0u32;
+    while gated(addr) {
+        if waited < 64 {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        } else {
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 20_000,
+            };
+            // SAFETY: a valid timespec; the remaining time is not wanted.
+            unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+        }
+        waited = waited.saturating_add(1);
+    }
+    waited > 0
+}
