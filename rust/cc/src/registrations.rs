@@ -20,7 +20,7 @@ static REGISTRATIONS: Mutex<()> = Mutex::new(());
 // call.
 pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
     let _reg = lock(&REGISTRATIONS);
-    if crate::d2h::overlaps_a_pool(start, len) {
+    if crate::d2h::overlaps_a_receive_pool(start, len) {
         return Err(WatchError::Overlaps);
     }
     // SAFETY: the caller's promise is the one `watch_ranges::watch` needs.

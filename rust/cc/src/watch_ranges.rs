@@ -17,6 +17,7 @@
 //! came from, so a range unregistered and registered again never validates an old chunk.
 
 use pipellm_core::locks::lock;
+use pipellm_core::span::Span;
 use pipellm_core::writeguard::{Stamp, WriteWatch};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +37,12 @@ struct Range {
     /// Workers reading the range's memory right now (see [`Reading`]); `unwatch` waits for
     /// none before it returns, since the registrant may unmap the memory right after.
     readers: Arc<AtomicUsize>,
+}
+
+impl Range {
+    fn span(&self) -> Span {
+        Span::of(self.start, self.len)
+    }
 }
 
 /// A worker's read of a chunk of a registered range in progress: the range stays mapped (its
@@ -70,7 +77,7 @@ pub fn overlaps(start: usize, len: usize) -> bool {
     registry()
         .ranges
         .iter()
-        .any(|r| r.start < end && start < r.start + r.len)
+        .any(|r| r.span().overlaps(Span::new(start, end)))
 }
 
 fn registry() -> MutexGuard<'static, Registry> {
@@ -109,7 +116,7 @@ pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
     if reg
         .ranges
         .iter()
-        .any(|r| r.start < start + len && start < r.start + r.len)
+        .any(|r| r.span().overlaps(Span::of(start, len)))
     {
         return Err(WatchError::Overlaps);
     }
@@ -168,7 +175,7 @@ pub fn arm(input: usize, len: usize) -> Option<(SpanStamp, Reading)> {
     let r = reg
         .ranges
         .iter_mut()
-        .find(|r| r.start <= input && end <= r.start + r.len)?;
+        .find(|r| r.span().contains(Span::new(input, end)))?;
     let (range, span, readers) = (r.id, (input, len), r.readers.clone());
     let mut made = false;
     let watch = match r.spans.entry(span) {
@@ -211,8 +218,8 @@ pub fn range_end(input: usize, len: usize) -> Option<usize> {
     registry()
         .ranges
         .iter()
-        .find(|r| r.start <= input && end <= r.start + r.len)
-        .map(|r| r.start + r.len)
+        .find(|r| r.span().contains(Span::new(input, end)))
+        .map(|r| r.span().end)
 }
 
 /// Registered ranges and chunk watches now.

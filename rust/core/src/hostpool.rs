@@ -20,7 +20,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 /// True if any byte of `[addr, addr + len)` is in a live pool's view (the registry,
 /// `space`, keeps them: for callers that must refuse pool memory, such as the driver
 /// interposer's watches, which would miss alias writes).
-pub use crate::space::overlaps_a_pool;
+pub use crate::space::overlaps_a_host_pool;
 
 /// Host memory mapped twice: a view that transfers read, an alias that writes go through.
 pub struct HostPool {
@@ -356,11 +356,11 @@ mod tests {
     fn live_pools_are_known_by_address() {
         let pool = HostPool::new(5000).unwrap();
         let a = pool.as_ptr() as usize;
-        assert!(overlaps_a_pool(a + 4999, 1));
-        assert!(overlaps_a_pool(a - 10, 11));
-        assert!(!overlaps_a_pool(a - 10, 10));
+        assert!(overlaps_a_host_pool(a + 4999, 1));
+        assert!(overlaps_a_host_pool(a - 10, 11));
+        assert!(!overlaps_a_host_pool(a - 10, 10));
         drop(pool);
-        assert!(!overlaps_a_pool(a, 1));
+        assert!(!overlaps_a_host_pool(a, 1));
     }
 
     #[test]

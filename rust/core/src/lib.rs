@@ -48,6 +48,7 @@ pub mod schedule;
 pub mod sender;
 pub mod sequencer;
 pub mod space;
+pub mod span;
 pub mod staging;
 mod sync;
 pub mod writeguard;

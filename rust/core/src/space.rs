@@ -18,6 +18,7 @@
 //! `writeguard`'s registry lock, never the other way round); gate slots take none.
 
 use crate::locks::lock;
+use crate::span::Span;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -38,14 +39,19 @@ pub(crate) fn remove_pool_view(start: usize) {
 }
 
 /// True if any byte of `[addr, addr + len)` is in a live pool's view.
-pub fn overlaps_a_pool(addr: usize, len: usize) -> bool {
-    let end = addr.saturating_add(len.max(1));
-    lock(&VIEWS).iter().any(|&(s, e)| s < end && addr < e)
+pub fn overlaps_a_host_pool(addr: usize, len: usize) -> bool {
+    let r = Span::of(addr, len.max(1));
+    lock(&VIEWS)
+        .iter()
+        .any(|&(s, e)| Span::new(s, e).overlaps(r))
 }
 
 /// True if all of `[start, end)` is inside one live pool's view.
 pub(crate) fn within_a_pool(start: usize, end: usize) -> bool {
-    lock(&VIEWS).iter().any(|&(s, e)| s <= start && end <= e)
+    let r = Span::new(start, end);
+    lock(&VIEWS)
+        .iter()
+        .any(|&(s, e)| Span::new(s, e).contains(r))
 }
 
 pub(crate) fn lend_pool(start: usize, end: usize) {
@@ -58,7 +64,10 @@ pub(crate) fn end_pool_loan(start: usize) {
 
 /// True if any byte of `[start, end)` is in the view of a pool lent to the driver.
 pub(crate) fn overlaps_a_lent_pool(start: usize, end: usize) -> bool {
-    lock(&LENT).iter().any(|&(s, e)| s < end && start < e)
+    let r = Span::new(start, end);
+    lock(&LENT)
+        .iter()
+        .any(|&(s, e)| Span::new(s, e).overlaps(r))
 }
 
 // ---- gates ----
@@ -108,34 +117,35 @@ pub(crate) fn deactivate_gate(slot: usize) {
     SLOTS[slot].active.store(false, Ordering::Release);
 }
 
-/// The range of gate `slot`, in whole pages.
-pub(crate) fn gate_span(slot: usize) -> (usize, usize) {
-    let s = &SLOTS[slot];
-    (
+fn slot_span(s: &Slot) -> Span {
+    Span::new(
         s.start.load(Ordering::Relaxed),
         s.end.load(Ordering::Relaxed),
     )
+}
+
+/// The range of gate `slot`, in whole pages.
+pub(crate) fn gate_span(slot: usize) -> (usize, usize) {
+    let r = slot_span(&SLOTS[slot]);
+    (r.start, r.end)
 }
 
 /// True if an active gate other than `except` covers the page at `addr`. Async-signal-safe.
 pub(crate) fn gated_by_other(addr: usize, except: usize) -> bool {
     let high = HIGH_WATER.load(Ordering::Acquire);
     SLOTS.iter().take(high).enumerate().any(|(i, s)| {
-        i != except
-            && s.active.load(Ordering::Acquire)
-            && s.start.load(Ordering::Relaxed) <= addr
-            && addr < s.end.load(Ordering::Relaxed)
+        i != except && s.active.load(Ordering::Acquire) && slot_span(s).contains_addr(addr)
     })
 }
 
 /// True if any active gate covers a page of `[start, end)`.
 pub(crate) fn overlaps_a_gate(start: usize, end: usize) -> bool {
     let high = HIGH_WATER.load(Ordering::Acquire);
-    SLOTS.iter().take(high).any(|s| {
-        s.active.load(Ordering::Acquire)
-            && s.start.load(Ordering::Relaxed) < end
-            && start < s.end.load(Ordering::Relaxed)
-    })
+    let r = Span::new(start, end);
+    SLOTS
+        .iter()
+        .take(high)
+        .any(|s| s.active.load(Ordering::Acquire) && slot_span(s).overlaps(r))
 }
 
 /// True if an active gate covers the page at `addr` (for the write-detection handler,

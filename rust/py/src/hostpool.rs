@@ -125,5 +125,5 @@ pub fn _host_pool_end_loan(pool: &PyHostPool) {
 /// True if any byte of `[addr, addr + length)` is memory of a live `HostPool`.
 #[pyfunction]
 pub fn _in_host_pool(addr: usize, length: usize) -> bool {
-    pipellm_core::hostpool::overlaps_a_pool(addr, length)
+    pipellm_core::hostpool::overlaps_a_host_pool(addr, length)
 }

@@ -3,6 +3,7 @@
 //! each, which unregistering waits for.
 
 use pipellm_core::locks::lock;
+use pipellm_core::span::Span;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -50,11 +51,11 @@ impl Drop for PendingGuard {
 }
 
 /// True if any byte of `[start, start + len)` is in a receive pool's view or alias.
-pub fn overlaps_a_pool(start: usize, len: usize) -> bool {
-    let end = start.saturating_add(len.max(1));
-    lock(&POOLS).iter().any(|p| {
-        (p.view < end && start < p.view + p.len) || (p.alias < end && start < p.alias + p.len)
-    })
+pub fn overlaps_a_receive_pool(start: usize, len: usize) -> bool {
+    let r = Span::of(start, len.max(1));
+    lock(&POOLS)
+        .iter()
+        .any(|p| Span::of(p.view, p.len).overlaps(r) || Span::of(p.alias, p.len).overlaps(r))
 }
 
 /// Registers a receive pool.
@@ -76,15 +77,15 @@ pub unsafe fn receive(view: usize, alias: usize, len: usize) -> Result<(), Recei
     {
         return Err(ReceiveError::BadRange);
     }
-    if view < alias + len && alias < view + len {
+    let (v, a) = (Span::of(view, len), Span::of(alias, len));
+    if v.overlaps(a) {
         return Err(ReceiveError::BadRange);
     }
     // Watched ranges are refused by the caller (`registrations::receive`).
     let mut pools = lock(&POOLS);
     if pools.iter().any(|p| {
-        let hit = |a: usize| a < p.view + p.len && p.view < a + len;
-        let hit_alias = |a: usize| a < p.alias + p.len && p.alias < a + len;
-        hit(view) || hit(alias) || hit_alias(view) || hit_alias(alias)
+        let (pv, pa) = (Span::of(p.view, p.len), Span::of(p.alias, p.len));
+        pv.overlaps(v) || pv.overlaps(a) || pa.overlaps(v) || pa.overlaps(a)
     }) {
         return Err(ReceiveError::Overlaps);
     }
@@ -189,8 +190,8 @@ mod tests {
                 Err(ReceiveError::Overlaps)
             );
         }
-        assert!(overlaps_a_pool(v + 100, 1) && overlaps_a_pool(a + page, 10));
-        assert!(!overlaps_a_pool(v + 2 * page, page));
+        assert!(overlaps_a_receive_pool(v + 100, 1) && overlaps_a_receive_pool(a + page, 10));
+        assert!(!overlaps_a_receive_pool(v + 2 * page, page));
         // A destination inside the view maps to the same offset in the alias; a bounce
         // buffer overlapping either mapping is refused.
         let (alias, guard) = find(v + 300, 1000, v + 3 * page).unwrap();
@@ -203,6 +204,6 @@ mod tests {
         drop(guard);
         assert_eq!(unreceive(a), Err(UnreceiveError::NotFound));
         unreceive(v).unwrap();
-        assert!(!overlaps_a_pool(v, 2 * page));
+        assert!(!overlaps_a_receive_pool(v, 2 * page));
     }
 }

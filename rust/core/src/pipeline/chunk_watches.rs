@@ -247,15 +247,14 @@ impl ChunkWatches {
 
     /// Releases the kept watches over any byte of `[addr, addr + len)`; returns how many.
     pub fn forget(&self, addr: usize, len: usize) -> usize {
-        let end = addr.saturating_add(len.max(1));
+        let forgotten = crate::span::Span::of(addr, len.max(1));
         let gone: Vec<Kept> = {
             let mut st = lock(&self.state);
             let keys: Vec<ChunkKey> = st
                 .kept
                 .keys()
                 .filter(|k| {
-                    let s = k.addr + k.offset;
-                    s < end && addr < s + k.len.max(1)
+                    crate::span::Span::of(k.addr + k.offset, k.len.max(1)).overlaps(forgotten)
                 })
                 .copied()
                 .collect();

@@ -17,6 +17,7 @@
 //! builds agree on them or do not find each other.
 
 use crate::locks::lock;
+use crate::span::Span;
 use std::sync::{Mutex, OnceLock};
 
 /// This copy's identity in the table: the address of one of its statics.
@@ -48,8 +49,9 @@ extern "C" fn claim_here(start: usize, end: usize, owner: usize) -> i32 {
     // A panic must not unwind into C: the only one possible is a failed allocation.
     std::panic::catch_unwind(|| {
         let mut t = lock(&TABLE);
+        let r = Span::new(start, end);
         if t.iter()
-            .any(|&(s, e, o)| o != owner && s < end && start < e)
+            .any(|&(s, e, o)| o != owner && Span::new(s, e).overlaps(r))
         {
             return -1;
         }

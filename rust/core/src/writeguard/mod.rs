@@ -43,6 +43,7 @@ pub use claims::shared as claims_shared;
 
 use crate::error::{Error, Result};
 use crate::locks::lock;
+use crate::span::Span;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
@@ -184,10 +185,8 @@ fn protected_by_other(addr: usize, except: usize, high: usize) -> bool {
 }
 
 fn overlapping(j: usize, start: usize, end: usize) -> bool {
-    let r = &REGIONS[j];
-    r.in_use.load(Ordering::Acquire)
-        && r.start.load(Ordering::Relaxed) < end
-        && start < r.end.load(Ordering::Relaxed)
+    let (s, e) = range(j);
+    REGIONS[j].in_use.load(Ordering::Acquire) && Span::new(s, e).overlaps(Span::new(start, end))
 }
 
 /// Makes writable the pages of region `slot` that no other armed region protects. Holds the
@@ -627,7 +626,7 @@ impl WriteWatch {
         r.uffd.store(tracker.is_some(), Ordering::Relaxed);
         let in_progress = writes
             .iter()
-            .filter(|&&(s0, e0)| s0 < end && start < e0)
+            .filter(|&&(s0, e0)| Span::new(s0, e0).overlaps(Span::new(start, end)))
             .count();
         r.writing.store(in_progress as u32, Ordering::Relaxed);
         unlock_region(r);
@@ -742,7 +741,7 @@ fn arm_tracked(slot: usize) -> Result<(Stamp, bool)> {
             Ok((n, walk_end)) => {
                 for w in &found[..n] {
                     let (ws, we) = (w.start as usize, w.end as usize);
-                    own_written |= ws < e && s < we;
+                    own_written |= Span::new(ws, we).overlaps(Span::new(s, e));
                     for (j, r) in REGIONS.iter().enumerate().take(high) {
                         if overlapping(j, ws, we) {
                             r.generation.fetch_add(1, Ordering::AcqRel);
