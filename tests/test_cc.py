@@ -269,6 +269,79 @@ def test_both_copies_claim_pages_in_one_table(cc_dir: Path) -> None:
     assert plain.stdout.strip() == "False"
 
 
+HANDLER_CHILD = r"""
+import ctypes, json, os
+import pipellm
+from pipellm import _core
+
+page = os.sysconf("SC_PAGESIZE")
+buf = bytearray(os.urandom(16 * page))
+key = pipellm.SessionKey.generate()
+rx = pipellm.Receiver(key, 0)
+p = pipellm.Pipeline(key, 0, slots=4, chunk_bytes=len(buf), validation="protect", keep_armed=4)
+
+
+def send(write_after_encrypting=False):
+    p.predict([buf])
+    p.wait_idle()
+    if write_after_encrypting:
+        buf[5 * page + 3] ^= 1  # an armed page: the write faults into the one handler
+    out = bytearray(len(buf))
+    for m in p.request(buf).messages():
+        rx.open_into(m, memoryview(out)[m.offset : m.offset + len(m)])
+    assert out == buf
+
+
+send()
+send(write_after_encrypting=True)
+
+
+class SigAction(ctypes.Structure):
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+
+class DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+
+libc = ctypes.CDLL(None)
+sa, info = SigAction(), DlInfo()
+assert libc.sigaction(11, None, ctypes.byref(sa)) == 0
+assert libc.dladdr(ctypes.c_void_p(sa.handler), ctypes.byref(info)) != 0
+print(json.dumps({"handler": _core._segv_handler(), "tracker": pipellm.write_tracker(),
+                  "installed_by": os.path.basename(info.fname.decode()), "stats": p.stats()}))
+"""
+
+
+def test_one_segv_handler_per_process_with_the_interposer(cc_dir: Path) -> None:
+    # With the mprotect tracker both copies of the core would install a SIGSEGV handler;
+    # under the interposer the extension registers its fault claim with the interposer's
+    # handler instead. A write to an armed source then still reaches the extension's
+    # bookkeeping (the pre-encrypted chunk is stale, re-encrypted, delivered exactly), and
+    # the process's handler is the interposer's.
+    env = cc.environment(directory=cc_dir)
+    env["PIPELLM_WRITE_TRACKER"] = "mprotect"
+    run = [sys.executable, "-c", HANDLER_CHILD]
+    p = subprocess.run(run, env=env, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    import json
+
+    r = json.loads(p.stdout)
+    assert (r["tracker"], r["handler"]) == ("mprotect", "delegated"), r
+    assert r["installed_by"] == "libcrypto.so.3", r  # the interposer, under OpenSSL's name
+    assert r["stats"]["stale"] == 1 and r["stats"]["hits"] == 1, r
+    # Without the interposer the extension installs its own.
+    plain = dict(os.environ, PIPELLM_WRITE_TRACKER="mprotect")
+    plain.pop("LD_PRELOAD", None)
+    q = subprocess.run(run, env=plain, capture_output=True, text=True, check=False)
+    assert q.returncode == 0, q.stderr
+    r = json.loads(q.stdout)
+    assert r["handler"] == "own" and r["installed_by"] != "libcrypto.so.3", r
+    assert r["stats"]["stale"] == 1, r
+
+
 def test_not_loaded_in_a_plain_process() -> None:
     assert cc.status() == {"loaded": False, "active": False, "stats": {}}
 

@@ -29,6 +29,13 @@ fn _write_claims_shared() -> bool {
     pipellm_core::writeguard::claims_shared()
 }
 
+/// Which SIGSEGV handler serves this extension's page protection: "delegated" (the
+/// interposer's, when `pipellm run` loaded it: one handler per process), "own" or "none".
+#[pyfunction]
+fn _segv_handler() -> &'static str {
+    pipellm_core::writeguard::handler()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -44,6 +51,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(buffers::_buffer_span, m)?)?;
     m.add_function(wrap_pyfunction!(write_tracker, m)?)?;
     m.add_function(wrap_pyfunction!(_write_claims_shared, m)?)?;
+    m.add_function(wrap_pyfunction!(_segv_handler, m)?)?;
     m.add_class::<pipeline::PyTransfer>()?;
     m.add_class::<predict::PyLearned>()?;
     m.add(

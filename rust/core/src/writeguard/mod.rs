@@ -36,6 +36,7 @@
 //! source, see `pipeline::watches`).
 
 mod claims;
+mod delegate;
 mod uffd;
 mod vma;
 
@@ -243,7 +244,7 @@ fn release_pages(slot: usize) {
     unsafe { open_pages_except(start, end, covered) };
     // A fault taken on these pages just before they opened may reach its handler after the
     // region is gone: the handler retries such faults (see `on_segv`).
-    UNCLAIMED_SINCE_RELEASE.store(0, Ordering::Release);
+    note_pages_opened();
     for (j, r) in REGIONS.iter().enumerate().take(high) {
         if held[j / 64] & (1 << (j % 64)) != 0 {
             unlock_region(r);
@@ -290,33 +291,23 @@ pub(crate) unsafe fn open_pages_except(
     }
 }
 
-extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let code = unsafe { (*info).si_code };
-    // Only a permission fault can be ours (a write to a page we made read-only, an access
-    // to a gated page); the address of anything else (an unmapped address, a SIGSEGV sent
-    // with kill or raise, whose siginfo holds no address) is never looked up.
-    let accerr = code == SEGV_ACCERR;
-    let addr = if accerr {
-        // SAFETY: as above; si_addr is meaningful for faults, and only used for those.
-        (unsafe { (*info).si_addr() }) as usize
-    } else {
-        0
-    };
+/// Whether this copy's gates or write-watched regions hold the page of the access fault at
+/// `addr`, handling it if so: waits for a gate to open, or marks every region on the page
+/// written and opens its pages. Async-signal-safe.
+fn claim(addr: usize) -> bool {
     // A page held inaccessible until its content is ready: wait for it, then retry.
-    if accerr && crate::space::wait_while_gated(addr) {
-        return;
+    if crate::space::wait_while_gated(addr) {
+        return true;
     }
-    let high = if accerr {
-        HIGH_WATER.load(Ordering::Acquire)
-    } else {
-        0
-    };
+    let high = HIGH_WATER.load(Ordering::Acquire);
     let contains = |r: &Region| {
         r.in_use.load(Ordering::Acquire)
             && !r.uffd.load(Ordering::Acquire)
-            && r.start.load(Ordering::Relaxed) <= addr
-            && addr < r.end.load(Ordering::Relaxed)
+            && Span::new(
+                r.start.load(Ordering::Relaxed),
+                r.end.load(Ordering::Relaxed),
+            )
+            .contains_addr(addr)
     };
     let mut ours = false;
     // First mark every region holding the faulting page as written, so none of them keeps
@@ -332,8 +323,31 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
             release_pages(i);
         }
     }
-    if ours {
-        return; // the faulting write is retried, now on writable pages
+    ours
+}
+
+/// `claim` for the handler of another copy this one delegates to (`delegate`).
+extern "C" fn claim_for_provider(addr: usize) -> i32 {
+    claim(addr) as i32
+}
+
+extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let code = unsafe { (*info).si_code };
+    // Only a permission fault can be ours (a write to a page we made read-only, an access
+    // to a gated page); the address of anything else (an unmapped address, a SIGSEGV sent
+    // with kill or raise, whose siginfo holds no address) is never looked up.
+    let accerr = code == SEGV_ACCERR;
+    let addr = if accerr {
+        // SAFETY: as above; si_addr is meaningful for faults, and only used for those.
+        (unsafe { (*info).si_addr() }) as usize
+    } else {
+        0
+    };
+    // This copy's gates and regions first, then those of the copies that use this handler
+    // (`delegate`): a claimed fault is retried, now on open pages.
+    if accerr && (claim(addr) || delegate::clients_claim(addr)) {
+        return;
     }
     // No region claims the page. It may have been protected when the write faulted and
     // released (its watch dropped by another thread) before we looked: then the write
@@ -404,6 +418,14 @@ fn our_action() -> libc::sigaction {
 /// faults they will take reach us. A write taken between the other handler's install and
 /// this call went to that handler (docs/hardening.md).
 pub(crate) fn reassert() {
+    match delegate::provider() {
+        Some(p) if DELEGATED.load(Ordering::Acquire) => p.reassert(),
+        _ => reassert_own(),
+    }
+}
+
+/// `reassert` for this copy's own handler (also on behalf of a client, `delegate`).
+pub(crate) fn reassert_own() {
     if !INSTALLED_OK.load(Ordering::Acquire) {
         return;
     }
@@ -433,8 +455,44 @@ pub fn handler_reasserted() -> u64 {
     REASSERTED.load(Ordering::Relaxed)
 }
 
-/// Installs the SIGSEGV handler (once); shared with [`crate::gate`].
+/// Set once this copy's faults are claimed through another copy's handler (`delegate`).
+static DELEGATED: AtomicBool = AtomicBool::new(false);
+static JOIN: Once = Once::new();
+
+/// Makes sure faults on this copy's protected pages reach this copy: through the process's
+/// one pipellm SIGSEGV handler, another copy's when there is one (`delegate`), else ours,
+/// installed once. Shared with [`crate::gate`].
 pub(crate) fn install() -> Result<()> {
+    if let Some(p) = delegate::provider() {
+        JOIN.call_once(|| {
+            if p.add_client(claim_for_provider) {
+                DELEGATED.store(true, Ordering::Release);
+            }
+        });
+        if DELEGATED.load(Ordering::Acquire) {
+            p.reassert();
+            return Ok(());
+        }
+        // The provider refused (no slot, no handler): this copy installs its own, as
+        // without one.
+    }
+    install_own()
+}
+
+/// Which SIGSEGV handler serves this copy: "delegated" (another copy's, see `delegate`),
+/// "own", or "none" (nothing protected with the mprotect tracker or gated yet).
+pub fn handler() -> &'static str {
+    if DELEGATED.load(Ordering::Acquire) {
+        "delegated"
+    } else if INSTALLED_OK.load(Ordering::Acquire) {
+        "own"
+    } else {
+        "none"
+    }
+}
+
+/// Installs this copy's own SIGSEGV handler (once).
+pub(crate) fn install_own() -> Result<()> {
     INSTALL.call_once(|| {
         let act = our_action();
         // SAFETY: a zeroed value we own receives the action in place before ours.
@@ -453,7 +511,7 @@ pub(crate) fn install() -> Result<()> {
         let e = std::io::Error::last_os_error();
         INSTALL_ERRNO.store(e.raw_os_error().unwrap_or(libc::EIO), Ordering::Release);
     });
-    reassert();
+    reassert_own();
     if INSTALLED_OK.load(Ordering::Acquire) {
         Ok(())
     } else {
@@ -478,7 +536,19 @@ pub(crate) fn unless_watched<R>(start: usize, end: usize, f: impl FnOnce() -> R)
 }
 
 /// Pages were opened elsewhere (a gate): faults taken on them just before are retried.
+/// Async-signal-safe.
 pub(crate) fn note_pages_opened() {
+    note_pages_opened_here();
+    if DELEGATED.load(Ordering::Acquire) {
+        // The handler that counts unclaimed faults is the provider's.
+        if let Some(p) = delegate::provider() {
+            p.pages_opened();
+        }
+    }
+}
+
+/// `note_pages_opened` for this copy's own handler (also on behalf of a client).
+pub(crate) fn note_pages_opened_here() {
     UNCLAIMED_SINCE_RELEASE.store(0, Ordering::Release);
 }
 
