@@ -70,18 +70,6 @@ extern "C" fn release_here(start: usize, end: usize, owner: usize) {
     });
 }
 
-/// The base address of the object (library) that `p` lies in; 0 if none.
-fn object_of(p: *const libc::c_void) -> usize {
-    // SAFETY: dladdr only reads the loader's tables; `info` is a plain out-parameter.
-    unsafe {
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(p, &mut info) == 0 {
-            return 0;
-        }
-        info.dli_fbase as usize
-    }
-}
-
 type ClaimFn = extern "C" fn(usize, usize, usize) -> i32;
 type ReleaseFn = extern "C" fn(usize, usize, usize);
 
@@ -94,22 +82,15 @@ struct Api {
 fn api() -> &'static Api {
     static API: OnceLock<Api> = OnceLock::new();
     API.get_or_init(|| {
-        let here = Api {
-            claim: claim_here,
-            release: release_here,
-            shared: false,
+        let names = [c"pipellm_page_claim_v1", c"pipellm_page_release_v1"];
+        let Some([c, r]) = super::peer::symbols(names, std::ptr::addr_of!(OWNER).cast()) else {
+            // None in the global scope, or this very copy's: this copy's own table.
+            return Api {
+                claim: claim_here,
+                release: release_here,
+                shared: false,
+            };
         };
-        // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names.
-        let (c, r) = unsafe {
-            (
-                libc::dlsym(libc::RTLD_DEFAULT, c"pipellm_page_claim_v1".as_ptr()),
-                libc::dlsym(libc::RTLD_DEFAULT, c"pipellm_page_release_v1".as_ptr()),
-            )
-        };
-        let mine = object_of(std::ptr::addr_of!(OWNER).cast());
-        if c.is_null() || r.is_null() || object_of(c) == mine || object_of(c) != object_of(r) {
-            return here; // none in the global scope, or this very copy's
-        }
         // SAFETY: symbols under these versioned names are the functions above in another
         // copy of this crate (both found in the same object), with exactly these signatures.
         unsafe {

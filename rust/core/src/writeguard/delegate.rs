@@ -88,38 +88,16 @@ impl Provider {
     }
 }
 
-/// The base address of the object (library) that `p` lies in; 0 if none.
-fn object_of(p: *const libc::c_void) -> usize {
-    // SAFETY: dladdr only reads the loader's tables; `info` is a plain out-parameter.
-    unsafe {
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(p, &mut info) == 0 {
-            return 0;
-        }
-        info.dli_fbase as usize
-    }
-}
-
 /// Another copy's handler, if the global scope holds one (decided once).
 pub(crate) fn provider() -> Option<&'static Provider> {
     static P: OnceLock<Option<Provider>> = OnceLock::new();
     P.get_or_init(|| {
-        // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names.
-        let (a, r, o) = unsafe {
-            (
-                libc::dlsym(libc::RTLD_DEFAULT, c"pipellm_segv_add_client_v1".as_ptr()),
-                libc::dlsym(libc::RTLD_DEFAULT, c"pipellm_segv_reassert_v1".as_ptr()),
-                libc::dlsym(libc::RTLD_DEFAULT, c"pipellm_segv_pages_opened_v1".as_ptr()),
-            )
-        };
-        let mine = object_of(std::ptr::addr_of!(CLIENTS).cast());
-        let theirs = object_of(a);
-        if a.is_null() || r.is_null() || o.is_null() || theirs == mine {
-            return None;
-        }
-        if object_of(r) != theirs || object_of(o) != theirs {
-            return None;
-        }
+        let names = [
+            c"pipellm_segv_add_client_v1",
+            c"pipellm_segv_reassert_v1",
+            c"pipellm_segv_pages_opened_v1",
+        ];
+        let [a, r, o] = super::peer::symbols(names, std::ptr::addr_of!(CLIENTS).cast())?;
         // SAFETY: symbols under these versioned names are the functions above in another
         // copy of this crate (all three in the same object), with exactly these signatures.
         unsafe {

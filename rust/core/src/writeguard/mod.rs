@@ -37,6 +37,7 @@
 
 mod claims;
 mod delegate;
+mod peer;
 mod uffd;
 mod vma;
 
