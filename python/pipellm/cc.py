@@ -258,6 +258,16 @@ def status() -> dict[str, object]:
 _watched: dict[int, object] = {}
 
 
+def _pinned(buf: object) -> object:
+    """`buf` held so that its memory stays where it is while registered: an exported buffer
+    (a memoryview of it) cannot be resized (a bytearray reallocated) under the interposer's
+    workers, which read watched memory directly."""
+    try:
+        return memoryview(buf)  # type: ignore[arg-type]
+    except TypeError:
+        return buf
+
+
 def watch(buf: object) -> None:
     """Registers the memory of `buf` with the interposer (this process must run under it:
     `pipellm run`, `enable()`): chunks the driver encrypts from it are then validated by page
@@ -282,7 +292,7 @@ def watch(buf: object) -> None:
         raise ValueError("buf overlaps memory that is already watched")
     if rc != 0:
         raise RuntimeError(f"the interposer refused to watch buf (code {rc})")
-    _watched[addr] = buf
+    _watched[addr] = _pinned(buf)
 
 
 def unwatch(buf: object) -> None:

@@ -347,7 +347,9 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     };
     // This copy's gates and regions first, then those of the copies that use this handler
     // (`delegate`): a claimed fault is retried, now on open pages.
-    if accerr && (claim(addr) || delegate::clients_claim(addr)) {
+    // Every table is asked, also when an earlier one claimed the fault: each must see a
+    // write to a page it protects.
+    if accerr && (claim(addr) | delegate::clients_claim(addr)) {
         return;
     }
     // No region claims the page. It may have been protected when the write faulted and
@@ -859,12 +861,18 @@ impl Drop for WriteWatch {
         // releases its watches; the next watch over them registers in a microsecond. With
         // mprotect, pages a neighbour still protects stay read-only for it and the others
         // become writable; only then do we stop claiming faults in this range.
-        if !REGIONS[self.slot].uffd.load(Ordering::Relaxed) {
+        let mprotected = !REGIONS[self.slot].uffd.load(Ordering::Relaxed);
+        if mprotected {
             release_pages(self.slot);
-            let (s, e) = range(self.slot);
+        }
+        let (s, e) = range(self.slot);
+        REGIONS[self.slot].in_use.store(false, Ordering::Release);
+        // Released only once this copy's handler no longer claims faults in the range: a
+        // region still in use after its claim went could open pages another copy has since
+        // claimed and protected.
+        if mprotected {
             claims::release(s, e);
         }
-        REGIONS[self.slot].in_use.store(false, Ordering::Release);
     }
 }
 
