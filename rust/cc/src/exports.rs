@@ -39,19 +39,33 @@ thread_local! {
 static ATFORK: std::sync::Once = std::sync::Once::new();
 static LOAD_LOGGED: std::sync::Once = std::sync::Once::new();
 
+/// The locks held by the forking thread from `before_fork` to the handler that runs after
+/// it in the parent or the child, in the lock order (docs/architecture.md): the engine's
+/// contexts, the watched ranges, the write tracker's. Released in field order.
+struct HeldForFork {
+    _ctxs:
+        std::sync::MutexGuard<'static, std::collections::HashMap<usize, crate::engine::CtxState>>,
+    _ranges: crate::watch_ranges::ForkHold,
+    _tracker: pipellm_core::writeguard::ForkHold,
+}
+
 thread_local! {
-    /// The engine's contexts lock, held by the forking thread from `before_fork` to the
-    /// handler that runs after it in the parent or the child.
-    static HELD_FOR_FORK: std::cell::RefCell<
-        Option<std::sync::MutexGuard<'static, std::collections::HashMap<usize, crate::engine::CtxState>>>,
-    > = const { std::cell::RefCell::new(None) };
+    static HELD_FOR_FORK: std::cell::RefCell<Option<HeldForFork>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 extern "C" fn before_fork() {
     // No other thread is inside the contexts' table at the fork, so the child inherits it
     // consistent and can keep answering for messages it holds (a served message the real
-    // context has not seen must be replayed there too, or the child's tag is wrong).
-    let _ = HELD_FOR_FORK.try_with(|h| *h.borrow_mut() = Some(engine().lock_for_fork()));
+    // context has not seen must be replayed there too, or the child's tag is wrong). No
+    // worker is inside the watched ranges or the write tracker either (a worker arms a
+    // chunk's watch there before it reads the chunk): the child's unwatch takes both.
+    let held = || HeldForFork {
+        _ctxs: engine().lock_for_fork(),
+        _ranges: crate::watch_ranges::hold_for_fork(),
+        _tracker: pipellm_core::writeguard::hold_for_fork(),
+    };
+    let _ = HELD_FOR_FORK.try_with(|h| *h.borrow_mut() = Some(held()));
 }
 
 extern "C" fn after_fork_in_parent() {

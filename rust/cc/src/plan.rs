@@ -112,6 +112,18 @@ pub fn complete(ctx: usize, st: &mut CtxState, span: (usize, usize)) -> Vec<Job>
             len,
         });
     }
+    // A continuation keeps whatever is there for every IV of the lookahead, not only those
+    // it guessed: a window cut short (a stream's first chunks, a watched range's end,
+    // memory already sent) says nothing of the later IVs, whose chunks (learned earlier)
+    // may still come; one that does not is thrown away when its IV comes (`settle`).
+    if continued {
+        for j in 1..=depth as u64 {
+            let Some(iv) = st.model.predict(j) else {
+                break;
+            };
+            wanted.entry(iv).or_insert(None);
+        }
+    }
     // Refill in batches: while the next messages are covered, wait until half the
     // lookahead is missing, so that one worker wake-up (a syscall on the driver's
     // critical path) queues several chunks instead of one per message.
@@ -180,6 +192,64 @@ fn continuation((input, len): (usize, usize), n: usize) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::Prepared;
+    use pipellm_core::crypto::AeadKey;
+    use std::sync::Arc;
+
+    /// A context bound to a counter IV layout, its key confirmed, that never sent anything.
+    fn bound_context() -> CtxState {
+        let mut st = CtxState::new(1);
+        st.key = Some(Arc::new(AeadKey::new(&[5u8; 32]).unwrap()));
+        st.confirmed = true;
+        for c in 1..=4u32 {
+            let mut iv = [0u8; 12];
+            iv[..4].copy_from_slice(&c.to_le_bytes());
+            st.model.observe(&iv);
+        }
+        assert_eq!(st.model.state(), ModelState::Bound);
+        st
+    }
+
+    fn prepared(input: usize, len: usize) -> Prepared {
+        Prepared {
+            input,
+            len,
+            ct: vec![0; 16],
+            tag: [0; 16],
+            ranges: Vec::new(),
+            fps: Vec::new(),
+            watched: None,
+        }
+    }
+
+    #[test]
+    fn a_short_continuation_keeps_what_is_prepared_for_later_ivs() {
+        let mut st = bound_context();
+        let len = 1 << 20;
+        // Chunks made for IVs three and five ahead, from memory elsewhere (learned earlier).
+        let (third, fifth) = (st.model.predict(3).unwrap(), st.model.predict(5).unwrap());
+        st.prepared.insert(third, prepared(0x9000_0000, len));
+        st.prepared.insert(fifth, prepared(0xa000_0000, len));
+        // A copy's first chunk: nothing learned, so its continuation, one chunk ahead.
+        let jobs = complete(0, &mut st, (0x4000_0000, len));
+        assert_eq!(jobs.len(), 1, "one chunk of the continuation");
+        assert_eq!(
+            (jobs[0].input, jobs[0].iv),
+            (0x4000_0000 + len, st.model.predict(1).unwrap())
+        );
+        assert!(
+            st.prepared.contains_key(&third) && st.prepared.contains_key(&fifth),
+            "a window cut short threw away chunks for IVs it said nothing of"
+        );
+        // Past the lookahead, nothing is kept.
+        let far = st.model.predict(config().depth as u64 + 1).unwrap();
+        st.prepared.insert(far, prepared(0xb000_0000, len));
+        complete(0, &mut st, (0x4000_0000 + len, len));
+        assert!(
+            !st.prepared.contains_key(&far),
+            "a chunk beyond the lookahead is stale"
+        );
+    }
 
     #[test]
     fn the_continuation_of_a_chunk_is_the_next_chunks_of_its_copy() {

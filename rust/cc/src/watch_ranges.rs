@@ -71,17 +71,37 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     spans: 0,
 });
 
+/// The registered ranges' spans alone, for the lookups on the driver's path (`range_end`
+/// when a message is planned, `overlaps`): `arm` holds the registry while it registers or
+/// arms a watch (an mprotect, or a userfaultfd ioctl), and a driver thread must not wait for
+/// that. Changed only under the registry's lock, and taken after it (a leaf).
+static BOUNDS: Mutex<Vec<Span>> = Mutex::new(Vec::new());
+
 /// True if any byte of `[start, start + len)` is in a registered range.
 pub fn overlaps(start: usize, len: usize) -> bool {
-    let end = start.saturating_add(len.max(1));
-    registry()
-        .ranges
-        .iter()
-        .any(|r| r.span().overlaps(Span::new(start, end)))
+    let probe = Span::of(start, len.max(1));
+    lock(&BOUNDS).iter().any(|r| r.overlaps(probe))
 }
 
 fn registry() -> MutexGuard<'static, Registry> {
     lock(&REGISTRY)
+}
+
+/// The registry's locks, held by a fork handler across `fork()` (after the engine's contexts,
+/// before the write tracker's locks: the order `arm` takes them in), so that no worker holds
+/// it in a forked child, whose `unwatch` would otherwise wait for it forever.
+pub struct ForkHold {
+    _held: MutexGuard<'static, Registry>,
+    _bounds: MutexGuard<'static, Vec<Span>>,
+}
+
+/// See [`ForkHold`].
+pub fn hold_for_fork() -> ForkHold {
+    let held = registry();
+    ForkHold {
+        _held: held,
+        _bounds: lock(&BOUNDS),
+    }
 }
 
 /// Why a registration was refused.
@@ -132,6 +152,7 @@ pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
         spans: HashMap::new(),
         readers: Arc::new(AtomicUsize::new(0)),
     });
+    lock(&BOUNDS).push(Span::of(start, len));
     Ok(())
 }
 
@@ -146,6 +167,7 @@ pub fn unwatch(start: usize) -> bool {
         };
         let r = reg.ranges.swap_remove(i);
         reg.spans -= r.spans.len();
+        lock(&BOUNDS).retain(|b| *b != r.span());
         r
     };
     // Removed under the lock, so no new `Reading` of it can start; the ones in progress
@@ -215,11 +237,10 @@ pub fn unchanged(s: &SpanStamp) -> bool {
 /// The end of the registered range `[input, input + len)` lies in, if any.
 pub fn range_end(input: usize, len: usize) -> Option<usize> {
     let end = input.checked_add(len)?;
-    registry()
-        .ranges
+    lock(&BOUNDS)
         .iter()
-        .find(|r| r.span().contains(Span::new(input, end)))
-        .map(|r| r.span().end)
+        .find(|r| r.contains(Span::new(input, end)))
+        .map(|r| r.end)
 }
 
 /// Registered ranges and chunk watches now.

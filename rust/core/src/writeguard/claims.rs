@@ -18,7 +18,7 @@
 
 use crate::locks::lock;
 use crate::span::Span;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// This copy's identity in the table: the address of one of its statics.
 static OWNER: u8 = 0;
@@ -79,8 +79,9 @@ struct Api {
     shared: bool,
 }
 
+static API: OnceLock<Api> = OnceLock::new();
+
 fn api() -> &'static Api {
-    static API: OnceLock<Api> = OnceLock::new();
     API.get_or_init(|| {
         let names = [c"pipellm_page_claim_v1", c"pipellm_page_release_v1"];
         let Some([c, r]) = super::peer::symbols(names, std::ptr::addr_of!(OWNER).cast()) else {
@@ -111,6 +112,17 @@ pub(crate) fn claim(start: usize, end: usize) -> bool {
 /// Releases a claim made by `claim` with the same range.
 pub(crate) fn release(start: usize, end: usize) {
     (api().release)(start, end, owner())
+}
+
+/// For a fork handler (see [`super::hold_for_fork`]): the process's table, locked, if it is
+/// this copy's. Without a lookup made yet (none is made here: `dlsym` in a fork handler could
+/// wait on the loader's lock), another copy may still be using this one's through the
+/// exported names, so it is locked then too.
+pub(super) fn hold_for_fork() -> Option<MutexGuard<'static, Vec<(usize, usize, usize)>>> {
+    match API.get() {
+        Some(a) if a.shared => None,
+        _ => Some(lock(&TABLE)),
+    }
 }
 
 /// True if this copy uses another copy's table (the interposer's, from the extension).

@@ -571,6 +571,26 @@ fn registry() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
     lock(&REGISTRY)
 }
 
+/// The tracker's locks that dropping a [`WriteWatch`] takes (the registry, then the page
+/// claims where this copy holds the process's table), held by a fork handler across
+/// `fork()`: a forked child has no thread but the one that forked, so a lock another thread
+/// held at the fork would never be released there, and the child's first dropped watch
+/// would wait forever. Taken in the lock order (a caller holding locks of its own that are
+/// taken before the registry, such as the interposer's watched ranges, takes them first).
+pub struct ForkHold {
+    _registry: std::sync::MutexGuard<'static, Vec<(usize, usize)>>,
+    _claims: Option<std::sync::MutexGuard<'static, Vec<(usize, usize, usize)>>>,
+}
+
+/// See [`ForkHold`].
+pub fn hold_for_fork() -> ForkHold {
+    let registry = registry();
+    ForkHold {
+        _registry: registry,
+        _claims: claims::hold_for_fork(),
+    }
+}
+
 /// Marks the start (`starting`) or end of an alias write on every region overlapping
 /// `[start, end)`: a new generation either way, and one write more or less in progress.
 /// Callers hold the registry mutex. Every in-use region overlapping the range counts the
