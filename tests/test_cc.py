@@ -185,12 +185,27 @@ def test_python_tls_and_hashes_work_under_the_interposer(cc_dir: Path) -> None:
     assert r["status"]["real_libcrypto"] == str(cc.real_libcrypto())
 
 
-CLAIMS_CHILD = r"""
-import ctypes, json, os, sys
+# What the two children below share: predict a buffer, wait for its chunk, request it and
+# open every message, checking the bytes.
+SEND_CHILD = r"""
+import ctypes, json, os
 import pipellm
 from pipellm import _core
 
 page = os.sysconf("SC_PAGESIZE")
+
+
+def send(p, rx, buf, between=lambda: None):
+    p.predict([buf])
+    p.wait_idle()
+    between()
+    out = bytearray(len(buf))
+    for m in p.request(buf).messages():
+        rx.open_into(m, memoryview(out)[m.offset : m.offset + len(m)])
+    assert out == buf
+"""
+
+CLAIMS_CHILD = SEND_CHILD + r"""
 lib = ctypes.CDLL(None)  # the process's global scope: the interposer, not the extension
 claim = lib.pipellm_page_claim_v1
 claim.argtypes = [ctypes.c_size_t] * 3
@@ -210,12 +225,7 @@ def served(buf, during=lambda: None, **kw):
     key = pipellm.SessionKey.generate()
     rx = pipellm.Receiver(key, 0)
     with pipellm.Pipeline(key, 0, slots=4, chunk_bytes=len(buf), validation="protect", **kw) as p:
-        p.predict([buf])
-        p.wait_idle()
-        out = bytearray(len(buf))
-        for m in p.request(buf).messages():
-            rx.open_into(m, memoryview(out)[m.offset : m.offset + len(m)])
-        assert out == buf
+        send(p, rx, buf)
         return p.stats(), during()
 
 
@@ -269,31 +279,19 @@ def test_both_copies_claim_pages_in_one_table(cc_dir: Path) -> None:
     assert plain.stdout.strip() == "False"
 
 
-HANDLER_CHILD = r"""
-import ctypes, json, os
-import pipellm
-from pipellm import _core
-
-page = os.sysconf("SC_PAGESIZE")
+HANDLER_CHILD = SEND_CHILD + r"""
 buf = bytearray(os.urandom(16 * page))
 key = pipellm.SessionKey.generate()
 rx = pipellm.Receiver(key, 0)
 p = pipellm.Pipeline(key, 0, slots=4, chunk_bytes=len(buf), validation="protect", keep_armed=4)
 
 
-def send(write_after_encrypting=False):
-    p.predict([buf])
-    p.wait_idle()
-    if write_after_encrypting:
-        buf[5 * page + 3] ^= 1  # an armed page: the write faults into the one handler
-    out = bytearray(len(buf))
-    for m in p.request(buf).messages():
-        rx.open_into(m, memoryview(out)[m.offset : m.offset + len(m)])
-    assert out == buf
+def write_an_armed_page():
+    buf[5 * page + 3] ^= 1  # the write faults into the one handler
 
 
-send()
-send(write_after_encrypting=True)
+send(p, rx, buf)
+send(p, rx, buf, between=write_an_armed_page)
 
 
 class SigAction(ctypes.Structure):

@@ -132,6 +132,11 @@ impl Engine {
             let drained: Vec<Prepared> = st.prepared.drain().map(|(_, p)| p).collect();
             st.inflight.clear();
             st.started.clear();
+            // What was planned for the IVs of an abandoned plan is no outcome of the
+            // predictions when the context is followed again.
+            st.planned.clear();
+            st.guesses.clear();
+            st.shadow = None;
             drop(m);
             for p in drained {
                 crate::workers::workers().recycle(p.ct);
@@ -298,9 +303,13 @@ impl Engine {
                 return Decision::Forward;
             }
             let iv = st.iv.expect("Fresh implies an IV");
+            // A message has one outcome: its shadow's, else (below) that of what was
+            // queued for its IV.
+            let mut recorded = false;
             if let Some((shadow_iv, span)) = st.shadow.take() {
                 if shadow_iv == iv {
                     st.record(span == (input as usize, len));
+                    recorded = true;
                 }
             }
             let span = (input as usize, len);
@@ -318,7 +327,7 @@ impl Engine {
             };
             let p = st.prepared.remove(&iv);
             let planned = st.planned.remove(&iv);
-            if p.is_none() && !st.inflight.contains_key(&iv) && planned {
+            if p.is_none() && !st.inflight.contains_key(&iv) && planned && !recorded {
                 st.record(false); // its guess was thrown away (see `planned`)
             }
             if p.is_none() && st.inflight.contains_key(&iv) {
@@ -333,7 +342,9 @@ impl Engine {
                     },
                     1,
                 );
-                st.record(false);
+                if !recorded {
+                    st.record(false);
+                }
             }
             // Until the outcome is known the message counts as missed (the fallback).
             st.msg = Msg::Missed {

@@ -108,11 +108,6 @@ fn passthrough() -> bool {
     config().disabled || IN_REAL.try_with(|c| c.get()).unwrap_or(true)
 }
 
-/// True in a forked child: D2H calls are only forwarded there (see `in_child_after_fork`).
-fn forked() -> bool {
-    crate::process::forked()
-}
-
 /// Calls into the real library with the re-entry flag set.
 fn forward<R>(f: impl FnOnce() -> R) -> R {
     struct Reset(bool);
@@ -830,7 +825,7 @@ forwarding_hook!(pipellm_EVP_CIPHER_CTX_set_key_length, ctx_set_key_length,
 #[no_mangle]
 pub extern "C" fn pipellm_cc_active() -> c_int {
     // In a forked child nothing is pre-encrypted any more (see `in_child_after_fork`).
-    (!config().disabled && real().is_ok() && !forked()) as c_int
+    (!config().disabled && real().is_ok() && !crate::process::forked()) as c_int
 }
 
 /// Copies up to `n` counters into `out` (names: `pipellm_cc_stat_name`); returns how many
