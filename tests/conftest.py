@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,22 @@ def pytest_configure(config: pytest.Config) -> None:
     where = Path(pipellm.__file__).resolve()
     if not where.is_relative_to(Path(venv).resolve()):
         raise pytest.UsageError(f"PIPELLM_TEST_INSTALLED={venv} but pipellm comes from {where}")
+
+
+def available_trackers() -> list[str]:
+    """The write trackers this machine offers, preferred first (a fresh interpreter asked to
+    use uffd says which one it got)."""
+    out = ["mprotect"]
+    r = subprocess.run(
+        [sys.executable, "-c", "import pipellm; print(pipellm.write_tracker())"],
+        env={**os.environ, "PIPELLM_WRITE_TRACKER": "uffd"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    if r.stdout.strip() == "uffd":
+        out.insert(0, "uffd")
+    return out
 
 
 @pytest.fixture

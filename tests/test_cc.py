@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import available_trackers
 
 from pipellm import cc
 
@@ -205,20 +206,31 @@ def send(p, rx, buf, between=lambda: None):
     assert out == buf
 """
 
-CLAIMS_CHILD = SEND_CHILD + r"""
+SPACE_CHILD = (
+    SEND_CHILD
+    + r"""
+from pipellm import cc
+
 lib = ctypes.CDLL(None)  # the process's global scope: the interposer, not the extension
-claim = lib.pipellm_page_claim_v1
-claim.argtypes = [ctypes.c_size_t] * 3
-claim.restype = ctypes.c_int
-release = lib.pipellm_page_release_v1
-release.argtypes = [ctypes.c_size_t] * 3
+insert = lib.pipellm_space_insert_v1
+insert.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_size_t,
+                   ctypes.c_uint32, ctypes.c_uint32]
+insert.restype = ctypes.c_int
+remove = lib.pipellm_space_remove_v1
+remove.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_size_t]
 FOREIGN = 0x51  # an owner that is neither copy
+WRITE_WATCH = 1  # space::Kind::WriteWatch
+NOT_TWICE = 1 << WRITE_WATCH  # conflicts with another owner's write watch
 
 
 def pages(buf):
     addr, n = _core._buffer_span(buf)
     s = -(-addr // page) * page
     return s, (addr + n) // page * page
+
+
+def mine(kind, s, e):
+    return any(k == kind and m and a <= s and e <= b for a, b, k, m in _core._space_entries())
 
 
 def served(buf, during=lambda: None, **kw):
@@ -231,47 +243,63 @@ def served(buf, during=lambda: None, **kw):
 
 a = bytearray(os.urandom(16 * page))
 s, e = pages(a)
-# Its chunk stays armed while the pipeline is open: the pages stay claimed.
-kept, refused_for_others = served(a, lambda: claim(s, s + page, FOREIGN) == -1, keep_armed=4)
-released = claim(s, e, FOREIGN) == 0  # the pipeline closed: its claim went with it
-release(s, e, FOREIGN)
+# Its chunk stays armed while the pipeline is open: the pages stay in the table as the
+# extension's write watch, and another owner's watch there is refused.
+kept, (listed, refused_for_others) = served(
+    a,
+    lambda: (mine("write watch", s, e), insert(s, s + page, WRITE_WATCH, FOREIGN, 0, NOT_TWICE)),
+    keep_armed=4,
+)
+released = insert(s, e, WRITE_WATCH, FOREIGN, 0, NOT_TWICE) == 0  # the pipeline closed
+remove(s, e, WRITE_WATCH, FOREIGN)
 b = bytearray(os.urandom(16 * page))
 s, e = pages(b)
-assert claim(s, e, FOREIGN) == 0  # as the interposer's own watches would
+assert insert(s, e, WRITE_WATCH, FOREIGN, 0, NOT_TWICE) == 0  # as the interposer's watches would
 fallback, _ = served(b)
-release(s, e, FOREIGN)
-print(json.dumps({"tracker": pipellm.write_tracker(), "shared": _core._write_claims_shared(),
-                  "kept": kept, "refused_for_others": refused_for_others, "released": released,
-                  "fallback": fallback, "len": len(b), "page": page}))
+remove(s, e, WRITE_WATCH, FOREIGN)
+# A range the interposer registers is in the same table: the extension sees it, not as its own.
+w = bytearray(16 * page)
+cc.watch(w)
+ws, we = _core._buffer_span(w)
+theirs = [k for a_, b_, k, m in _core._space_entries() if (a_, b_) == (ws, ws + we) and not m]
+cc.unwatch(w)
+print(json.dumps({"tracker": pipellm.write_tracker(), "shared": _core._space_shared(),
+                  "kept": kept, "listed": listed, "refused_for_others": refused_for_others,
+                  "released": released, "fallback": fallback, "len": len(b), "page": page,
+                  "theirs": theirs}))
 """
+)
 
 
-def test_both_copies_claim_pages_in_one_table(cc_dir: Path) -> None:
-    # The extension and the interposer each link their own core. With the mprotect tracker
-    # both could protect the same pages and each trust its own bookkeeping (a stale hit);
-    # so each claims its pages in one table per process, the interposer's. Here the
-    # extension's watch is refused to another owner, and pages another owner claimed are
-    # validated by fingerprint instead (and still delivered exactly).
+@pytest.mark.parametrize("tracker", available_trackers())
+def test_both_copies_register_ranges_in_one_table(cc_dir: Path, tracker: str) -> None:
+    # The extension and the interposer each link their own core. Both could watch the same
+    # pages and each trust its own bookkeeping (a stale hit); so each registers every range
+    # it takes charge of in one table per process, the interposer's. Here the extension's
+    # watch is listed there and refused to another owner; pages another owner watches are
+    # validated by fingerprint instead (and still delivered exactly); and the interposer's
+    # watched range is in the table the extension reads.
     env = cc.environment(directory=cc_dir)
-    env["PIPELLM_WRITE_TRACKER"] = "mprotect"
+    env["PIPELLM_WRITE_TRACKER"] = tracker
     p = subprocess.run(
-        [sys.executable, "-c", CLAIMS_CHILD], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", SPACE_CHILD], env=env, capture_output=True, text=True, check=False
     )
     assert p.returncode == 0, p.stderr
     import json
 
     r = json.loads(p.stdout)
-    assert r["tracker"] == "mprotect" and r["shared"], r
+    assert r["tracker"] == tracker and r["shared"], r
     # Validated by its watch: only the edge bytes outside whole pages are hashed.
-    assert r["kept"]["watches_kept"] == 1, r
+    assert r["kept"]["watches_kept"] == 1 and r["listed"], r
     assert r["kept"]["validation_bytes_hashed"] < 2 * r["page"], r
-    assert r["refused_for_others"] and r["released"], r
+    assert r["refused_for_others"] == 1 and r["released"], r  # 1: a write watch in the way
     # Refused a watch: every byte fingerprinted, still a hit.
     assert r["fallback"]["hits"] == 1, r
     assert r["fallback"]["validation_bytes_hashed"] == r["len"], r
-    # Without the interposer the extension asks its own table.
+    assert r["theirs"] == ["watched range"], r
+    # Without the interposer the extension uses its own table.
     plain = subprocess.run(
-        [sys.executable, "-c", "from pipellm import _core; print(_core._write_claims_shared())"],
+        [sys.executable, "-c", "from pipellm import _core; print(_core._space_shared())"],
         capture_output=True,
         text=True,
         check=True,
@@ -279,7 +307,9 @@ def test_both_copies_claim_pages_in_one_table(cc_dir: Path) -> None:
     assert plain.stdout.strip() == "False"
 
 
-HANDLER_CHILD = SEND_CHILD + r"""
+HANDLER_CHILD = (
+    SEND_CHILD
+    + r"""
 buf = bytearray(os.urandom(16 * page))
 key = pipellm.SessionKey.generate()
 rx = pipellm.Receiver(key, 0)
@@ -311,6 +341,7 @@ assert libc.dladdr(ctypes.c_void_p(sa.handler), ctypes.byref(info)) != 0
 print(json.dumps({"handler": _core._segv_handler(), "tracker": pipellm.write_tracker(),
                   "installed_by": os.path.basename(info.fname.decode()), "stats": p.stats()}))
 """
+)
 
 
 def test_one_segv_handler_per_process_with_the_interposer(cc_dir: Path) -> None:

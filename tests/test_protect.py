@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import available_trackers
 
 PRELUDE = textwrap.dedent(
     """
@@ -56,21 +57,7 @@ PRELUDE = textwrap.dedent(
 )
 
 
-def _available_trackers() -> list[str]:
-    out = ["mprotect"]
-    r = subprocess.run(
-        [sys.executable, "-c", "import pipellm; print(pipellm.write_tracker())"],
-        env={**os.environ, "PIPELLM_WRITE_TRACKER": "uffd"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    if r.stdout.strip() == "uffd":
-        out.insert(0, "uffd")
-    return out
-
-
-TRACKERS = _available_trackers()
+TRACKERS = available_trackers()
 
 
 def run_case(tracker: str, body: str, *args: str) -> str:

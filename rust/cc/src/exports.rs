@@ -860,8 +860,8 @@ pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
 
 /// Registers `[ptr, ptr + len)` as watched: chunks the driver encrypts from inside it are
 /// validated by page protection (a hit then only copies the ciphertext; see `watch_ranges`).
-/// Returns 0, or -1 (empty or wrapping range), -2 (overlaps a registered range), -3 (too
-/// many ranges), -4 (internal error).
+/// Returns 0, or -1 (empty or wrapping range), -2 (overlaps a registered range, a receive
+/// pool or a host pool's view), -3 (too many ranges), -4 (internal error).
 ///
 /// # Safety
 /// The range must stay mapped, and be written only by this process's user-space code (not
@@ -872,8 +872,8 @@ pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_cc_watch(ptr: *const c_void, len: usize) -> c_int {
     use crate::watch_ranges::WatchError;
-    // SAFETY: the caller's promise above is the one `registrations::watch` needs.
-    match std::panic::catch_unwind(|| unsafe { crate::registrations::watch(ptr as usize, len) }) {
+    // SAFETY: the caller's promise above is the one `watch_ranges::watch` needs.
+    match std::panic::catch_unwind(|| unsafe { crate::watch_ranges::watch(ptr as usize, len) }) {
         Ok(Ok(())) => 0,
         Ok(Err(WatchError::Empty)) => -1,
         Ok(Err(WatchError::Overlaps)) => -2,
@@ -899,8 +899,8 @@ pub extern "C" fn pipellm_cc_unwatch(ptr: *const c_void) -> c_int {
 /// (page-aligned); D2H chunks the driver decrypts into the view are answered after a
 /// synchronous tag check and decrypted later through the alias, the view's pages
 /// inaccessible (a reader waits) until then (see `d2h`). Returns 0, or -1 (empty, wrapping,
-/// unaligned or self-overlapping), -2 (overlaps a pool or a watched range), -3 (too many
-/// pools), -4 (internal error), -5 (not a mapping we may advise).
+/// unaligned or self-overlapping), -2 (overlaps a pool, a watched range or a write watch),
+/// -3 (too many pools), -4 (internal error), -5 (not a mapping we may advise).
 ///
 /// # Safety
 /// `view` and `alias` must map the same memory read-write and stay mapped until
@@ -914,9 +914,9 @@ pub unsafe extern "C" fn pipellm_cc_receive(
     len: usize,
 ) -> c_int {
     use crate::d2h::ReceiveError;
-    // SAFETY: the caller's promise above is the one `registrations::receive` needs.
+    // SAFETY: the caller's promise above is the one `d2h::receive` needs.
     let r = std::panic::catch_unwind(|| unsafe {
-        crate::registrations::receive(view as usize, alias as usize, len)
+        crate::d2h::receive(view as usize, alias as usize, len)
     });
     match r {
         Ok(Ok(())) => 0,

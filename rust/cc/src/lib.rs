@@ -30,7 +30,6 @@ pub mod pieces;
 pub mod plan;
 pub mod process;
 pub mod real;
-pub mod registrations;
 pub mod stats;
 pub mod watch_ranges;
 pub mod workers;

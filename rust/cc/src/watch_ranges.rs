@@ -17,6 +17,7 @@
 //! came from, so a range unregistered and registered again never validates an old chunk.
 
 use pipellm_core::locks::lock;
+use pipellm_core::space::{self, Conflicts, Kind, Whose};
 use pipellm_core::span::Span;
 use pipellm_core::writeguard::{Stamp, WriteWatch};
 use std::collections::HashMap;
@@ -71,37 +72,20 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     spans: 0,
 });
 
-/// The registered ranges' spans alone, for the lookups on the driver's path (`range_end`
-/// when a message is planned, `overlaps`): `arm` holds the registry while it registers or
-/// arms a watch (an mprotect, or a userfaultfd ioctl), and a driver thread must not wait for
-/// that. Changed only under the registry's lock, and taken after it (a leaf).
-static BOUNDS: Mutex<Vec<Span>> = Mutex::new(Vec::new());
-
-/// True if any byte of `[start, start + len)` is in a registered range.
-pub fn overlaps(start: usize, len: usize) -> bool {
-    let probe = Span::of(start, len.max(1));
-    lock(&BOUNDS).iter().any(|r| r.overlaps(probe))
-}
-
 fn registry() -> MutexGuard<'static, Registry> {
     lock(&REGISTRY)
 }
 
-/// The registry's locks, held by a fork handler across `fork()` (after the engine's contexts,
+/// The registry's lock, held by a fork handler across `fork()` (after the engine's contexts,
 /// before the write tracker's locks: the order `arm` takes them in), so that no worker holds
 /// it in a forked child, whose `unwatch` would otherwise wait for it forever.
 pub struct ForkHold {
     _held: MutexGuard<'static, Registry>,
-    _bounds: MutexGuard<'static, Vec<Span>>,
 }
 
 /// See [`ForkHold`].
 pub fn hold_for_fork() -> ForkHold {
-    let held = registry();
-    ForkHold {
-        _held: held,
-        _bounds: lock(&BOUNDS),
-    }
+    ForkHold { _held: registry() }
 }
 
 /// Why a registration was refused.
@@ -131,17 +115,22 @@ pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
     if len == 0 || start.checked_add(len).is_none() {
         return Err(WatchError::Empty);
     }
-    // Receive pools are refused by the caller (`registrations::watch`).
     let mut reg = registry();
-    if reg
-        .ranges
-        .iter()
-        .any(|r| r.span().overlaps(Span::of(start, len)))
-    {
-        return Err(WatchError::Overlaps);
-    }
     if reg.ranges.len() >= MAX_RANGES {
         return Err(WatchError::Full);
+    }
+    // In the process's table, unless it overlaps another watched range, a receive pool (whose
+    // gates would take the pages' protection from the chunks' watches) or a host pool's view
+    // (written through a second mapping no watch of ours sees).
+    let conflicts = Conflicts {
+        any: Kind::WatchedRange
+            .set()
+            .with(Kind::ReceivePool)
+            .with(Kind::PoolView),
+        ..Conflicts::default()
+    };
+    if space::insert(Span::of(start, len), Kind::WatchedRange, conflicts).is_err() {
+        return Err(WatchError::Overlaps);
     }
     let id = reg.next_id;
     reg.next_id += 1;
@@ -152,7 +141,6 @@ pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
         spans: HashMap::new(),
         readers: Arc::new(AtomicUsize::new(0)),
     });
-    lock(&BOUNDS).push(Span::of(start, len));
     Ok(())
 }
 
@@ -167,7 +155,7 @@ pub fn unwatch(start: usize) -> bool {
         };
         let r = reg.ranges.swap_remove(i);
         reg.spans -= r.spans.len();
-        lock(&BOUNDS).retain(|b| *b != r.span());
+        space::remove(r.span(), Kind::WatchedRange);
         r
     };
     // Removed under the lock, so no new `Reading` of it can start; the ones in progress
@@ -234,13 +222,12 @@ pub fn unchanged(s: &SpanStamp) -> bool {
         .is_some_and(|w| w.unchanged_since(s.stamp))
 }
 
-/// The end of the registered range `[input, input + len)` lies in, if any.
+/// The end of the registered range `[input, input + len)` lies in, if any. From the
+/// process's table, not the registry: a driver thread planning its next chunks must not wait
+/// while a worker holds the registry over an `mprotect` (`arm`).
 pub fn range_end(input: usize, len: usize) -> Option<usize> {
     let end = input.checked_add(len)?;
-    lock(&BOUNDS)
-        .iter()
-        .find(|r| r.contains(Span::new(input, end)))
-        .map(|r| r.end)
+    space::containing(Span::new(input, end), Kind::WatchedRange.set(), Whose::Mine).map(|r| r.end)
 }
 
 /// Registered ranges and chunk watches now.
@@ -277,6 +264,7 @@ mod tests {
         unsafe { watch(base, len) }.unwrap();
         // SAFETY: as above.
         assert_eq!(unsafe { watch(base + 4096, 10) }, Err(WatchError::Overlaps));
+        assert_eq!(range_end(base + 4096, 10), Some(base + len));
         assert!(arm(base + len - 10, 20).is_none(), "not inside the range");
         let (s, _) = arm(base, 8192).unwrap();
         assert!(unchanged(&s));
@@ -314,7 +302,7 @@ mod tests {
         let (_, reading) = arm(base, len).unwrap();
         let t = std::thread::spawn(move || unwatch(base));
         // Once the range is gone from the registry, unwatch is past its lock and waiting.
-        while overlaps(base, len) {
+        while range_end(base, len).is_some() {
             std::thread::yield_now();
         }
         assert!(

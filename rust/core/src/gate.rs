@@ -10,8 +10,9 @@
 //! waits here until the gate opens, then lets the access retry on readable pages.
 //!
 //! Rules for callers (see [`close`]): gated memory is normally mapped read-write (opening
-//! restores exactly that); it is not write-watched by this copy of the library (`close`
-//! refuses, and a write watch refuses gated pages); and the thread that will open a gate
+//! restores exactly that); it is not write-watched by either copy of the library (each gate
+//! is registered in the process's table, `space`, where `close` refuses pages a write watch
+//! holds and a write watch refuses gated pages); and the thread that will open a gate
 //! never touches the gated pages through this mapping (it would wait for itself).
 //!
 //! Gates may share pages (two messages decrypted into neighbouring bytes): a page opens
@@ -20,10 +21,12 @@
 //! decisions in the wrong order; the handler takes no lock, it only reads the slots.
 
 use crate::error::{Error, Result};
-use crate::space;
+use crate::space::gate_slots as slots;
+use crate::space::{Conflicts, Kind};
+use crate::span::Span;
 use std::sync::Mutex;
 
-pub use crate::space::MAX_GATES;
+pub use slots::MAX_GATES;
 
 /// Serialises closing and opening (never taken in the handler).
 static LOCK: Mutex<()> = Mutex::new(());
@@ -59,14 +62,18 @@ pub unsafe fn close(ptr: *const u8, len: usize) -> Result<Gate> {
         .div_ceil(p)
         * p;
     let _g = lock();
-    let slot = space::free_gate_slot()
+    let slot = slots::free_gate_slot()
         .ok_or_else(|| Error::Capacity(format!("more than {MAX_GATES} gates closed")))?;
-    let activate = || space::activate_gate(slot, start, end);
-    if crate::writeguard::unless_watched(start, end, activate).is_none() {
+    let no_watch = Conflicts {
+        any: Kind::WriteWatch.set(),
+        ..Conflicts::default()
+    };
+    if crate::space::insert(Span::new(start, end), Kind::Gate, no_watch).is_err() {
         return Err(Error::InvalidArgument(
             "cannot close pages that a write watch covers".into(),
         ));
     }
+    slots::activate_gate(slot, start, end);
     // SAFETY: the caller vouched for the range (see `# Safety`); no access is a subset of
     // the access it had, restored by `open`.
     if unsafe { libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_NONE) } != 0 {
@@ -82,15 +89,16 @@ pub unsafe fn close(ptr: *const u8, len: usize) -> Result<Gate> {
 /// Opens the pages of `slot` that no other gate covers, then frees the slot. Caller holds
 /// the lock.
 fn release(slot: usize) {
-    let (start, end) = space::gate_span(slot);
+    let (start, end) = slots::gate_span(slot);
     // SAFETY: part of a range the closer vouched for, mapped read-write before it was
     // gated: this restores that access, except on pages another gate still holds.
     unsafe {
-        crate::writeguard::open_pages_except(start, end, |addr| space::gated_by_other(addr, slot))
+        crate::writeguard::open_pages_except(start, end, |addr| slots::gated_by_other(addr, slot))
     };
     // The slot is freed only once its pages are readable: a waiting reader then retries on
     // open pages (or waits on for a gate that still covers its page).
-    space::deactivate_gate(slot);
+    slots::deactivate_gate(slot);
+    crate::space::remove(Span::new(start, end), Kind::Gate);
     crate::writeguard::note_pages_opened();
 }
 
@@ -102,7 +110,7 @@ impl Gate {
 
     /// The gated range, in whole pages.
     pub fn span(&self) -> (usize, usize) {
-        space::gate_span(self.slot)
+        slots::gate_span(self.slot)
     }
 }
 
@@ -116,7 +124,7 @@ impl Drop for Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::space::gated as covers;
+    use crate::space::gate_slots::gated as covers;
     use std::sync::atomic::AtomicU64;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;

@@ -15,12 +15,17 @@
 //! would otherwise let it write the parent's bytes.
 
 use crate::error::{Error, Result};
+use crate::space::{Conflicts, Kind, Whose};
+use crate::span::Span;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// True if any byte of `[addr, addr + len)` is in a live pool's view (the registry,
-/// `space`, keeps them: for callers that must refuse pool memory, such as the driver
-/// interposer's watches, which would miss alias writes).
-pub use crate::space::overlaps_a_host_pool;
+/// True if any byte of `[addr, addr + len)` is in a live pool's view (each pool registers
+/// its view in the process's table, `space`): for callers that must refuse pool memory, such
+/// as the driver interposer's watches, which would miss alias writes.
+pub fn overlaps_a_host_pool(addr: usize, len: usize) -> bool {
+    let span = Span::of(addr, len.max(1));
+    crate::space::overlapping(span, Kind::PoolView.set(), Whose::Anyone).is_some()
+}
 
 /// Host memory mapped twice: a view that transfers read, an alias that writes go through.
 pub struct HostPool {
@@ -108,7 +113,10 @@ impl HostPool {
                 return Err(Error::last_os("madvise(MADV_DONTFORK)"));
             }
         }
-        crate::space::add_pool_view(view as usize, view as usize + size);
+        if crate::space::insert(pool.view_span(), Kind::PoolView, Conflicts::default()).is_err() {
+            // Only a failed allocation: nothing conflicts with a pool's fresh mapping.
+            return Err(Error::OutOfMemory("cannot register a host pool".into()));
+        }
         Ok(pool)
     }
 
@@ -138,26 +146,35 @@ impl HostPool {
     /// any gated page of its range (one read per page through the view) so that a
     /// decryption still in flight never lands after the application's write.
     pub fn lend_to_driver(&self) -> Result<()> {
-        let (start, end) = (self.view as usize, self.view as usize + self.mapped_len());
-        let lend = || {
-            crate::space::lend_pool(start, end);
-            self.lent.store(true, std::sync::atomic::Ordering::Release);
-        };
         if self.lent.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
-        crate::writeguard::unless_watched(start, end, lend).ok_or_else(|| {
+        let no_watch = Conflicts {
+            any: Kind::WriteWatch.set(),
+            ..Conflicts::default()
+        };
+        crate::space::insert(self.view_span(), Kind::LentPool, no_watch).map_err(|_| {
             Error::InvalidArgument(
                 "the pool's memory is watched by a pipeline (unwatch its buffers first)".into(),
             )
-        })
+        })?;
+        if self.lent.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            // Lent by another thread meanwhile: one registration is enough.
+            crate::space::remove(self.view_span(), Kind::LentPool);
+        }
+        Ok(())
     }
 
     /// Ends [`HostPool::lend_to_driver`] (after the interposer unregistered the pool).
     pub fn end_driver_loan(&self) {
-        let start = self.view as usize;
-        crate::space::end_pool_loan(start);
-        self.lent.store(false, std::sync::atomic::Ordering::Release);
+        if self.lent.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            crate::space::remove(self.view_span(), Kind::LentPool);
+        }
+    }
+
+    /// The view's pages, as registered in the process's table.
+    fn view_span(&self) -> Span {
+        Span::of(self.view as usize, self.mapped_len())
     }
 
     /// The view's first byte: what transfers read.
@@ -272,9 +289,8 @@ impl HostPool {
 impl Drop for HostPool {
     fn drop(&mut self) {
         let size = crate::page::round_up(self.len);
-        let start = self.view as usize;
-        crate::space::remove_pool_view(start);
         self.end_driver_loan();
+        crate::space::remove(self.view_span(), Kind::PoolView);
         // SAFETY: both mappings were made in `new` with this size and are unmapped once;
         // nothing borrows them past `self` (sources holding the pool keep it alive).
         unsafe {

@@ -9,9 +9,9 @@
 //! - [`sender`], [`receiver`]: the two ends; the receiver mirrors the device's checks.
 //! - [`message`]: a sealed message and its wire form.
 //! - [`pipeline`]: speculative pre-encryption (workers, ring, validation); [`predict`] the
-//!   learned predictor; [`staging`], [`fingerprint`], [`writeguard`] (write trackers and page
-//!   claims), [`gate`], [`hostpool`], [`page`], [`locks`]: what the pipeline and the
-//!   interposer build on.
+//!   learned predictor; [`staging`], [`fingerprint`], [`space`] (the process's address-space
+//!   registry), [`writeguard`] (write trackers), [`gate`], [`hostpool`], [`page`], [`locks`]:
+//!   what the pipeline and the interposer build on.
 //!
 //! How these fit together (every thread, every process-wide global and its owner, the lock
 //! order, a transfer's path through each backend): `docs/architecture.md`.
@@ -39,6 +39,7 @@ pub mod key;
 pub mod locks;
 pub mod message;
 pub mod page;
+mod peer;
 pub mod pipeline;
 pub mod position;
 pub mod predict;

@@ -22,11 +22,21 @@ fn write_tracker() -> &'static str {
     pipellm_core::writeguard::tracker_name()
 }
 
-/// True if this extension claims the pages it write-protects in another copy's table: the
-/// interposer's, when `pipellm run` loaded it (see `writeguard/claims.rs`).
+/// True if this extension registers its ranges in another copy's address-space table: the
+/// interposer's, when `pipellm run` loaded it (see `rust/core/src/space/mod.rs`).
 #[pyfunction]
-fn _write_claims_shared() -> bool {
-    pipellm_core::writeguard::claims_shared()
+fn _space_shared() -> bool {
+    pipellm_core::space::shared()
+}
+
+/// Every range in the process's address-space table: `(start, end, kind, mine)`, `mine`
+/// true for this extension's own (for tests and diagnostics).
+#[pyfunction]
+fn _space_entries() -> Vec<(usize, usize, &'static str, bool)> {
+    pipellm_core::space::entries()
+        .into_iter()
+        .map(|(s, k, mine)| (s.start, s.end, k.name(), mine))
+        .collect()
 }
 
 /// Which SIGSEGV handler serves this extension's page protection: "delegated" (the
@@ -50,7 +60,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hostpool::_host_pool_end_loan, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::_buffer_span, m)?)?;
     m.add_function(wrap_pyfunction!(write_tracker, m)?)?;
-    m.add_function(wrap_pyfunction!(_write_claims_shared, m)?)?;
+    m.add_function(wrap_pyfunction!(_space_shared, m)?)?;
+    m.add_function(wrap_pyfunction!(_space_entries, m)?)?;
     m.add_function(wrap_pyfunction!(_segv_handler, m)?)?;
     m.add_class::<pipeline::PyTransfer>()?;
     m.add_class::<predict::PyLearned>()?;

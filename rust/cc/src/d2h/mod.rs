@@ -29,9 +29,7 @@ mod decrypt;
 mod pools;
 
 pub use decrypt::MAX_QUEUED;
-pub use pools::{
-    overlaps_a_receive_pool, receive, unreceive, ReceiveError, UnreceiveError, MAX_POOLS,
-};
+pub use pools::{receive, unreceive, ReceiveError, UnreceiveError, MAX_POOLS};
 
 use crate::config::{config, log};
 use crate::context::Tag;

@@ -3,6 +3,7 @@
 //! each, which unregistering waits for.
 
 use pipellm_core::locks::lock;
+use pipellm_core::space::{self, Conflicts, Kind};
 use pipellm_core::span::Span;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,14 +51,6 @@ impl Drop for PendingGuard {
     }
 }
 
-/// True if any byte of `[start, start + len)` is in a receive pool's view or alias.
-pub fn overlaps_a_receive_pool(start: usize, len: usize) -> bool {
-    let r = Span::of(start, len.max(1));
-    lock(&POOLS)
-        .iter()
-        .any(|p| Span::of(p.view, p.len).overlaps(r) || Span::of(p.alias, p.len).overlaps(r))
-}
-
 /// Registers a receive pool.
 ///
 /// # Safety
@@ -81,23 +74,35 @@ pub unsafe fn receive(view: usize, alias: usize, len: usize) -> Result<(), Recei
     if v.overlaps(a) {
         return Err(ReceiveError::BadRange);
     }
-    // Watched ranges are refused by the caller (`registrations::receive`).
     let mut pools = lock(&POOLS);
-    if pools.iter().any(|p| {
-        let (pv, pa) = (Span::of(p.view, p.len), Span::of(p.alias, p.len));
-        pv.overlaps(v) || pv.overlaps(a) || pa.overlaps(v) || pa.overlaps(a)
-    }) {
-        return Err(ReceiveError::Overlaps);
-    }
     if pools.len() >= MAX_POOLS {
         return Err(ReceiveError::Full);
     }
+    // Both mappings in the process's table, unless they overlap another pool, a watched range
+    // or a write watch (of either copy: its protection would be lost to our gates). Removed
+    // again by `unreceive`, or below if the pool is refused after all.
+    let conflicts = Conflicts {
+        any: Kind::ReceivePool
+            .set()
+            .with(Kind::WatchedRange)
+            .with(Kind::WriteWatch),
+        ..Conflicts::default()
+    };
+    if space::insert(v, Kind::ReceivePool, conflicts).is_err() {
+        return Err(ReceiveError::Overlaps);
+    }
+    if space::insert(a, Kind::ReceivePool, conflicts).is_err() {
+        space::remove(v, Kind::ReceivePool);
+        return Err(ReceiveError::Overlaps);
+    }
     // A forked child must not inherit pages that may be gated (no decryption thread there
     // would ever open them) nor a shared alias it could write the parent's bytes through.
-    for (a, n) in [(view, len), (alias, len)] {
+    for s in [v, a] {
         // SAFETY: madvise on a range the caller vouched is mapped; DONTFORK only changes
         // what fork copies.
-        if unsafe { libc::madvise(a as *mut libc::c_void, n, libc::MADV_DONTFORK) } != 0 {
+        if unsafe { libc::madvise(s.start as *mut libc::c_void, len, libc::MADV_DONTFORK) } != 0 {
+            space::remove(v, Kind::ReceivePool);
+            space::remove(a, Kind::ReceivePool);
             return Err(ReceiveError::NotMapped);
         }
     }
@@ -123,13 +128,16 @@ pub fn unreceive(view: usize) -> Result<(), UnreceiveError> {
         if super::mid_message_into(&pending) {
             return Err(UnreceiveError::Busy);
         }
-        pools.swap_remove(i);
-        pending
+        let p = pools.swap_remove(i);
+        (pending, p.alias, p.len)
     };
+    let (pending, alias, len) = pending;
     // Queued decryptions always finish (a decryption thread takes every job).
     while pending.load(Ordering::Acquire) != 0 {
         std::thread::sleep(std::time::Duration::from_micros(50));
     }
+    space::remove(Span::of(view, len), Kind::ReceivePool);
+    space::remove(Span::of(alias, len), Kind::ReceivePool);
     Ok(())
 }
 
@@ -190,8 +198,12 @@ mod tests {
                 Err(ReceiveError::Overlaps)
             );
         }
-        assert!(overlaps_a_receive_pool(v + 100, 1) && overlaps_a_receive_pool(a + page, 10));
-        assert!(!overlaps_a_receive_pool(v + 2 * page, page));
+        let registered = |start: usize, len: usize| {
+            let mine = pipellm_core::space::Whose::Mine;
+            space::overlapping(Span::of(start, len), Kind::ReceivePool.set(), mine).is_some()
+        };
+        assert!(registered(v + 100, 1) && registered(a + page, 10));
+        assert!(!registered(v + 2 * page, page));
         // A destination inside the view maps to the same offset in the alias; a bounce
         // buffer overlapping either mapping is refused.
         let (alias, guard) = find(v + 300, 1000, v + 3 * page).unwrap();
@@ -204,6 +216,6 @@ mod tests {
         drop(guard);
         assert_eq!(unreceive(a), Err(UnreceiveError::NotFound));
         unreceive(v).unwrap();
-        assert!(!overlaps_a_receive_pool(v, 2 * page));
+        assert!(!registered(v, 2 * page) && !registered(a, 2 * page));
     }
 }

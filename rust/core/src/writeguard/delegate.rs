@@ -97,7 +97,7 @@ pub(crate) fn provider() -> Option<&'static Provider> {
             c"pipellm_segv_reassert_v1",
             c"pipellm_segv_pages_opened_v1",
         ];
-        let [a, r, o] = super::peer::symbols(names, std::ptr::addr_of!(CLIENTS).cast())?;
+        let [a, r, o] = crate::peer::symbols(names, std::ptr::addr_of!(CLIENTS).cast())?;
         // SAFETY: symbols under these versioned names are the functions above in another
         // copy of this crate (all three in the same object), with exactly these signatures.
         unsafe {

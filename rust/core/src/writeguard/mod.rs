@@ -35,16 +35,13 @@
 //! a fault and a spurious re-encryption (the pipeline watches only pages wholly inside its
 //! source, see `pipeline::watches`).
 
-mod claims;
 mod delegate;
-mod peer;
 mod uffd;
 mod vma;
 
-pub use claims::shared as claims_shared;
-
 use crate::error::{Error, Result};
 use crate::locks::lock;
+use crate::space::{self, Conflicts, Kind, Whose};
 use crate::span::Span;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
@@ -230,7 +227,7 @@ fn release_pages(slot: usize) {
     }
     let covered = |addr: usize| {
         // A gated page stays closed until its gate opens (see `gate`).
-        if crate::space::gated(addr) {
+        if space::gate_slots::gated(addr) {
             true
         } else if overflow {
             protected_by_other(addr, slot, high)
@@ -297,7 +294,7 @@ pub(crate) unsafe fn open_pages_except(
 /// written and opens its pages. Async-signal-safe.
 fn claim(addr: usize) -> bool {
     // A page held inaccessible until its content is ready: wait for it, then retry.
-    if crate::space::wait_while_gated(addr) {
+    if space::gate_slots::wait_while_gated(addr) {
         return true;
     }
     let high = HIGH_WATER.load(Ordering::Acquire);
@@ -525,19 +522,6 @@ pub(crate) fn install_own() -> Result<()> {
     }
 }
 
-/// Runs `f` (which closes a gate) unless an in-use write watch covers a page of
-/// `[start, end)`; under the registry mutex, so a watch registered at the same time either
-/// sees the gate or is seen by this check.
-pub(crate) fn unless_watched<R>(start: usize, end: usize, f: impl FnOnce() -> R) -> Option<R> {
-    let _g = registry();
-    let high = HIGH_WATER.load(Ordering::Acquire);
-    if (0..high).any(|j| overlapping(j, start, end)) {
-        None
-    } else {
-        Some(f())
-    }
-}
-
 /// Pages were opened elsewhere (a gate): faults taken on them just before are retried.
 /// Async-signal-safe.
 pub(crate) fn note_pages_opened() {
@@ -571,15 +555,15 @@ fn registry() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
     lock(&REGISTRY)
 }
 
-/// The tracker's locks that dropping a [`WriteWatch`] takes (the registry, then the page
-/// claims where this copy holds the process's table), held by a fork handler across
+/// The locks that dropping a [`WriteWatch`] takes (the tracker's registry, then the
+/// process's address-space table where this copy holds it: `space`), held by a fork handler across
 /// `fork()`: a forked child has no thread but the one that forked, so a lock another thread
 /// held at the fork would never be released there, and the child's first dropped watch
 /// would wait forever. Taken in the lock order (a caller holding locks of its own that are
 /// taken before the registry, such as the interposer's watched ranges, takes them first).
 pub struct ForkHold {
     _registry: std::sync::MutexGuard<'static, Vec<(usize, usize)>>,
-    _claims: Option<std::sync::MutexGuard<'static, Vec<(usize, usize, usize)>>>,
+    _space: Option<std::sync::MutexGuard<'static, Vec<space::Entry>>>,
 }
 
 /// See [`ForkHold`].
@@ -587,7 +571,7 @@ pub fn hold_for_fork() -> ForkHold {
     let registry = registry();
     ForkHold {
         _registry: registry,
-        _claims: claims::hold_for_fork(),
+        _space: space::hold_for_fork(),
     }
 }
 
@@ -676,7 +660,9 @@ impl WriteWatch {
                 None
             }
         };
-        if !vma::private_anonymous(start, end) && !crate::space::within_a_pool(start, end) {
+        let span = Span::new(start, end);
+        let in_my_pool = || space::containing(span, Kind::PoolView.set(), Whose::Mine).is_some();
+        if !vma::private_anonymous(start, end) && !in_my_pool() {
             return Err(Error::InvalidArgument(
                 "only private anonymous memory can be watched (shared or file mappings \
                  change without a write by this process)"
@@ -684,32 +670,30 @@ impl WriteWatch {
             ));
         }
         let writes = registry();
-        if crate::space::overlaps_a_gate(start, end) {
-            return Err(Error::InvalidArgument(
-                "cannot watch pages gated for a deferred decryption".into(),
-            ));
-        }
-        if crate::space::overlaps_a_lent_pool(start, end) {
-            return Err(Error::InvalidArgument(
-                "cannot watch a host pool lent to the driver interposer".into(),
-            ));
-        }
         let slot = REGIONS
             .iter()
             .position(|r| !r.in_use.load(Ordering::Acquire))
             .ok_or_else(|| Error::Capacity(format!("more than {MAX_REGIONS} watched regions")))?;
-        // Another copy of this library (the interposer's, the extension's) must not protect
-        // these pages too (see `claims`); released in `drop`.
-        if tracker.is_none() && !claims::claim(start, end) {
-            return Err(Error::InvalidArgument(
-                "another copy of pipellm in this process watches these pages".into(),
-            ));
+        // In the process's table (see `space`), unless the pages are gated, lent to the
+        // interposer, or watched by the other copy of this library (each copy trusts its own
+        // bookkeeping: two protecting one page would make a stale hit). Removed in `drop`.
+        let watch = Conflicts {
+            any: Kind::Gate.set().with(Kind::LentPool),
+            foreign: Kind::WriteWatch.set(),
+        };
+        if let Err(k) = space::insert(span, Kind::WriteWatch, watch) {
+            return Err(Error::InvalidArgument(match k {
+                Kind::Gate => "cannot watch pages gated for a deferred decryption".into(),
+                Kind::LentPool => "cannot watch a host pool lent to the driver interposer".into(),
+                _ => "another copy of pipellm in this process watches these pages".into(),
+            }));
         }
         if let Some(t) = tracker {
-            // Registering again pages another region registered is a no-op for the kernel;
-            // pages of another userfaultfd (another copy of this library) are refused.
-            t.register(start, end)
-                .map_err(|e| Error::os("cannot track writes to these pages", &e))?;
+            // Registering again pages another region registered is a no-op for the kernel.
+            if let Err(e) = t.register(start, end) {
+                space::remove(span, Kind::WriteWatch);
+                return Err(Error::os("cannot track writes to these pages", &e));
+            }
         }
         let r = &REGIONS[slot];
         lock_region(r);
@@ -887,12 +871,10 @@ impl Drop for WriteWatch {
         }
         let (s, e) = range(self.slot);
         REGIONS[self.slot].in_use.store(false, Ordering::Release);
-        // Released only once this copy's handler no longer claims faults in the range: a
-        // region still in use after its claim went could open pages another copy has since
-        // claimed and protected.
-        if mprotected {
-            claims::release(s, e);
-        }
+        // Out of the process's table only once this copy's handler no longer claims faults
+        // in the range: a region still in use after its entry went could open pages another
+        // copy has since registered and protected.
+        space::remove(Span::new(s, e), Kind::WriteWatch);
     }
 }
 

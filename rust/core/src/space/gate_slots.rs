@@ -1,78 +1,13 @@
-//! The address-space registry: which ranges of this process's memory belong to whom, by
-//! kind, for the modules that protect pages (`writeguard`) or hold them closed (`gate`) and
-//! for those that must refuse each other's ranges (`hostpool`, `writeguard`, `gate`):
-//!
-//! - **host pool views** (`HostPool`): shared memory a write watch may cover exactly, since
-//!   every write through the other mapping is announced;
-//! - **lent pools**: views lent to the driver interposer as D2H destinations, whose pages it
-//!   gates, so no write watch of ours may cover them;
-//! - **gates**: pages held `PROT_NONE` until their content is ready, read by the SIGSEGV
-//!   handler (lock-free: atomics only).
-//!
-//! Write-watched regions are `writeguard`'s own table (the handler's hot path), and the pages
-//! a copy of this library protects are claimed process-wide in `writeguard::claims`.
-//! This module sits below all of them and calls none: the modules that decide (`gate`,
-//! `hostpool`, `writeguard`) consult it, so none of them imports another to ask.
-//!
-//! Locks: `VIEWS` and `LENT` are leaves (held only for a scan or an update, taken under
-//! `writeguard`'s registry lock, never the other way round); gate slots take none.
+//! This copy's gates, as the SIGSEGV handler reads them: a fixed array of slots, atomics
+//! only (signal context takes no lock). The registry of record is the process's table
+//! (`space`), where `gate` registers each gate too; these slots mirror this copy's, so the
+//! handler can tell in signal context whether a faulting page is held closed, and wait.
+//! `gate` serialises taking and freeing slots under its lock.
 
-use crate::locks::lock;
 use crate::span::Span;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
-// ---- host pools ----
-
-/// The views of the live pools, `(start, end)`.
-static VIEWS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
-
-/// Views of pools lent to the driver interposer, `(start, end)`.
-static LENT: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
-
-pub(crate) fn add_pool_view(start: usize, end: usize) {
-    lock(&VIEWS).push((start, end));
-}
-
-pub(crate) fn remove_pool_view(start: usize) {
-    lock(&VIEWS).retain(|&(s, _)| s != start);
-}
-
-/// True if any byte of `[addr, addr + len)` is in a live pool's view.
-pub fn overlaps_a_host_pool(addr: usize, len: usize) -> bool {
-    let r = Span::of(addr, len.max(1));
-    lock(&VIEWS)
-        .iter()
-        .any(|&(s, e)| Span::new(s, e).overlaps(r))
-}
-
-/// True if all of `[start, end)` is inside one live pool's view.
-pub(crate) fn within_a_pool(start: usize, end: usize) -> bool {
-    let r = Span::new(start, end);
-    lock(&VIEWS)
-        .iter()
-        .any(|&(s, e)| Span::new(s, e).contains(r))
-}
-
-pub(crate) fn lend_pool(start: usize, end: usize) {
-    lock(&LENT).push((start, end));
-}
-
-pub(crate) fn end_pool_loan(start: usize) {
-    lock(&LENT).retain(|&(s, _)| s != start);
-}
-
-/// True if any byte of `[start, end)` is in the view of a pool lent to the driver.
-pub(crate) fn overlaps_a_lent_pool(start: usize, end: usize) -> bool {
-    let r = Span::new(start, end);
-    lock(&LENT)
-        .iter()
-        .any(|&(s, e)| Span::new(s, e).overlaps(r))
-}
-
-// ---- gates ----
-
-/// Gates closed at once, process-wide.
+/// Gates closed at once, in this copy.
 pub const MAX_GATES: usize = 256;
 
 struct Slot {
@@ -136,16 +71,6 @@ pub(crate) fn gated_by_other(addr: usize, except: usize) -> bool {
     SLOTS.iter().take(high).enumerate().any(|(i, s)| {
         i != except && s.active.load(Ordering::Acquire) && slot_span(s).contains_addr(addr)
     })
-}
-
-/// True if any active gate covers a page of `[start, end)`.
-pub(crate) fn overlaps_a_gate(start: usize, end: usize) -> bool {
-    let high = HIGH_WATER.load(Ordering::Acquire);
-    let r = Span::new(start, end);
-    SLOTS
-        .iter()
-        .take(high)
-        .any(|s| s.active.load(Ordering::Acquire) && slot_span(s).overlaps(r))
 }
 
 /// True if an active gate covers the page at `addr` (for the write-detection handler,
