@@ -122,6 +122,43 @@ def test_concurrent_copies_to_the_host_reach_the_receiver_in_order(torch: Any, e
     assert len(results) == 40 and all(torch.equal(t, r) for t, r in results)
 
 
+def test_a_copy_to_the_host_that_fails_to_verify_is_named_by_every_later_one(
+    torch: Any, engine: Any
+) -> None:
+    # A failure midway leaves the in-order receiver short of that copy's later messages:
+    # every later copy would fail its order check. They name the first failure instead, and
+    # nothing unverified is delivered.
+    d = engine.to_device(torch.arange(5000))
+    real = engine._d2h_rx
+
+    class FailSecond:
+        calls = 0
+
+        def open_into(self, m: Any, out: Any) -> None:
+            FailSecond.calls += 1
+            if FailSecond.calls == 2:
+                raise pipellm.AuthenticationError("tag mismatch (injected)")
+            real.open_into(m, out)
+
+    engine._d2h_rx = FailSecond()
+    with pytest.raises(pipellm.AuthenticationError, match="injected"):
+        engine.to_host(d)
+    assert FailSecond.calls == 2, "the copy spans several messages: the failure was midway"
+    engine._d2h_rx = real
+    with pytest.raises(pipellm.PipeLLMError, match="earlier device-to-host copy") as e:
+        engine.to_host(d)
+    assert isinstance(e.value.__cause__, pipellm.AuthenticationError)
+
+
+def test_a_closed_engine_refuses_copies(torch: Any, pt: Any) -> None:
+    eng = pt.SecureCopyEngine(chunk_bytes=4096, slots=8, workers=1, device_kind="cpu-model")
+    d = eng.to_device(torch.arange(100))
+    eng.close()
+    eng.close()  # twice is fine
+    with pytest.raises(pipellm.PipelineClosedError):
+        eng.to_host(d)
+
+
 def test_errors_name_the_argument(torch: Any, engine: Any) -> None:
     with pytest.raises(TypeError, match="tensor"):
         engine.to_device(np.zeros(3))

@@ -30,7 +30,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._buffers import _tensor_bytes
-from ._core import Message, Pipeline, Receiver, SessionKey
+from ._core import Message, Pipeline, PipelineClosedError, PipeLLMError, Receiver, SessionKey
 from .device import CpuDevice, open_device
 from .predictors import Learned
 from .speculator import Speculator
@@ -84,6 +84,10 @@ class SecureCopyEngine:
         # order).
         self._d2h_pool = ThreadPoolExecutor(1, thread_name_prefix="pipellm-to-host")
         self._lock = threading.RLock()
+        # A copy whose messages did not all verify leaves the receiver short of them: every
+        # later copy would fail its order check. The first failure is kept and named instead.
+        self._d2h_failed: BaseException | None = None
+        self._closed = False
         # CPU model: tensors this engine made "device-resident", by id, weakly held (a
         # WeakSet would compare tensors with ==, which is elementwise).
         self._on_device: dict[int, weakref.ref[torch.Tensor]] = {}
@@ -176,11 +180,17 @@ class SecureCopyEngine:
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(src)
 
         def finish(sealed: list[tuple[int, Message]]) -> torch.Tensor:
+            self._raise_if_d2h_failed()
             view = memoryview(_byte_view(dst)) if dst.numel() else None
-            for off, m in sealed:
-                self._d2h_rx.open_into(
-                    m, view[off : off + len(m)] if view is not None else bytearray(0)
-                )
+            try:
+                for off, m in sealed:
+                    self._d2h_rx.open_into(
+                        m, view[off : off + len(m)] if view is not None else bytearray(0)
+                    )
+            except BaseException as e:
+                with self._lock:
+                    self._d2h_failed = self._d2h_failed or e
+                raise
             if out is not None and dst is not out:
                 with _Bypass():
                     out.copy_(dst)
@@ -188,12 +198,26 @@ class SecureCopyEngine:
             return dst
 
         with self._lock:
+            if self._closed:
+                raise PipelineClosedError("the engine is closed")
+            self._raise_if_d2h_failed()
             sealed = self.device.send(_byte_view(src), self.chunk_bytes)
             self.copies_to_host += 1
-            fut = self._d2h_pool.submit(finish, sealed)
+            fut = self._d2h_pool.submit(finish, sealed)  # open until `_closed` is set
         return fut if non_blocking else fut.result()
 
+    def _raise_if_d2h_failed(self) -> None:
+        if self._d2h_failed is not None:
+            raise PipeLLMError(
+                "an earlier device-to-host copy failed to verify; the device-to-host stream "
+                "cannot continue (nothing unverified was delivered)"
+            ) from self._d2h_failed
+
     def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # no copy is queued from now on: the queue can close
         self._d2h_pool.shutdown(wait=True)
         with self._lock:
             for m in self.pipe.relinquish():
