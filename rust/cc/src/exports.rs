@@ -90,8 +90,10 @@ extern "C" fn report_at_exit() {
     log(format_args!("stats {}", line.join(" ")));
 }
 
-/// True if this call should only be forwarded.
-fn passthrough() -> bool {
+/// Registers the fork handlers (and the exit report), once: at the first hooked call, and
+/// at the first registration of memory (whose unregistration in a forked child needs them,
+/// see `before_fork`), whichever comes first.
+fn install_process_hooks() {
     ATFORK.call_once(|| {
         // SAFETY: registering plain extern "C" fns with no preconditions.
         unsafe {
@@ -105,6 +107,11 @@ fn passthrough() -> bool {
             }
         }
     });
+}
+
+/// True if this call should only be forwarded.
+fn passthrough() -> bool {
+    install_process_hooks();
     config().disabled || IN_REAL.try_with(|c| c.get()).unwrap_or(true)
 }
 
@@ -872,6 +879,7 @@ pub extern "C" fn pipellm_cc_stat_name(i: usize) -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_cc_watch(ptr: *const c_void, len: usize) -> c_int {
     use crate::watch_ranges::WatchError;
+    install_process_hooks();
     // SAFETY: the caller's promise above is the one `watch_ranges::watch` needs.
     match std::panic::catch_unwind(|| unsafe { crate::watch_ranges::watch(ptr as usize, len) }) {
         Ok(Ok(())) => 0,
@@ -914,6 +922,7 @@ pub unsafe extern "C" fn pipellm_cc_receive(
     len: usize,
 ) -> c_int {
     use crate::d2h::ReceiveError;
+    install_process_hooks();
     // SAFETY: the caller's promise above is the one `d2h::receive` needs.
     let r = std::panic::catch_unwind(|| unsafe {
         crate::d2h::receive(view as usize, alias as usize, len)
