@@ -205,8 +205,10 @@ def run_child(env: dict[str, str] | None = None) -> dict[str, Any]:
     unless `env` is given."""
     p = subprocess.run(
         [sys.executable, __file__, "report"],
-        env=env, capture_output=True, text=True, timeout=300, check=True,
+        env=env, capture_output=True, text=True, timeout=300, check=False,
     )
+    if p.returncode != 0:  # what the child said goes with the failure
+        raise RuntimeError(f"report child failed ({p.returncode}):\n{p.stderr}")
     return json.loads(p.stdout)
 
 

@@ -66,6 +66,16 @@ impl Workers {
             return;
         }
         self.workers_started.call_once(|| {
+            // On this (the application's) thread, before any worker could draw it: a worker
+            // still running while the process exits must not reach the crypto library's
+            // random generator, which the exit tears down (`fingerprint::prepare`). Without
+            // the key no worker starts: chunks are then all encrypted by the real library.
+            if pipellm_core::fingerprint::prepare().is_err() {
+                log(format_args!(
+                    "no randomness for the fingerprint key: nothing pre-encrypted"
+                ));
+                return;
+            }
             for i in 0..config().workers {
                 let spawned = std::thread::Builder::new()
                     .name(format!("pipellm-cc-{i}"))
@@ -78,6 +88,9 @@ impl Workers {
                 }
             }
         });
+        if self.started.load(Ordering::Relaxed) == 0 {
+            return; // no worker would ever take them (every message is then a miss)
+        }
         let n = jobs.len();
         let mut q = lock(&self.jobs);
         q.extend(jobs);

@@ -15,21 +15,36 @@
 //! is small: GHASH with carry-less multiplication runs at memory speed on cold sources.
 
 use crate::crypto::AeadKey;
+use crate::error::Result;
 use std::sync::OnceLock;
 use zeroize::Zeroize;
 
 /// A fingerprint: equal bytes give equal values within one process.
 pub type Fingerprint = u128;
 
+static K: OnceLock<AeadKey> = OnceLock::new();
+
+fn draw() -> Result<AeadKey> {
+    let mut raw = [0u8; 32];
+    let drawn = crate::crypto::fill_random(&mut raw);
+    let k = drawn.and_then(|()| AeadKey::new(&raw));
+    raw.zeroize();
+    k
+}
+
+/// Draws the process's fingerprint key now, if it has none yet. Whoever starts threads that
+/// fingerprint calls this first, on its own thread: drawing takes the crypto library's
+/// random generator, whose global state its destructors tear down while the process exits,
+/// and a worker drawing it then (a thread still running at exit) would abort the process.
+pub fn prepare() -> Result<()> {
+    if K.get().is_none() {
+        let _ = K.set(draw()?); // a racing caller's key won: either serves
+    }
+    Ok(())
+}
+
 fn key() -> &'static AeadKey {
-    static K: OnceLock<AeadKey> = OnceLock::new();
-    K.get_or_init(|| {
-        let mut raw = [0u8; 32];
-        crate::crypto::fill_random(&mut raw).expect("system randomness");
-        let k = AeadKey::new(&raw).expect("AES key setup");
-        raw.zeroize();
-        k
-    })
+    K.get_or_init(|| draw().expect("system randomness")) // `prepare` reports its failure
 }
 
 pub fn fingerprint(bytes: &[u8]) -> Fingerprint {

@@ -791,6 +791,8 @@ impl Pipeline {
         pool: StagingPool,
         staging_ranges: Vec<(usize, usize, usize)>,
     ) -> Result<Self> {
+        // Before any pipeline thread could draw it (see `fingerprint::prepare`).
+        crate::fingerprint::prepare()?;
         let sender = Sender::new(key, cfg.channel, cfg.direction, cfg.policy)?;
         // The ring holds at least as many entries as there are buffers, so a planner holding
         // a buffer always finds room.
