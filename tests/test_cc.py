@@ -444,6 +444,11 @@ def test_watch_from_python_under_the_interposer(cc_dir: Path) -> None:
         "        c.watch(p)\n"
         "    except TypeError as e:\n"
         "        print('pool', e)\n"
+        "import ctypes\n"
+        "from pipellm._core import _buffer_span\n"
+        "raw = ctypes.CDLL(None).pipellm_cc_watch\n"
+        "raw.argtypes = [ctypes.c_void_p, ctypes.c_size_t]\n"
+        "print('c api', raw(_buffer_span(pool)[0] + 4096, 4096))\n"  # the registry refuses it too
         "c.unwatch(a)\n"
         "try:\n"
         "    c.unwatch(a)\n"
@@ -460,6 +465,7 @@ def test_watch_from_python_under_the_interposer(cc_dir: Path) -> None:
     assert p.stdout.splitlines() == [
         "overlap buf overlaps memory that is already watched",
         *["pool a HostPool cannot be watched by the interposer (its writes bypass it)"] * 3,
+        "c api -2",
         "again buf is not watched",
         "ok",
     ]
