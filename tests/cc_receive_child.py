@@ -34,6 +34,16 @@ assert lib.EVP_DecryptInit_ex(dec, lib.EVP_aes_256_gcm(), None, key, None) == 1
 pool = pipellm.HostPool(8 << 20)
 cc.receive(pool)
 view = _buffer_span(pool)[0]
+# A second registration is refused, and leaves the first one's loan in place (the pool's view
+# stays refused to write watches).
+try:
+    cc.receive(pool)
+    report_second = "accepted"
+except ValueError as e:
+    report_second = str(e)
+still_lent = any(
+    k == "lent pool" and a == view and mine for a, _, k, mine in pipellm._core._space_entries()
+)
 scratch = ctypes.create_string_buffer(16)
 
 
@@ -113,6 +123,8 @@ report["after_stop"] = d2h(data, 6 << 20) == 1 and bytes(mv[6 << 20 : 7 << 20]) 
 stats = cc.status()["stats"]
 assert isinstance(stats, dict) and isinstance(before, dict)
 report["stats"] = stats
+report["second_receive"] = report_second
+report["still_lent"] = still_lent
 report["deferred_after_stop"] = stats["d2h_deferred"] - before["d2h_deferred"]
 del mv
 cc.unreceive(pool)

@@ -371,6 +371,19 @@ def test_one_segv_handler_per_process_with_the_interposer(cc_dir: Path) -> None:
     assert r["stats"]["stale"] == 1, r
 
 
+def test_the_interposer_sets_up_its_process_hooks_when_loaded() -> None:
+    # Its fork handlers must be in place before any thread can take the locks they hold
+    # across fork (the extension uses the interposer's address-space table before any hooked
+    # call is made): they go in from the library's constructor. Observable through the exit
+    # report registered with them: a program that never calls libcrypto still reports.
+    p = subprocess.run(
+        [sys.executable, "-m", "pipellm.cli", "run", "--log", "--", "/bin/true"],
+        env=plain_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "pipellm-cc: stats hits=0" in p.stderr, p.stderr
+
+
 def test_not_loaded_in_a_plain_process() -> None:
     assert cc.status() == {"loaded": False, "active": False, "stats": {}}
 
@@ -555,6 +568,8 @@ def test_python_receive_pool_under_the_interposer(cc_dir: Path) -> None:
     assert r["write_after"] is True
     assert r["tamper_rc"] == 0 and r["tamper_zeroed"] is True
     assert r["after_stop"] is True and r["deferred_after_stop"] == 0
+    assert r["second_receive"] == "pool is already registered with the interposer", r
+    assert r["still_lent"] is True, r
     stats = r["stats"]
     assert stats["d2h_deferred"] >= 20, stats  # the key's first message confirms it
     assert stats["stops"] == 1 and stats["d2h_tag_failures"] == 1, stats

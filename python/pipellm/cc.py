@@ -321,9 +321,12 @@ def receive(pool: HostPool) -> None:
     chunk whose tag fails is zeroed, the copy fails, and the interposer stops its pipeline.
     While registered, no pipellm `Pipeline` may watch the pool's memory (refused both ways).
     pipellm keeps `pool` alive until `unreceive(pool)`."""
-    from ._core import _host_pool_end_loan, _host_pool_lend
+    from ._core import _buffer_span, _host_pool_end_loan, _host_pool_lend
 
     fn = _api("pipellm_cc_receive", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    if _buffer_span(pool)[0] in _receiving:
+        # Refused before the loan: undoing a failed registration's loan would end this one's.
+        raise ValueError("pool is already registered with the interposer")
     view, alias, n = _host_pool_lend(pool)
     rc = fn(view, alias, n)
     if rc != 0:

@@ -6,6 +6,18 @@
 // Keep the hooks (and our C API) linked in and exported.
 pub use pipellm_cc::exports::*;
 
+/// Runs when the library is loaded: the fork handlers go in before any thread of the process
+/// can take the locks they hold across `fork()` (see `install_process_hooks`).
+extern "C" fn at_load() {
+    // Nothing may unwind out of a constructor.
+    let _ = std::panic::catch_unwind(pipellm_cc::exports::install_process_hooks);
+}
+
+// In this crate (the library's own object), so the linker always keeps it.
+#[used]
+#[link_section = ".init_array"]
+static AT_LOAD: extern "C" fn() = at_load;
+
 /// For each hook: a trampoline in this object (`.symver` can only version a symbol defined in
 /// the same assembly unit) that tail-jumps to the hook, exported as `<name>@@OPENSSL_3.0.0`.
 /// A tail jump keeps the caller's arguments and return address untouched.

@@ -265,7 +265,9 @@ impl Engine {
         input: *const u8,
         len: usize,
     ) -> Decision {
-        let mut taken = {
+        // `recorded`: the message's outcome is its shadow's, recorded already (one outcome
+        // per message, whatever happens to a chunk prepared before probing began).
+        let (mut taken, recorded) = {
             let mut m = lock(&self.ctxs);
             let Some(st) = m.get_mut(&ctx) else {
                 return Decision::Forward;
@@ -360,14 +362,16 @@ impl Engine {
                 return Decision::Forward;
             }
             match p {
-                Some(p) => p,
+                Some(p) => (p, recorded),
                 None => return Decision::Forward,
             }
         };
         if taken.input != input as usize || taken.len != len {
             Stats::add(&stats().mispredicted, 1);
             crate::workers::workers().recycle(taken.ct);
-            self.record_outcome(ctx, false);
+            if !recorded {
+                self.record_outcome(ctx, false);
+            }
             return Decision::Forward;
         }
         // A chunk of a watched range carries no fingerprints: its watch says whether anything
@@ -399,7 +403,9 @@ impl Engine {
             // `out` may hold part of the old ciphertext: the real encryption rewrites it all.
             Stats::add(&stats().stale, 1);
             crate::workers::workers().recycle(taken.ct);
-            self.record_outcome(ctx, false);
+            if !recorded {
+                self.record_outcome(ctx, false);
+            }
             return Decision::Forward;
         }
         Stats::add(&stats().hits, 1);
@@ -412,7 +418,9 @@ impl Engine {
                     finalized: false,
                     planned: false,
                 };
-                st.record(true);
+                if !recorded {
+                    st.record(true);
+                }
                 Decision::Served
             }
             None => {

@@ -90,10 +90,11 @@ extern "C" fn report_at_exit() {
     log(format_args!("stats {}", line.join(" ")));
 }
 
-/// Registers the fork handlers (and the exit report), once: at the first hooked call, and
-/// at the first registration of memory (whose unregistration in a forked child needs them,
-/// see `before_fork`), whichever comes first.
-fn install_process_hooks() {
+/// Registers the fork handlers (and the exit report), once: when the library is loaded (the
+/// shim's constructor), since the extension may use this copy's address-space table
+/// (`pipellm_core::space`) before any hooked call, and a fork must never leave it held;
+/// again (a no-op then) at the first hooked call and registration of memory.
+pub fn install_process_hooks() {
     ATFORK.call_once(|| {
         // SAFETY: registering plain extern "C" fns with no preconditions.
         unsafe {

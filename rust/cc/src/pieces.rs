@@ -118,9 +118,7 @@ fn pool(helpers: usize) -> &'static Pool {
     });
     STARTED.call_once(|| {
         for i in 0..helpers {
-            let _ = std::thread::Builder::new()
-                .name(format!("pipellm-cc-hit-{i}"))
-                .spawn(move || helper_loop(p));
+            let _ = crate::process::spawn(format!("pipellm-cc-hit-{i}"), move || helper_loop(p));
         }
     });
     p

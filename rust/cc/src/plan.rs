@@ -37,8 +37,9 @@ pub fn complete(ctx: usize, st: &mut CtxState, span: (usize, usize)) -> Vec<Job>
         || st.model.state() != ModelState::Bound
         || crate::process::stopped()
         || crate::process::forked()
+        || workers().unavailable()
     {
-        return jobs;
+        return jobs; // nothing in flight would ever settle (see `Workers::unavailable`)
     }
     let mut wanted = HashMap::new();
     let probing = st.probing();

@@ -4,20 +4,39 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Set in a forked child (`enter_child`, from the fork handler in `exports`). No thread of
-/// ours came along, and another thread may have held any of our locks at the fork: the child
-/// serves nothing new, plans nothing, forwards D2H calls and waits for no worker; it only
-/// keeps every context answering as OpenSSL would.
+/// Set in a child forked from a process that had started threads of ours (`enter_child`,
+/// from the fork handler in `exports`). None of them came along, and what they had in hand
+/// (a chunk being encrypted, a decryption, a pool's pending count) never completes there:
+/// the child serves nothing new, plans nothing, forwards D2H calls and waits for no worker;
+/// it only keeps every context answering as OpenSSL would.
 static FORKED: AtomicBool = AtomicBool::new(false);
 
 /// Set once for good when a D2H chunk failed its tag (see `d2h`): nothing is served,
 /// deferred or pre-encrypted any more.
 static STOPPED: AtomicBool = AtomicBool::new(false);
 
-/// Called in a forked child, before anything else runs there.
+/// Set once any thread of ours was started (`spawn`): a process forked before that lost
+/// nothing at the fork, and its child is a process like any other.
+static THREADS: AtomicBool = AtomicBool::new(false);
+
+/// Called in a forked child, before anything else runs there. A parent that never started
+/// a thread of ours held nothing a thread of ours would release (the fork handlers held
+/// every lock): its child goes on as a fresh process would.
 pub fn enter_child() {
-    // Relaxed: set by the only thread of the child before it returns from `fork`.
-    FORKED.store(true, Ordering::Relaxed);
+    // Relaxed: set by the only thread of the child before it returns from `fork`; THREADS
+    // was set by a thread of the parent that made the spawn, before the fork.
+    if THREADS.load(Ordering::Relaxed) {
+        FORKED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts a thread of ours (every one goes through here; see `enter_child`).
+pub fn spawn(
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    THREADS.store(true, Ordering::Relaxed);
+    std::thread::Builder::new().name(name).spawn(f)
 }
 
 pub fn forked() -> bool {

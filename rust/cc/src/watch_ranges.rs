@@ -115,6 +115,10 @@ pub unsafe fn watch(start: usize, len: usize) -> Result<(), WatchError> {
     if len == 0 || start.checked_add(len).is_none() {
         return Err(WatchError::Empty);
     }
+    // Before the registry's lock, which the fork handlers take: the first chunk watch (in
+    // `arm`, under that lock) must not be what opens the write tracker (see
+    // `writeguard::decide_tracker`).
+    pipellm_core::writeguard::decide_tracker();
     let mut reg = registry();
     if reg.ranges.len() >= MAX_RANGES {
         return Err(WatchError::Full);

@@ -77,9 +77,9 @@ impl Workers {
                 return;
             }
             for i in 0..config().workers {
-                let spawned = std::thread::Builder::new()
-                    .name(format!("pipellm-cc-{i}"))
-                    .spawn(move || workers().worker_loop(run));
+                let spawned = crate::process::spawn(format!("pipellm-cc-{i}"), move || {
+                    workers().worker_loop(run)
+                });
                 match spawned {
                     Ok(_) => {
                         self.started.fetch_add(1, Ordering::Relaxed);
@@ -158,6 +158,12 @@ impl Workers {
         };
         self.quiescers.fetch_sub(1, Ordering::Relaxed);
         quiet
+    }
+
+    /// True once starting the workers was tried and none runs (no randomness for the
+    /// fingerprint key, or no thread could be spawned): nothing should be planned for them.
+    pub fn unavailable(&self) -> bool {
+        self.workers_started.is_completed() && self.started.load(Ordering::Relaxed) == 0
     }
 
     /// Whether the worker threads were started (a job was ever submitted).

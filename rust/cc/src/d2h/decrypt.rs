@@ -51,9 +51,7 @@ pub(super) fn submit(job: Job) {
     q.queued.fetch_add(1, Ordering::AcqRel);
     q.threads.call_once(|| {
         for i in 0..config().d2h_threads {
-            let spawned = std::thread::Builder::new()
-                .name(format!("pipellm-d2h-{i}"))
-                .spawn(decrypt_loop);
+            let spawned = crate::process::spawn(format!("pipellm-d2h-{i}"), decrypt_loop);
             if spawned.is_err() {
                 log(format_args!("could not start a decryption thread"));
             }

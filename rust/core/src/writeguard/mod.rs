@@ -675,16 +675,21 @@ impl WriteWatch {
             .position(|r| !r.in_use.load(Ordering::Acquire))
             .ok_or_else(|| Error::Capacity(format!("more than {MAX_REGIONS} watched regions")))?;
         // In the process's table (see `space`), unless the pages are gated, lent to the
-        // interposer, or watched by the other copy of this library (each copy trusts its own
+        // interposer or received into by it, or watched by the other copy of this library (each copy trusts its own
         // bookkeeping: two protecting one page would make a stale hit). Removed in `drop`.
         let watch = Conflicts {
-            any: Kind::Gate.set().with(Kind::LentPool),
+            any: Kind::Gate
+                .set()
+                .with(Kind::LentPool)
+                .with(Kind::ReceivePool),
             foreign: Kind::WriteWatch.set(),
         };
         if let Err(k) = space::insert(span, Kind::WriteWatch, watch) {
             return Err(Error::InvalidArgument(match k {
                 Kind::Gate => "cannot watch pages gated for a deferred decryption".into(),
-                Kind::LentPool => "cannot watch a host pool lent to the driver interposer".into(),
+                Kind::LentPool | Kind::ReceivePool => {
+                    "cannot watch a host pool lent to the driver interposer".into()
+                }
                 _ => "another copy of pipellm in this process watches these pages".into(),
             }));
         }
@@ -901,6 +906,15 @@ pub(crate) fn page_protected(addr: usize) -> bool {
 
 /// Which write tracker this process uses ("uffd" or "mprotect"), deciding it if no watch
 /// did yet.
+/// Decides (once) which tracker the process uses, opening the userfaultfd one where it is
+/// the one. Opening registers a fork handler (`pthread_atfork`), which waits for glibc's
+/// fork lock, held while fork handlers run: code that may register a watch while holding a
+/// lock some fork handler takes (the interposer's watched ranges) calls this first, holding
+/// nothing, so that no registration under that lock opens the tracker.
+pub fn decide_tracker() {
+    let _ = uffd::tracker_kind();
+}
+
 pub fn tracker_name() -> &'static str {
     match uffd::tracker_kind() {
         uffd::Kind::Uffd => "uffd",
