@@ -73,14 +73,19 @@ extern "C" fn after_fork_in_parent() {
 }
 
 extern "C" fn in_child_after_fork() {
-    // The child has our state but not our worker threads, and the pre-encryption queue, the
-    // buffer pool and the D2H tables may have been held by one of them at the fork: the child
-    // serves nothing new, plans nothing and forwards D2H calls from now on.
+    // The child has our state but not our threads, and what they had in hand never completes
+    // there: where any had started, the child serves nothing new, plans nothing and forwards
+    // D2H calls from now on (`process::enter_child`).
     crate::process::enter_child();
     let _ = HELD_FOR_FORK.try_with(|h| h.borrow_mut().take());
 }
 
 extern "C" fn report_at_exit() {
+    // Read here, not when the hook went in: the settings are read at their first use, and
+    // the library's constructor comes before the program's own code.
+    if !config().log {
+        return;
+    }
     let snap = crate::stats::stats().snapshot();
     let line: Vec<String> = crate::stats::NAMES
         .iter()
@@ -103,9 +108,7 @@ pub fn install_process_hooks() {
                 Some(after_fork_in_parent),
                 Some(in_child_after_fork),
             );
-            if config().log {
-                libc::atexit(report_at_exit);
-            }
+            libc::atexit(report_at_exit);
         }
     });
 }
