@@ -162,6 +162,8 @@ pub extern "C" fn pipellm_space_remove_v1(start: usize, end: usize, kind: u32, o
 ///
 /// # Safety
 /// `out` must be valid for writing one `Entry`.
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above, which its callers (the other
+// copy's `find`) keep.
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_space_find_v1(
     start: usize,
@@ -179,6 +181,8 @@ pub unsafe extern "C" fn pipellm_space_find_v1(
 ///
 /// # Safety
 /// `out` must be valid for writing `cap` entries (or null with `cap` 0).
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above, which its callers (the other
+// copy's `entries`) keep.
 #[no_mangle]
 pub unsafe extern "C" fn pipellm_space_list_v1(out: *mut Entry, cap: usize) -> usize {
     // SAFETY: the caller's promise about `out` is the one `list_here` needs.
@@ -239,6 +243,7 @@ extern "C" fn remove_here(start: usize, end: usize, kind: u32, owner: usize) {
 
 /// # Safety
 /// `out` must be valid for writing one `Entry`.
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above; `find` keeps it.
 unsafe extern "C" fn find_here(
     start: usize,
     end: usize,
@@ -273,6 +278,7 @@ unsafe extern "C" fn find_here(
 
 /// # Safety
 /// `out` must be valid for writing `cap` entries (or null with `cap` 0).
+// SAFETY: an `unsafe fn` for the contract in `# Safety` above; `entries` keeps it.
 unsafe extern "C" fn list_here(out: *mut Entry, cap: usize) -> usize {
     std::panic::catch_unwind(|| {
         let t = lock(&TABLE);
