@@ -613,9 +613,12 @@ def test_a_context_rekeyed_at_every_init_is_served_like_one_keyed_once(
         PIPELLM_EMU_REKEY="1",
     )
     assert plain == once and rekeyed_plain == rekeyed
-    assert s1["hits"] > 100, s1
-    # The emulator's check varies by a hit or two between runs (see test above).
-    assert s2["hits"] >= s1["hits"] - 4, (s1, s2)
+    assert s1["hits"] > 100 and s2["hits"] > 100, (s1, s2)
+    # Predictions that held: served, or found stale (a source the emulator rewrote after its
+    # chunk was ready). How a run splits them depends on timing (whether the workers got
+    # there before the rewrite: 42-48 stale in a run); their sum does not (350-352 measured).
+    held = [s["hits"] + s["stale"] for s in (s1, s2)]
+    assert held[1] >= held[0] - 3, (s1, s2)
     assert s2["keys_confirmed"] == s1["keys_confirmed"], (s1, s2)
     assert s2["confirmations"] == s1["confirmations"], (s1, s2)  # once per key, not per init
 
