@@ -120,6 +120,8 @@ pub struct CtxState {
     /// bit 0; `outcomes_seen` counts them up to 32.
     pub(crate) outcomes: u32,
     pub(crate) outcomes_seen: u32,
+    /// The IV of the message whose outcome was recorded last (see `record`).
+    pub(crate) recorded_for: Option<Iv>,
 }
 
 /// A context whose recent predictions mostly failed is only *probed*: its next message is
@@ -129,7 +131,16 @@ pub struct CtxState {
 pub(crate) const PROBE_BELOW_HITS: u32 = 8;
 
 impl CtxState {
+    /// Records the outcome of the current message's prediction, once per message: the first
+    /// outcome stands (a probed message's shadow, whatever then happens to a chunk prepared
+    /// for its IV before probing began).
     pub(crate) fn record(&mut self, served: bool) {
+        if self.iv.is_some() {
+            if self.recorded_for == self.iv {
+                return;
+            }
+            self.recorded_for = self.iv;
+        }
         self.outcomes = (self.outcomes << 1) | served as u32;
         self.outcomes_seen = (self.outcomes_seen + 1).min(32);
     }
@@ -167,6 +178,7 @@ impl CtxState {
             shadow: None,
             outcomes: 0,
             outcomes_seen: 0,
+            recorded_for: None,
         }
     }
 
@@ -206,5 +218,25 @@ mod tests {
         assert!(st.probing(), "one hit short");
         st.record(true);
         assert!(!st.probing());
+    }
+
+    #[test]
+    fn a_message_has_one_outcome() {
+        let mut st = CtxState::new(1);
+        st.iv = Some([1; 12]);
+        st.record(true); // its shadow held
+        st.record(false); // then the chunk prepared before probing turned out stale
+        assert_eq!(
+            (st.outcomes, st.outcomes_seen),
+            (1, 1),
+            "the first outcome stands"
+        );
+        st.iv = Some([2; 12]);
+        st.record(false);
+        assert_eq!(
+            (st.outcomes, st.outcomes_seen),
+            (0b10, 2),
+            "the next message's own"
+        );
     }
 }

@@ -265,9 +265,7 @@ impl Engine {
         input: *const u8,
         len: usize,
     ) -> Decision {
-        // `recorded`: the message's outcome is its shadow's, recorded already (one outcome
-        // per message, whatever happens to a chunk prepared before probing began).
-        let (mut taken, recorded) = {
+        let mut taken = {
             let mut m = lock(&self.ctxs);
             let Some(st) = m.get_mut(&ctx) else {
                 return Decision::Forward;
@@ -305,13 +303,11 @@ impl Engine {
                 return Decision::Forward;
             }
             let iv = st.iv.expect("Fresh implies an IV");
-            // A message has one outcome: its shadow's, else (below) that of what was
-            // queued for its IV.
-            let mut recorded = false;
+            // A message has one outcome (`CtxState::record`): its shadow's, where it has
+            // one, else that of what was queued for its IV (below).
             if let Some((shadow_iv, span)) = st.shadow.take() {
                 if shadow_iv == iv {
                     st.record(span == (input as usize, len));
-                    recorded = true;
                 }
             }
             let span = (input as usize, len);
@@ -329,7 +325,7 @@ impl Engine {
             };
             let p = st.prepared.remove(&iv);
             let planned = st.planned.remove(&iv);
-            if p.is_none() && !st.inflight.contains_key(&iv) && planned && !recorded {
+            if p.is_none() && !st.inflight.contains_key(&iv) && planned {
                 st.record(false); // its guess was thrown away (see `planned`)
             }
             if p.is_none() && st.inflight.contains_key(&iv) {
@@ -344,9 +340,7 @@ impl Engine {
                     },
                     1,
                 );
-                if !recorded {
-                    st.record(false);
-                }
+                st.record(false);
             }
             // Until the outcome is known the message counts as missed (the fallback).
             st.msg = Msg::Missed {
@@ -362,16 +356,14 @@ impl Engine {
                 return Decision::Forward;
             }
             match p {
-                Some(p) => (p, recorded),
+                Some(p) => p,
                 None => return Decision::Forward,
             }
         };
         if taken.input != input as usize || taken.len != len {
             Stats::add(&stats().mispredicted, 1);
             crate::workers::workers().recycle(taken.ct);
-            if !recorded {
-                self.record_outcome(ctx, false);
-            }
+            self.record_outcome(ctx, false);
             return Decision::Forward;
         }
         // A chunk of a watched range carries no fingerprints: its watch says whether anything
@@ -403,9 +395,7 @@ impl Engine {
             // `out` may hold part of the old ciphertext: the real encryption rewrites it all.
             Stats::add(&stats().stale, 1);
             crate::workers::workers().recycle(taken.ct);
-            if !recorded {
-                self.record_outcome(ctx, false);
-            }
+            self.record_outcome(ctx, false);
             return Decision::Forward;
         }
         Stats::add(&stats().hits, 1);
@@ -418,9 +408,7 @@ impl Engine {
                     finalized: false,
                     planned: false,
                 };
-                if !recorded {
-                    st.record(true);
-                }
+                st.record(true);
                 Decision::Served
             }
             None => {
