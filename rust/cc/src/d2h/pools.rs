@@ -95,14 +95,14 @@ pub unsafe fn receive(view: usize, alias: usize, len: usize) -> Result<(), Recei
         space::remove(v, Kind::ReceivePool);
         return Err(ReceiveError::Overlaps);
     }
+    let unregister = || [v, a].map(|s| space::remove(s, Kind::ReceivePool));
     // A forked child must not inherit pages that may be gated (no decryption thread there
     // would ever open them) nor a shared alias it could write the parent's bytes through.
     for s in [v, a] {
         // SAFETY: madvise on a range the caller vouched is mapped; DONTFORK only changes
         // what fork copies.
         if unsafe { libc::madvise(s.start as *mut libc::c_void, len, libc::MADV_DONTFORK) } != 0 {
-            space::remove(v, Kind::ReceivePool);
-            space::remove(a, Kind::ReceivePool);
+            unregister();
             return Err(ReceiveError::NotMapped);
         }
     }
@@ -118,7 +118,7 @@ pub unsafe fn receive(view: usize, alias: usize, len: usize) -> Result<(), Recei
 /// Unregisters the pool whose view starts at `view`, after every decryption into it is
 /// done. Refused (`Busy`) while a message into it is between its Update and its Final.
 pub fn unreceive(view: usize) -> Result<(), UnreceiveError> {
-    let pending = {
+    let (pending, alias, len) = {
         let mut pools = lock(&POOLS);
         let i = pools
             .iter()
@@ -131,7 +131,6 @@ pub fn unreceive(view: usize) -> Result<(), UnreceiveError> {
         let p = pools.swap_remove(i);
         (pending, p.alias, p.len)
     };
-    let (pending, alias, len) = pending;
     // Queued decryptions always finish (a decryption thread takes every job).
     while pending.load(Ordering::Acquire) != 0 {
         std::thread::sleep(std::time::Duration::from_micros(50));
