@@ -20,6 +20,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod cadence;
 pub mod config;
 pub mod context;
 pub mod d2h;

@@ -6,11 +6,18 @@
 //! The calling thread takes pieces too, so a helper that wakes late costs nothing: the caller
 //! may do every piece itself. The caller returns only when every piece that was started has
 //! finished, which is what keeps the raw pointers below valid for the helpers.
+//!
+//! A helper that just served a piece sleeps until shortly before the next hit is due at the
+//! recent pace, then stays awake for it for a bounded window ([`crate::cadence`]): waking
+//! a sleeping thread on an idle CPU can take most of a hit's time.
 
+use crate::cadence::{Cadence, Window};
+use crate::stats::{stats, Stats};
 use pipellm_core::fingerprint::{fingerprint, Fingerprint};
-use pipellm_core::locks::{lock, wait};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use pipellm_core::locks::{lock, wait, wait_timeout};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Byte ranges of a message cut into `n` pieces (page multiples, the last one shorter).
 pub fn split(len: usize, n: usize) -> Vec<(usize, usize)> {
@@ -103,18 +110,43 @@ impl Task {
     }
 }
 
+struct Slot {
+    task: Option<Arc<Task>>,
+    cadence: Cadence,
+}
+
 struct Pool {
-    task: Mutex<Option<Arc<Task>>>,
+    slot: Mutex<Slot>,
     ready: Condvar,
+    /// Bumped (Release) after each task is put in the slot: what an awake helper polls, so
+    /// that it does not take the slot's lock in its loop.
+    posts: AtomicU64,
 }
 
 static POOL: OnceLock<Pool> = OnceLock::new();
 static STARTED: std::sync::Once = std::sync::Once::new();
+/// Helpers asleep until notified (no window ahead): every helper is, once hits stop coming.
+static ASLEEP: AtomicUsize = AtomicUsize::new(0);
+
+/// How many hit helpers are asleep with no window ahead (a test waits for all of them).
+pub fn helpers_asleep() -> usize {
+    ASLEEP.load(Ordering::Acquire)
+}
+
+/// Nanoseconds on one monotonic clock, from the first call in the process.
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
 
 fn pool(helpers: usize) -> &'static Pool {
     let p = POOL.get_or_init(|| Pool {
-        task: Mutex::new(None),
+        slot: Mutex::new(Slot {
+            task: None,
+            cadence: Cadence::default(),
+        }),
         ready: Condvar::new(),
+        posts: AtomicU64::new(0),
     });
     STARTED.call_once(|| {
         for i in 0..helpers {
@@ -125,21 +157,71 @@ fn pool(helpers: usize) -> &'static Pool {
 }
 
 fn helper_loop(p: &'static Pool) {
+    // The kernel's default timer slack (50 µs) would make every timed sleep end that much
+    // later than asked; this thread's sleeps are timed to the microsecond. Only this thread.
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and changes only the calling
+    // thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     // The last task this helper worked on (a task is shared by pointer; seeing the same
     // pointer again means nothing new, at worst a missed wake-up the caller absorbs).
     let mut seen: usize = 0;
     loop {
-        let task = {
-            let mut g = lock(&p.task);
-            loop {
-                match g.as_ref() {
-                    Some(t) if Arc::as_ptr(t) as usize != seen => break t.clone(),
-                    _ => g = wait(&p.ready, g),
+        let task = next_task(p, &mut seen);
+        task.work();
+    }
+}
+
+/// Waits for a task this helper has not seen: asleep until the next hit's window, awake
+/// (polling `posts`) through it, asleep again until notified if none came.
+fn next_task(p: &Pool, seen: &mut usize) -> Arc<Task> {
+    let mut g = lock(&p.slot);
+    let mut window: Option<Window> = g.cadence.window();
+    loop {
+        if let Some(t) = g.task.as_ref().filter(|t| Arc::as_ptr(t) as usize != *seen) {
+            *seen = Arc::as_ptr(t) as usize;
+            return t.clone();
+        }
+        let now = now_ns();
+        match window {
+            Some(w) if now < w.wake_at => {
+                let (g2, r) = wait_timeout(&p.ready, g, Duration::from_nanos(w.wake_at - now));
+                g = g2;
+                if r.timed_out() {
+                    g.cadence.woke(w.wake_at, now_ns());
                 }
             }
-        };
-        seen = Arc::as_ptr(&task) as usize;
-        task.work();
+            Some(w) => {
+                window = None; // one window per task served
+                if now >= w.until {
+                    continue;
+                }
+                let posts = p.posts.load(Ordering::Acquire);
+                drop(g);
+                let caught = loop {
+                    if p.posts.load(Ordering::Acquire) != posts {
+                        break true;
+                    }
+                    for _ in 0..32 {
+                        std::hint::spin_loop();
+                    }
+                    if now_ns() >= w.until {
+                        break false;
+                    }
+                };
+                let s = stats();
+                Stats::add(&s.helpers_awake, 1);
+                Stats::add(&s.helpers_awake_us, now_ns().saturating_sub(now) / 1000);
+                if caught {
+                    Stats::add(&s.helpers_ready, 1);
+                }
+                g = lock(&p.slot);
+            }
+            None => {
+                ASLEEP.fetch_add(1, Ordering::AcqRel);
+                g = wait(&p.ready, g);
+                ASLEEP.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 }
 
@@ -175,7 +257,12 @@ pub unsafe fn serve(
     });
     if n > 1 && helpers > 0 {
         let p = pool(helpers);
-        *lock(&p.task) = Some(task.clone());
+        {
+            let mut g = lock(&p.slot);
+            g.task = Some(task.clone());
+            g.cadence.posted(now_ns());
+        }
+        p.posts.fetch_add(1, Ordering::Release);
         for _ in 0..(n - 1).min(helpers) {
             p.ready.notify_one();
         }
