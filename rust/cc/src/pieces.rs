@@ -7,7 +7,7 @@
 //! may do every piece itself. The caller returns only when every piece that was started has
 //! finished, which is what keeps the raw pointers below valid for the helpers.
 //!
-//! A helper that just served a piece sleeps until shortly before the next hit is due at the
+//! A helper that just took a task sleeps until shortly before the next hit is due at the
 //! recent pace, then stays awake for it for a bounded window ([`crate::cadence`]): waking
 //! a sleeping thread on an idle CPU can take most of a hit's time.
 
@@ -118,8 +118,9 @@ struct Slot {
 struct Pool {
     slot: Mutex<Slot>,
     ready: Condvar,
-    /// Bumped (Release) after each task is put in the slot: what an awake helper polls, so
-    /// that it does not take the slot's lock in its loop.
+    /// Bumped under the slot's lock with each task put in it: the task's number, which a
+    /// helper compares with the last it took (an address could be reused by the next task),
+    /// and what an awake helper polls without taking the lock.
     posts: AtomicU64,
 }
 
@@ -159,12 +160,12 @@ fn pool(helpers: usize) -> &'static Pool {
 fn helper_loop(p: &'static Pool) {
     // The kernel's default timer slack (50 µs) would make every timed sleep end that much
     // later than asked; this thread's sleeps are timed to the microsecond. Only this thread.
-    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and changes only the calling
-    // thread's timer slack.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-    // The last task this helper worked on (a task is shared by pointer; seeing the same
-    // pointer again means nothing new, at worst a missed wake-up the caller absorbs).
-    let mut seen: usize = 0;
+    // SAFETY: prctl is variadic; PR_SET_TIMERSLACK reads one unsigned long (the unused
+    // arguments are passed as 0) and changes only the calling thread's timer slack. Best
+    // effort: a failure leaves the default slack, and sleeps end later.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+    // The number (`posts`) of the last task this helper took.
+    let mut seen: u64 = 0;
     loop {
         let task = next_task(p, &mut seen);
         task.work();
@@ -173,12 +174,14 @@ fn helper_loop(p: &'static Pool) {
 
 /// Waits for a task this helper has not seen: asleep until the next hit's window, awake
 /// (polling `posts`) through it, asleep again until notified if none came.
-fn next_task(p: &Pool, seen: &mut usize) -> Arc<Task> {
+fn next_task(p: &Pool, seen: &mut u64) -> Arc<Task> {
     let mut g = lock(&p.slot);
     let mut window: Option<Window> = g.cadence.window();
     loop {
-        if let Some(t) = g.task.as_ref().filter(|t| Arc::as_ptr(t) as usize != *seen) {
-            *seen = Arc::as_ptr(t) as usize;
+        // Under the lock `posts` is bumped under: the number of the task in the slot.
+        let number = p.posts.load(Ordering::Acquire);
+        if let Some(t) = g.task.as_ref().filter(|_| number != *seen) {
+            *seen = number;
             return t.clone();
         }
         let now = now_ns();
@@ -191,14 +194,13 @@ fn next_task(p: &Pool, seen: &mut usize) -> Arc<Task> {
                 }
             }
             Some(w) => {
-                window = None; // one window per task served
+                window = None; // one window per task taken
                 if now >= w.until {
                     continue;
                 }
-                let posts = p.posts.load(Ordering::Acquire);
                 drop(g);
                 let caught = loop {
-                    if p.posts.load(Ordering::Acquire) != posts {
+                    if p.posts.load(Ordering::Acquire) != number {
                         break true;
                     }
                     for _ in 0..32 {
@@ -261,8 +263,8 @@ pub unsafe fn serve(
             let mut g = lock(&p.slot);
             g.task = Some(task.clone());
             g.cadence.posted(now_ns());
+            p.posts.fetch_add(1, Ordering::Release);
         }
-        p.posts.fetch_add(1, Ordering::Release);
         for _ in 0..(n - 1).min(helpers) {
             p.ready.notify_one();
         }
