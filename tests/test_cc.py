@@ -143,7 +143,7 @@ def test_a_cold_load_is_served_after_each_copys_first_chunk(
     # A model load: 8 tensors of 32 chunks, each copied once, no address twice. Nothing can
     # be learned; each copy's continuation can be predicted once its first chunk is seen.
     chunks, tensors = 256, 8
-    # One hit helper, so that its windows can be bounded below.
+    # One hit helper, so that the bound on its windows asserted below is exact.
     extra = {"PIPELLM_CC_HELPERS": "1", **({"PIPELLM_EMU_WATCH": "1"} if watched else {})}
     out, stats = run_emulator(
         emulator, ["link", "bench", str(chunks), "400", "cold"], True, cc_dir, **WAIT, **extra
@@ -155,7 +155,7 @@ def test_a_cold_load_is_served_after_each_copys_first_chunk(
     # Every chunk after each tensor's first, but for the first messages, which confirm the
     # key: a new copy's continuation replaces the guesses past the end of the one before.
     assert stats["hits"] >= chunks - tensors - 4, stats
-    # The helper's waking ahead of hits costs at most one window per hit it served (how many
+    # The helper's waking ahead of hits costs at most one window per hit posted to it (how many
     # windows caught their hit depends on the machine's timing: not asserted here).
     assert stats["helpers_ready"] <= stats["helpers_awake"] <= stats["hits"], stats
     if watched:

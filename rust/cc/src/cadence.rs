@@ -5,14 +5,15 @@
 //! waking it goes through the hypervisor: measured on a 2-vCPU VM, about 100 µs from the
 //! driver's notification to the helper's first piece, when a whole fingerprinted 1 MiB hit
 //! takes 150 µs. Inside one copy, though, the driver's messages come at a steady pace (its
-//! encryption, then the link's time for the chunk). So a helper that just served a piece
+//! encryption, then the link's time for the chunk). So a helper that just took a task
 //! sleeps until shortly before the next message is due, and then stays awake for it, for a
 //! bounded window. A message that comes outside the window is served as before (the helper
 //! is notified, and the driver takes every piece the helper has not started), so a wrong
-//! guess costs at most one window of one core's time. A window opens only after a served
-//! hit, at most one per helper per hit, and lasts at most 3/8 of the pace (paces up to
-//! `MAX_GAP_NS`) or the minimum margins: counted as `helpers_awake`, `helpers_awake_us` and,
-//! for the hits a helper was awake for, `helpers_ready`.
+//! guess costs at most one window of one core's time. A window opens only after a helper
+//! took a task (a hit posted to it), at most one per helper per task taken, and lasts at most
+//! `max(20 µs, P/8) + P/8 + max(50 µs, P/8)` for a pace P (3/8 of the pace from a 400 µs
+//! pace up; paces up to `MAX_GAP_NS`): counted as `helpers_awake`, `helpers_awake_us` and,
+//! for the windows in which their hit came, `helpers_ready`.
 //!
 //! Pure arithmetic over nanosecond timestamps, so the rules are unit-tested without a clock.
 
@@ -89,8 +90,8 @@ impl Cadence {
         let early = (pace / 8).max(MIN_EARLY_NS);
         let after = (pace / 8).max(MIN_AFTER_NS);
         // Where sleeps end later than an eighth of the pace (a loaded machine), waking earlier
-        // still would spin longer than the hit saves: the window stays at most 3/8 of the
-        // pace (above the minimum margins), and a hit that comes before the helper is served
+        // still would spin longer than the hit saves: the lead stays at most an eighth of the
+        // pace (so the window at most 3/8 of it above the minimum margins), and a hit that comes before the helper is served
         // as it would be without the window.
         let lead = self.lateness.min(pace / 8);
         Some(Window {
@@ -207,5 +208,19 @@ mod tests {
             3 * 3000 * US / 8,
             "at most 3/8 of the pace"
         );
+    }
+
+    #[test]
+    fn below_a_400_us_pace_the_minimum_margins_bound_the_window() {
+        let mut c = Cadence::default();
+        for k in 0..10u64 {
+            c.posted(k * 320 * US);
+        }
+        for _ in 0..64 {
+            c.woke(0, MAX_GAP_NS);
+        }
+        let w = c.window().unwrap();
+        // early max(20, 40) + lead min(lateness, 40) + after max(50, 40)
+        assert_eq!(w.until - w.wake_at, (40 + 40 + 50) * US);
     }
 }

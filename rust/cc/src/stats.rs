@@ -38,7 +38,7 @@ counters! {
     hits_watched: "hits on chunks of watched ranges (validated by page protection, no read)",
     helpers_awake: "windows in which a hit helper stayed awake for a hit due at the recent pace",
     helpers_awake_us: "microseconds hit helpers spent awake in those windows (their cost)",
-    helpers_ready: "hits a helper was awake for when they came",
+    helpers_ready: "windows in which the hit a helper stayed awake for came",
     stops: "1 once the pipeline stopped (a D2H chunk failed its tag): everything forwarded since",
     d2h_deferred: "D2H chunks answered after the tag check alone, decrypted later off the critical path",
     d2h_deferred_bytes: "bytes of deferred D2H chunks",
